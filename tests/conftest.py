@@ -1,0 +1,46 @@
+"""Shared fixtures. Nothing here downloads: models and data are built locally."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real Roboflow exports beside the project; tests that need them skip where absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real data sets live beside the project, not in it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL with a locally trained tokenizer, built once per test session."""
+    from vlmrl.models.tiny import build_tiny
+
+    return build_tiny("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25_dir(tmp_path_factory) -> Path:
+    from vlmrl.models.tiny import build_tiny
+
+    return build_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen2.5-vl"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_pairs_file(tmp_path_factory) -> Path:
+    """A small synthetic counting preference set (JSONL, canonical format) with its images."""
+    from vlmrl.data.synth import synth_pairs_file as make
+
+    return make(tmp_path_factory.mktemp("synth"), n_images=24, seed=0, image_size=112)
