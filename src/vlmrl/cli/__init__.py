@@ -16,7 +16,7 @@ from vlmrl.errors import VlmrlError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlmrl.cli import data, demo, evaluate, model, study, train
+    from vlmrl.cli import compare, data, demo, evaluate, model, study, train
 
     parser = argparse.ArgumentParser(
         prog="vlmrl",
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vlmrl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for area in (data, model, train, evaluate, study, demo):
+    for area in (data, model, train, evaluate, compare, study, demo):
         area.add_commands(commands)
     return parser
 
