@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+FORMAT_NAMES = ("vlmrl", "seed", "trl", "llamafactory", "swift", "hf")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -10,4 +13,80 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     data = commands.add_parser("data", help="read, check, convert and build preference data")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    _add_check(sub)
+    _add_convert(sub)
     data_build.add_commands(sub)
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="report every problem in a preference data file",
+                       description="Read every record and report all problems with their line "
+                       "(JSONL) or index (JSON) and what to do. Exit status 1 when any is found.")
+    p.add_argument("file", help="data file (.json, .jsonl, .parquet) or datasets folder")
+    p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="skip auto-detection")
+    p.add_argument("--max-chars", type=int, default=4000,
+                   help="longest prompt, chosen or rejected text allowed (default 4000)")
+    p.add_argument("--no-images", action="store_true",
+                   help="check that image files exist but do not decode them")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.set_defaults(func=_check)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert preference data between formats",
+                       description="Convert between vlmrl (canonical JSONL), seed, trl, "
+                       "llamafactory, swift and hf. The output suffix picks .json or .jsonl; "
+                       "for hf, .parquet or a datasets folder.")
+    p.add_argument("input", help="data file or datasets folder to read")
+    p.add_argument("output", help="file or folder to write")
+    p.add_argument("--to", required=True, choices=FORMAT_NAMES, help="output format")
+    p.add_argument("--from", dest="from_format", choices=FORMAT_NAMES, default=None,
+                   help="input format (default: detected)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip records that cannot be read (and say which) instead of stopping")
+    p.set_defaults(func=_convert)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from vlmrl.data.check import check_records
+
+    report = check_records(args.file, args.format, max_chars=args.max_chars,
+                           check_images=not args.no_images)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
+    else:
+        _print_report(report)
+    return 0 if report.ok else 1
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    for p in report.problems:
+        console.print(escape(f"{p.location}: {p.kind}: {p.message}"))
+    table = Table(title=f"{report.path} (format: {report.format or 'unknown'})")
+    table.add_column("problem")
+    table.add_column("count", justify="right")
+    for kind, n in report.counts().items():
+        table.add_row(kind, str(n))
+    table.add_section()
+    table.add_row("records read", str(report.records_read))
+    table.add_row("records ok", str(report.ok_records))
+    table.add_row("records bad", str(report.bad_records))
+    console.print(table)
+    console.print("no problems found" if report.ok else
+                  f"{len(report.problems)} problem(s) found")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from vlmrl.data.formats import detect_format, iter_records, write_records
+
+    source = args.from_format or detect_format(args.input)
+    # Read everything first, so a bad record stops the command before a half-written output.
+    records = list(iter_records(args.input, source, skip_bad=args.skip_bad))
+    write_records(records, args.output, args.to)
+    print(f"wrote {len(records)} records to {args.output} ({args.to}) from {args.input} ({source})")
+    return 0

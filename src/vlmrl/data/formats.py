@@ -1,0 +1,519 @@
+"""Read and write preference data in the formats of the field, all through `PreferenceRecord`.
+
+Formats (names as given to ``--from`` / ``--to``):
+
+- ``vlmrl``: the project's own; one ``PreferenceRecord.to_dict()`` per JSONL line. Keeps everything.
+- ``seed``: ``{"image_path", "prompt", "chosen", "rejected"}`` where ``prompt`` is tagged text,
+  ``"<|user|>\\nCount the vehicles. <image>\\n<|assistant|>\\n"``. Role tags and ``<image>`` are
+  parsed into chat messages (the model's own template is applied later); untagged text is one
+  user turn. ``image_path`` is a path or a list of paths.
+- ``trl``: TRL's conversational vision preference format: ``images``, ``prompt`` a message list,
+  ``chosen`` / ``rejected`` one-message lists ``[{"role": "assistant", "content": [...]}]``.
+- ``llamafactory``: LLaMA-Factory's ShareGPT ranking format: ``conversations``
+  (``{"from": "human", "value": "<image>..."}``), ``chosen`` / ``rejected`` ``{"from": "gpt",
+  "value": ...}``, ``images``, optional ``system``.
+- ``swift``: ms-swift's RLHF format: ``messages`` ending with the chosen assistant turn,
+  ``rejected_response``, ``images``.
+- ``hf``: a ``datasets`` folder (``save_to_disk``) or a ``.parquet`` file with the canonical
+  columns; ``prompt`` and ``metadata`` are JSON strings.
+
+Where the target format has no place for them, ``id`` and ``metadata`` travel as extra keys
+(``"id"``, ``"metadata"``), so every round trip keeps them. What the text formats (seed,
+llamafactory, swift) cannot keep: whitespace at the ends of a text part and the boundary between
+two adjacent text parts (they become one part). When a prompt has no image slot, its images go
+first in the first user turn (as TRL does).
+
+Relative image paths resolve against the data file's folder; records hold absolute paths.
+Writers store paths relative to the output's folder when the image lies under it.
+JSON writers pick a ``.json`` array or ``.jsonl`` lines by the output suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmrl.data.records import Message, PreferenceRecord
+from vlmrl.errors import VlmrlError
+
+FORMATS: dict[str, str] = {
+    "vlmrl": "id, images, prompt (messages), chosen, rejected, metadata",
+    "seed": "image_path, prompt (tagged text), chosen, rejected",
+    "trl": "images, prompt, chosen, rejected (message lists)",
+    "llamafactory": "conversations, chosen, rejected ({from, value}), images",
+    "swift": "messages (last turn = chosen), rejected_response, images",
+    "hf": "a datasets folder or .parquet file with id, images, prompt, chosen, rejected, metadata",
+}
+IMAGE_TAG = "<image>"
+_ROLE_TAG = re.compile(r"<\|(system|user|assistant)\|>")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the data: where (``file:line`` or ``file[index]``), what, what to do."""
+
+    location: str
+    kind: str
+    message: str
+
+
+class _RecordProblem(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# ---------------------------------------------------------------- detection
+
+
+def detect_format(path: str | Path) -> str:
+    """The format name of a data file or folder, from its first readable record."""
+    path = Path(path)
+    if not path.exists():
+        raise VlmrlError(f"{path}: no such file or folder; check the path")
+    if path.is_dir() or path.suffix == ".parquet":
+        return "hf"
+    keys_seen = None
+    for _, _, row in _json_rows(path):
+        if isinstance(row, dict):
+            fmt = _format_of_row(row)
+            if fmt:
+                return fmt
+            keys_seen = sorted(row)
+            break
+    expected = "; ".join(f"{name} ({keys})" for name, keys in FORMATS.items())
+    found = f"its first record has keys {keys_seen}" if keys_seen is not None else "it has no JSON record"
+    raise VlmrlError(f"{path}: cannot tell the data format: {found}. Expected one of: {expected}. "
+                     f"Pass the format explicitly (--format / --from) if it is one of these.")
+
+
+def _format_of_row(row: dict[str, Any]) -> str | None:
+    if "conversations" in row:
+        return "llamafactory"
+    if "messages" in row or "rejected_response" in row:
+        return "swift"
+    if "image_path" in row or isinstance(row.get("prompt"), str):
+        return "seed"
+    if isinstance(row.get("prompt"), list):
+        return "trl" if isinstance(row.get("chosen"), list) or "image" in row else "vlmrl"
+    return None
+
+
+# ---------------------------------------------------------------- reading
+
+
+def iter_entries(path: str | Path, fmt: str | None = None
+                 ) -> Iterator[tuple[int, str, PreferenceRecord | Problem]]:
+    """Every row of the file as ``(index, location, record or problem)``; never raises on bad rows.
+
+    ``index`` is -1 for a problem with the whole file (unknown format, malformed JSON array).
+    JSONL is read line by line. `iter_records` and `vlmrl.data.check` are built on this.
+    """
+    path = Path(path)
+    if fmt is None:
+        try:
+            fmt = detect_format(path)
+        except VlmrlError as e:
+            yield -1, str(path), Problem(str(path), "unknown-format", str(e))
+            return
+    if fmt not in FORMATS:
+        raise VlmrlError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if not path.exists():
+        raise VlmrlError(f"{path}: no such file or folder; check the path")
+    base = os.path.dirname(os.path.abspath(path))
+    rows = _hf_rows(path) if fmt == "hf" else _json_rows(path)
+    for index, location, row in rows:
+        if isinstance(row, Problem):
+            yield index, location, row
+            continue
+        try:
+            if not isinstance(row, dict):
+                raise _RecordProblem("bad-value", f"a record must be a JSON object, got {type(row).__name__}")
+            yield index, location, _PARSERS[fmt](row, base, f"{path.stem}-{index}")
+        except _RecordProblem as p:
+            yield index, location, Problem(location, p.kind, f"{p.message} [format {fmt}]")
+
+
+def iter_records(path: str | Path, fmt: str | None = None, skip_bad: bool = False
+                 ) -> Iterator[PreferenceRecord]:
+    """Records of a data file, streamed. Raises VlmrlError on the first bad row unless ``skip_bad``,
+    which skips it and says so on stderr."""
+    for index, location, item in iter_entries(path, fmt):
+        if isinstance(item, PreferenceRecord):
+            yield item
+        elif skip_bad and index >= 0:
+            print(f"skipped {location}: {item.kind}: {item.message}", file=sys.stderr)
+        else:
+            raise VlmrlError(f"{location}: {item.message} (or pass --skip-bad to skip bad records)")
+
+
+def read_records(path: str | Path, fmt: str | None = None, skip_bad: bool = False
+                 ) -> list[PreferenceRecord]:
+    return list(iter_records(path, fmt, skip_bad))
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """Raw rows of a JSON array or JSONL file, malformed ones as Problems."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        yield from _json_array_rows(path)
+        return
+    index = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            location = f"{path}:{lineno}"
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                row = Problem(location, "malformed-json",
+                              f"line {lineno} is not valid JSON ({e}); fix or delete the line")
+            yield index, location, row
+            index += 1
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
+        yield -1, where, Problem(where, "malformed-json",
+                                 f"{path} is not a valid JSON array ({e}); fix the JSON, or write "
+                                 f"one record per line (JSONL) so one bad line spoils only itself")
+        return
+    for index, row in enumerate(data):
+        yield index, f"{path}[{index}]", row
+
+
+def _hf_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
+    import datasets
+
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise VlmrlError(f"{path}: not a datasets folder written by save_to_disk ({e})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            raise VlmrlError(f"{path} holds splits {list(ds)}; pass one split's folder, "
+                             f"e.g. {path / next(iter(ds))}")
+    else:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+    for index, row in enumerate(ds):
+        yield index, f"{path}[{index}]", row
+
+
+# ---------------------------------------------------------------- row parsers
+
+
+def _parse_vlmrl(row: dict, base: str, default_id: str) -> PreferenceRecord:
+    _require(row, ("id", "images", "prompt", "chosen", "rejected"), "vlmrl")
+    prompt = row["prompt"]
+    if isinstance(prompt, str):  # hf stores the messages as a JSON string
+        try:
+            prompt = json.loads(prompt)
+        except json.JSONDecodeError as e:
+            raise _RecordProblem("bad-value", f"'prompt' is not a JSON message list ({e})") from e
+    metadata = row.get("metadata")
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except json.JSONDecodeError as e:
+            raise _RecordProblem("bad-value", f"'metadata' is not a JSON object ({e})") from e
+    return _record(_id(row, default_id), _images(row["images"], base),
+                   _messages(prompt, tags=False), _text(row, "chosen"), _text(row, "rejected"),
+                   metadata)
+
+
+def _parse_seed(row: dict, base: str, default_id: str) -> PreferenceRecord:
+    _require(row, ("image_path", "prompt", "chosen", "rejected"), "seed")
+    images = _images(row["image_path"], base)
+    prompt = _place_images(parse_tagged_prompt(_text(row, "prompt")), len(images))
+    return _record(_id(row, default_id), images, prompt, _text(row, "chosen"),
+                   _text(row, "rejected"), row.get("metadata"))
+
+
+def _parse_trl(row: dict, base: str, default_id: str) -> PreferenceRecord:
+    _require(row, ("prompt", "chosen", "rejected"), "trl")
+    images = _images(row.get("images", row.get("image")), base)
+    prompt = _place_images(_messages(row["prompt"], tags=False), len(images))
+    return _record(_id(row, default_id), images, prompt, _answer(row, "chosen"),
+                   _answer(row, "rejected"), row.get("metadata"))
+
+
+def _parse_llamafactory(row: dict, base: str, default_id: str) -> PreferenceRecord:
+    _require(row, ("conversations", "chosen", "rejected"), "llamafactory")
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t
+                                              for t in turns):
+        raise _RecordProblem("bad-value", "'conversations' must be a list of {\"from\", \"value\"} turns")
+    messages = []
+    for turn in turns:
+        role = _SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise _RecordProblem("bad-value", f"unknown speaker {turn['from']!r}; use human, gpt or system")
+        messages.append({"role": role, "content": turn["value"]})
+    if row.get("system"):
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    images = _images(row.get("images"), base)
+    prompt = _place_images(_messages(messages, tags=True), len(images))
+    return _record(_id(row, default_id), images, prompt, _sharegpt_answer(row, "chosen"),
+                   _sharegpt_answer(row, "rejected"), row.get("metadata"))
+
+
+def _parse_swift(row: dict, base: str, default_id: str) -> PreferenceRecord:
+    _require(row, ("messages", "rejected_response"), "swift")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
+            or messages[-1].get("role") != "assistant":
+        raise _RecordProblem("bad-value", "'messages' must end with the chosen assistant turn")
+    chosen = _parts_text(_parts(messages[-1].get("content"), tags=False), "")
+    images = _images(row.get("images"), base)
+    prompt = _place_images(_messages(messages[:-1], tags=True), len(images))
+    return _record(_id(row, default_id), images, prompt, chosen,
+                   _text(row, "rejected_response"), row.get("metadata"))
+
+
+_PARSERS = {"vlmrl": _parse_vlmrl, "seed": _parse_seed, "trl": _parse_trl,
+            "llamafactory": _parse_llamafactory, "swift": _parse_swift, "hf": _parse_vlmrl}
+
+
+def parse_tagged_prompt(text: str) -> list[Message]:
+    """``"<|system|>..<|user|>..<image>..<|assistant|>\\n"`` → chat messages; untagged text is a
+    user turn. The trailing empty assistant tag (the generation cue) is dropped."""
+    pieces = _ROLE_TAG.split(text)
+    if len(pieces) == 1:
+        return [{"role": "user", "content": text_to_parts(text)}]
+    if pieces[0].strip():
+        raise _RecordProblem("bad-prompt", f"prompt has text before its first role tag: "
+                             f"{pieces[0].strip()[:60]!r}; start it with <|user|> or drop the tags")
+    messages = [{"role": role, "content": text_to_parts(body)}
+                for role, body in zip(pieces[1::2], pieces[2::2])]
+    if messages[-1]["role"] == "assistant":
+        if messages[-1]["content"]:
+            raise _RecordProblem("bad-prompt", "prompt ends with assistant text; the answer belongs "
+                                 "in chosen / rejected, the prompt should end with <|assistant|>")
+        messages.pop()
+    return messages
+
+
+def text_to_parts(text: str) -> list[dict[str, Any]]:
+    """``"Count these. <image>"`` → ``[{"type": "text", "text": "Count these."}, {"type": "image"}]``."""
+    parts: list[dict[str, Any]] = []
+    for i, piece in enumerate(text.split(IMAGE_TAG)):
+        if i:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
+
+
+def _parts_text(parts: list[dict[str, Any]], sep: str) -> str:
+    return sep.join(IMAGE_TAG if p["type"] == "image" else p["text"] for p in parts)
+
+
+def _messages(messages: Any, tags: bool) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise _RecordProblem("bad-value", "the prompt must be a non-empty list of {role, content} messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise _RecordProblem("bad-value", f"bad prompt message {str(m)[:80]}; each needs a role "
+                                 "(system, user or assistant) and a content")
+        out.append({"role": m["role"], "content": _parts(m.get("content"), tags)})
+    return out
+
+
+def _parts(content: Any, tags: bool) -> list[dict[str, Any]]:
+    """Message content (text, or a list of parts) → parts with only ``type`` and ``text``."""
+    if isinstance(content, str):
+        return text_to_parts(content) if tags else [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _RecordProblem("bad-value", f"message content must be text or a list of parts, "
+                             f"got {type(content).__name__}")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            parts.append({"type": "image"})
+        elif kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            raise _RecordProblem("bad-value", f"bad content part {str(part)[:80]}; expected "
+                                 '{"type": "image"} or {"type": "text", "text": ...}')
+    return parts
+
+
+def _place_images(messages: list[Message], n_images: int) -> list[Message]:
+    """With images but no image slot anywhere, the images go first in the first user turn."""
+    if n_images == 0 or any(p["type"] == "image" for m in messages for p in m["content"]):
+        return messages
+    for m in messages:
+        if m["role"] == "user":
+            m["content"] = [{"type": "image"} for _ in range(n_images)] + m["content"]
+            return messages
+    raise _RecordProblem("bad-prompt", "the prompt has no user turn to put the images in")
+
+
+def _images(value: Any, base: str) -> list[str]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise _RecordProblem("bad-value", "images must be a file path or a list of file paths "
+                             f"(embedded image bytes are not read), got {str(value)[:80]}")
+    return [os.path.normpath(os.path.join(base, os.path.expanduser(v))) for v in values]
+
+
+def _require(row: dict, keys: tuple[str, ...], fmt: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise _RecordProblem("missing-key", f"missing key(s) {', '.join(missing)}: format {fmt} needs "
+                             f"{FORMATS[fmt]}; add them, or pass --format if the format was misread")
+
+
+def _id(row: dict, default_id: str) -> str:
+    value = row.get("id")
+    return default_id if value is None or value == "" else str(value)
+
+
+def _text(row: dict, key: str) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise _RecordProblem("bad-value", f"'{key}' must be text, got {type(value).__name__}")
+    return value
+
+
+def _answer(row: dict, key: str) -> str:
+    """A TRL answer: ``[{"role": "assistant", "content": ...}]`` (or plain text)."""
+    value = row[key]
+    if isinstance(value, str):
+        return value
+    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+            and value[0].get("role") == "assistant"):
+        raise _RecordProblem("bad-value", f"'{key}' must be one assistant message, "
+                             '[{"role": "assistant", "content": ...}]')
+    return _parts_text(_parts(value[0].get("content"), tags=False), "")
+
+
+def _sharegpt_answer(row: dict, key: str) -> str:
+    value = row[key]
+    if isinstance(value, dict) and isinstance(value.get("value"), str):
+        return value["value"]
+    if isinstance(value, str):
+        return value
+    raise _RecordProblem("bad-value", f"'{key}' must be {{\"from\": \"gpt\", \"value\": ...}}")
+
+
+def _record(id_: Any, images: list[str], prompt: list[Message], chosen: str, rejected: str,
+            metadata: Any) -> PreferenceRecord:
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _RecordProblem("bad-value", f"'metadata' must be an object, got {type(metadata).__name__}")
+    return PreferenceRecord(str(id_), images, prompt, chosen, rejected, dict(metadata or {}))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_records(records: Iterable[PreferenceRecord], path: str | Path, fmt: str) -> Path:
+    """Write records in ``fmt``; JSON formats choose a ``.json`` array or ``.jsonl`` lines by suffix,
+    ``hf`` a ``.parquet`` file or (any other name) a ``save_to_disk`` folder."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise VlmrlError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = os.path.dirname(os.path.abspath(path))
+    if fmt == "hf":
+        return _write_hf(records, path, base)
+    rows = (_WRITERS[fmt](r, [_relative(p, base) for p in r.images]) for r in records)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(list(rows), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    elif path.suffix in (".jsonl", ".ndjson"):
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        raise VlmrlError(f"{path}: name the output .json (one array) or .jsonl (one record a line)")
+    return path
+
+
+def _relative(image: str, base: str) -> str:
+    rel = os.path.relpath(image, base)
+    return Path(rel).as_posix() if not rel.startswith("..") else image
+
+
+def _tagged_prompt(messages: list[Message]) -> str:
+    turns = [f"<|{m['role']}|>\n{_parts_text(m['content'], ' ')}\n" for m in messages]
+    return "".join(turns) + "<|assistant|>\n"
+
+
+def _write_vlmrl(r: PreferenceRecord, images: list[str]) -> dict:
+    return {**r.to_dict(), "images": images}
+
+
+def _write_seed(r: PreferenceRecord, images: list[str]) -> dict:
+    return {"id": r.id, "image_path": images[0] if len(images) == 1 else images,
+            "prompt": _tagged_prompt(r.prompt), "chosen": r.chosen, "rejected": r.rejected,
+            "metadata": r.metadata}
+
+
+def _write_trl(r: PreferenceRecord, images: list[str]) -> dict:
+    def answer(text: str) -> list[Message]:
+        return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+    return {"id": r.id, "images": images, "prompt": r.prompt, "chosen": answer(r.chosen),
+            "rejected": answer(r.rejected), "metadata": r.metadata}
+
+
+def _write_llamafactory(r: PreferenceRecord, images: list[str]) -> dict:
+    messages, row = r.prompt, {"id": r.id}
+    if messages and messages[0]["role"] == "system":
+        row["system"] = _parts_text(messages[0]["content"], "")
+        messages = messages[1:]
+    speaker = {"user": "human", "assistant": "gpt", "system": "system"}
+    row["conversations"] = [{"from": speaker[m["role"]], "value": _parts_text(m["content"], "")}
+                            for m in messages]
+    row.update(chosen={"from": "gpt", "value": r.chosen}, rejected={"from": "gpt", "value": r.rejected},
+               images=images, metadata=r.metadata)
+    return row
+
+
+def _write_swift(r: PreferenceRecord, images: list[str]) -> dict:
+    messages = [{"role": m["role"], "content": _parts_text(m["content"], "")} for m in r.prompt]
+    messages.append({"role": "assistant", "content": r.chosen})
+    return {"id": r.id, "messages": messages, "rejected_response": r.rejected, "images": images,
+            "metadata": r.metadata}
+
+
+_WRITERS = {"vlmrl": _write_vlmrl, "seed": _write_seed, "trl": _write_trl,
+            "llamafactory": _write_llamafactory, "swift": _write_swift}
+
+
+def _write_hf(records: Iterable[PreferenceRecord], path: Path, base: str) -> Path:
+    import datasets
+
+    features = datasets.Features({
+        "id": datasets.Value("string"), "images": datasets.List(datasets.Value("string")),
+        "prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"), "metadata": datasets.Value("string"),
+    })
+    rows = [{"id": r.id, "images": [_relative(p, base) for p in r.images],
+             "prompt": json.dumps(r.prompt, ensure_ascii=False), "chosen": r.chosen,
+             "rejected": r.rejected, "metadata": json.dumps(r.metadata, ensure_ascii=False)}
+            for r in records]
+    ds = datasets.Dataset.from_list(rows, features=features)
+    if path.suffix == ".parquet":
+        ds.to_parquet(str(path))
+    else:
+        ds.save_to_disk(str(path))
+    return path
