@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from vlmrl.data.detections import ImageCounts
+from vlmrl.data.formats import FORMATS, write_records
 from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
 from vlmrl.tasks.counting import CountingTask, plural
@@ -228,39 +229,28 @@ def build_pairs(
 
 
 # ---------------------------------------------------------------------- writing
+# File name suffix per format; ``hf`` writes a ``save_to_disk`` folder per split.
 SUFFIX = {"vlmrl": ".jsonl", "trl": ".jsonl", "swift": ".jsonl", "seed": ".json", "llamafactory": ".json", "hf": ""}
 
 
 def write_split_files(records: Iterable[PreferenceRecord], out_dir: Path, fmt: str = "vlmrl") -> dict[str, Path]:
     """One file per split, ``OUT/{split}{suffix}``, in ``fmt``. Returns split → path."""
-    if fmt not in SUFFIX:
-        raise VlmrlError(f"--format {fmt!r}: choose from {', '.join(SUFFIX)}")
+    if fmt not in FORMATS:
+        raise VlmrlError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
     by_split: dict[str, list[PreferenceRecord]] = defaultdict(list)
     for record in records:
         by_split[record.metadata["split"]].append(record)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, group in sorted(by_split.items()):
-        paths[name] = out_dir / f"{name}{SUFFIX[fmt]}"
-        _write(group, paths[name], fmt)
+        paths[name] = out_dir / f"{name}{SUFFIX.get(fmt, '.jsonl')}"
+        write_pairs(group, paths[name], fmt)
     return paths
 
 
-def _write(records: list[PreferenceRecord], path: Path, fmt: str) -> None:
-    try:
-        from vlmrl.data.formats import write_records
-    except ImportError:
-        if fmt != "vlmrl":
-            raise VlmrlError(f"--format {fmt}: this installation can only write 'vlmrl' JSONL") from None
-        _write_jsonl(records, path)
-        return
-    write_records(records, path, fmt)
-
-
-def _write_jsonl(records: Iterable[PreferenceRecord], path: Path) -> None:
-    with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record.to_dict()) + "\n")
+def write_pairs(records: Iterable[PreferenceRecord], path: Path, fmt: str = "vlmrl") -> Path:
+    """Write records to one file (or, for ``hf``, one folder) in ``fmt``."""
+    return write_records(records, path, fmt)
 
 
 # ---------------------------------------------------------------------- detections → files
