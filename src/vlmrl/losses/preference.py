@@ -1,0 +1,296 @@
+"""The DPO family of preference losses, as pure functions of sequence log-probabilities.
+
+Every loss takes log-probabilities summed over the completion tokens (shape ``(B,)``): of the
+chosen and the rejected answer, under the policy being trained and under the frozen reference.
+Every loss returns ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``: ``losses`` is
+per pair (the caller takes the mean), the rewards are the implicit rewards ``β·(log π − log
+π_ref)`` and are detached, for logging only.
+
+Notation used in the docstrings, for one pair (x, y_w chosen, y_l rejected):
+
+    πc = log πθ(y_w|x)     πr = log πθ(y_l|x)     rc = log π_ref(y_w|x)     rr = log π_ref(y_l|x)
+    h  = (πc − rc) − (πr − rr)          the DPO margin of log-ratios
+
+``preference_loss(name, ...)`` picks one by name; ``preference_metrics`` gives the TRL-named
+metrics (``rewards/chosen``, ``rewards/margins``, ...) that every preference trainer logs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlmrl.errors import VlmrlError
+
+Tensor = torch.Tensor
+LossOutput = tuple[Tensor, Tensor, Tensor]
+
+
+def _rewards(
+    beta: float, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
+) -> tuple[Tensor, Tensor]:
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return chosen_rewards, rejected_rewards
+
+
+def dpo(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """DPO, the sigmoid loss (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7).
+
+        loss = −log σ(β·h)
+
+    With ``label_smoothing = ε > 0`` this is conservative DPO (cDPO, Mitchell 2023, "A note on
+    DPO with noisy preferences", Eq. 3): the label is flipped with probability ε,
+
+        loss = −(1−ε)·log σ(β·h) − ε·log σ(−β·h)
+
+    which is biased (its minimum is at a finite margin); ``robust`` is the unbiased alternative.
+    """
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def dpop(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    dpop_lambda: float = 50.0,
+) -> LossOutput:
+    """DPO-Positive (Pal et al. 2024, "Smaug", arXiv 2402.13228, Eq. 3).
+
+        loss = −log σ(β·[h − λ·max(0, rc − πc)])
+
+    DPO only asks the chosen answer to gain on the rejected one, so both log-probs may fall and the
+    chosen one with them (the failure mode of Sec. 3, worst for pairs a few tokens apart, such as
+    counts that differ in one digit). The penalty is zero while the policy keeps the chosen answer
+    at least as likely as the reference does, and grows linearly once it drops below; it sits
+    inside the sigmoid, multiplied by β like the margin. The paper uses λ = 50 for its models.
+
+    Level of the penalty: Eq. 3 writes it on whole-sequence log-probabilities, log π_ref(y_w|x) /
+    πθ(y_w|x), one max per pair; the per-token picture belongs to the paper's analysis (Sec. 3,
+    the probability of each next token), not to the loss. We follow Eq. 3: one max on the summed
+    log-probs. A per-token max (sum over tokens of max(0, ref_t − π_t)) is stricter, since gains on
+    some tokens could not offset losses on others; it would need per-token inputs.
+    """
+    penalty = torch.clamp(ref_chosen - policy_chosen, min=0.0)
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(beta * (margin - dpop_lambda * penalty))
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def ipo(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> LossOutput:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm...", arXiv 2310.12036, Eq. 17).
+
+        loss = (h − 1/(2τ))²        with τ = β
+
+    A squared loss that pulls the margin to a fixed target instead of pushing it to infinity, so
+    it does not over-fit deterministic preferences. On summed log-probs the squared margin grows
+    with the answer length; TRL therefore averages per token (log-ratios divided by the number of
+    completion tokens, a choice it confirmed with the IPO authors). Both work here: pass
+    ``chosen_lengths``/``rejected_lengths`` to divide each log-ratio by its length (TRL's form),
+    or pass per-token mean log-probs and no lengths. Rewards are ``β·(π − π_ref)`` on the inputs
+    as given, as in TRL.
+    """
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    if chosen_lengths is not None or rejected_lengths is not None:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise VlmrlError("ipo: give both chosen_lengths and rejected_lengths, or neither")
+        chosen_ratio = chosen_ratio / chosen_lengths.clamp(min=1)
+        rejected_ratio = rejected_ratio / rejected_lengths.clamp(min=1)
+    losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def hinge(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+) -> LossOutput:
+    """Hinge loss of SLiC-HF (Zhao et al. 2023, arXiv 2305.10425, Eq. 1) in DPO's form.
+
+        loss = max(0, 1 − β·h)
+
+    SLiC's calibration loss is max(0, δ − log P(y_w|x) + log P(y_l|x)); dividing by δ and measuring
+    log-probs against the reference (as DPO does, Rafailov et al. Sec. 7 / TRL's "hinge") gives the
+    line above with β = 1/δ.
+    """
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = torch.relu(1 - beta * margin)
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def robust(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", arXiv 2403.00409, Eq. 8).
+
+        loss = [(1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε)
+
+    ε is the probability that a pair's label was flipped. Unlike cDPO this is an unbiased estimate
+    of the clean DPO loss under that noise. Needs 0 ≤ ε < 0.5.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise VlmrlError(
+            f"robust: label_smoothing (the label-noise rate ε) must be in [0, 0.5), got {label_smoothing}"
+        )
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    clean = -(1 - label_smoothing) * F.logsigmoid(margin)
+    flipped = -label_smoothing * F.logsigmoid(-margin)
+    losses = (clean - flipped) / (1 - 2 * label_smoothing)
+    return (losses, *_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def simpo(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6): reference-free and length-normalised.
+
+        loss = −log σ(β/|y_w|·πc − β/|y_l|·πr − γ)
+
+    The reward is the mean per-token log-prob scaled by β, so no reference model is needed, and
+    the target margin γ asks the chosen answer to win by at least γ. The paper's β is large
+    (2.0–2.5) because it multiplies a per-token mean. ``label_smoothing`` mixes in the flipped
+    label as cDPO does (TRL's CPO trainer does the same). Rewards are ``β·mean log-prob``.
+    """
+    chosen_rewards = beta * policy_chosen / chosen_lengths.clamp(min=1)
+    rejected_rewards = beta * policy_rejected / rejected_lengths.clamp(min=1)
+    margin = chosen_rewards - rejected_rewards - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Negative log-likelihood per token of the chosen answer, ``−πc/|y_w|``, shape ``(B,)``.
+
+    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733, Eq. 1)
+    adds it to DPO: total = DPO + α·NLL, with the NLL normalised by the answer length per pair.
+    TRL's "sft" term differs slightly: it averages over all chosen tokens of the batch at once,
+    which equals the mean of this when all chosen answers have the same length.
+    """
+    return -policy_chosen / chosen_lengths.clamp(min=1)
+
+
+_WITH_REFERENCE = {"dpo": dpo, "dpop": dpop, "ipo": ipo, "hinge": hinge, "robust": robust}
+LOSS_NAMES = (*_WITH_REFERENCE, "simpo", "sft")
+REFERENCE_FREE_OK = ("dpo", "ipo", "hinge", "robust", "simpo", "sft")
+_PARAMS = {
+    "dpo": {"label_smoothing"},
+    "dpop": {"dpop_lambda"},
+    "ipo": set(),
+    "hinge": set(),
+    "robust": {"label_smoothing"},
+    "simpo": {"gamma", "label_smoothing"},
+    "sft": set(),
+}
+
+
+def preference_loss(
+    name: str,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    *,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    beta: float = 0.1,
+    reference_free: bool = False,
+    rpo_alpha: float = 0.0,
+    **params: float,
+) -> LossOutput:
+    """Compute the loss called ``name`` (one of ``LOSS_NAMES``); returns ``(losses, chosen, rejected)``.
+
+    ``reference_free=True`` sets the reference log-probs to 0 (the policy alone, as in "DPO without
+    reference" ablations); DPOP refuses it, since its penalty is defined against the reference.
+    SimPO never uses the reference, and "sft" only for its logged rewards. IPO divides its
+    log-ratios by the lengths when they are given (TRL's per-token form). ``rpo_alpha > 0`` adds
+    ``rpo_alpha · nll`` (RPO) to any loss; ``"sft"`` is the NLL term alone. ``params`` go to the
+    loss (``label_smoothing``, ``dpop_lambda``, ``gamma``); one the loss does not take is a
+    config error.
+    """
+    if name not in LOSS_NAMES:
+        raise VlmrlError(f"unknown preference loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    unknown = set(params) - _PARAMS[name]
+    if unknown:
+        allowed = ", ".join(sorted(_PARAMS[name])) or "none"
+        bad = ", ".join(sorted(unknown))
+        raise VlmrlError(f"loss {name!r} takes no parameter {bad} (it takes: {allowed})")
+    if reference_free and name not in REFERENCE_FREE_OK:
+        ok = ", ".join(REFERENCE_FREE_OK)
+        raise VlmrlError(f"loss {name!r} needs the reference model; reference_free works with: {ok}")
+    needs_lengths = name in ("simpo", "sft") or rpo_alpha > 0
+    if needs_lengths and (chosen_lengths is None or (name == "simpo" and rejected_lengths is None)):
+        raise VlmrlError(f"loss {name!r} (or rpo_alpha > 0) needs the completion lengths of the answers")
+    if reference_free or (name in ("simpo", "sft") and (ref_chosen is None or ref_rejected is None)):
+        ref_chosen, ref_rejected = torch.zeros_like(policy_chosen), torch.zeros_like(policy_rejected)
+    elif ref_chosen is None or ref_rejected is None:
+        raise VlmrlError(f"loss {name!r} needs reference log-probs; pass them or set reference_free")
+
+    if name == "simpo":
+        out = simpo(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, beta=beta, **params)
+    elif name == "sft":
+        rewards = _rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        out = (nll(policy_chosen, chosen_lengths), *rewards)
+    elif name == "ipo":
+        lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+        out = ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, **lengths)
+    else:
+        loss_fn = _WITH_REFERENCE[name]
+        out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, **params)
+
+    losses, chosen_rewards, rejected_rewards = out
+    if rpo_alpha > 0 and name != "sft":
+        losses = losses + rpo_alpha * nll(policy_chosen, chosen_lengths)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def preference_metrics(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen: Tensor, policy_rejected: Tensor
+) -> dict[str, float]:
+    """Batch means under TRL's metric names, so curves read like those of every other trainer."""
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": policy_chosen.detach().mean().item(),
+        "logps/rejected": policy_rejected.detach().mean().item(),
+    }
