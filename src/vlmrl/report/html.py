@@ -1,0 +1,262 @@
+"""``report.html``: the before/after table, the plots and the gallery in one self-contained page.
+
+The page opens from a ``file://`` URL with no network: CSS and JS are inline, plots are inline
+SVG, images are data URIs. Every text from data or models is escaped.
+
+    write_report("out", [RunResult("base", Path("out/base")),
+                         RunResult("dpo", Path("out/dpo"), Path("runs/dpo/metrics.jsonl"))])
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from pathlib import Path
+
+from vlmrl.errors import VlmrlError
+from vlmrl.report import gallery, plots
+from vlmrl.report.assets import CSS, JS
+from vlmrl.report.deltas import MetricDelta, lower_is_better, metric_deltas
+from vlmrl.report.results import EvalResult, RunResult, load_run
+
+HEADLINE_METRICS = ("count/exact", "pref/reward_accuracy")
+LABELS = {
+    "count/exact": "exact match",
+    "count/total_acc": "total right",
+    "count/total_mae": "total abs. error",
+    "count/parse_failure": "parse failures",
+    "pref/logp_accuracy": "log-prob accuracy",
+    "pref/reward_accuracy": "reward accuracy",
+    "pref/reward_margin": "reward margin",
+    "text/bleu": "BLEU",
+    "text/sentence_bleu": "sentence BLEU",
+    "text/rouge_l": "ROUGE-L",
+}
+FILTERS = (("all", "all"), ("improved", "improved"), ("regressed", "regressed"), ("both-wrong", "both wrong"))
+
+
+def write_report(
+    out_dir: str | Path,
+    runs: list[RunResult],
+    title: str = "vlmrl: before / after",
+    max_gallery: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Render ``out_dir/report.html`` from evaluation folders already written; returns its path.
+
+    ``runs[0]`` is the baseline; every other run is compared with it.
+    """
+    if not runs:
+        raise VlmrlError("write_report needs at least one run (the baseline first)")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise VlmrlError(f"run names must differ, got {names}; pass distinct --names")
+    results = [load_run(r) for r in runs]
+    deltas = [metric_deltas(results[0], r, seed=seed) for r in results[1:]]
+    page = render_page(results, deltas, title=title, max_gallery=max_gallery)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def render_page(
+    results: list[EvalResult],
+    deltas: list[list[MetricDelta]],
+    title: str,
+    max_gallery: int | None = None,
+) -> str:
+    ids = gallery.select_ids(results, max_gallery)
+    n_records = len(results[0].samples)
+    shown = "" if len(ids) == n_records else f" (the {len(ids)} most instructive of {n_records})"
+    figures = [
+        ("Training curves", plots.training_curves(results)),
+        ("Per-class accuracy", plots.class_accuracy_bars(results)),
+        ("Count errors", plots.count_error_histogram(results)),
+    ]
+    plot_html = "\n".join(
+        f'<figure class="plotbox"><figcaption>{escape(name)}</figcaption>{svg}</figure>'
+        for name, svg in figures
+        if svg
+    )
+    return _TEMPLATE.format(
+        title=escape(title),
+        css=CSS,
+        js=JS,
+        summary=summary_html(results, deltas),
+        table=metrics_table(results, deltas),
+        plots=plot_html or '<p class="muted">Nothing to plot.</p>',
+        controls=_gallery_controls(results),
+        cards=gallery.gallery_html(results, ids),
+        gallery_note=escape(f"{len(ids)} records{shown}"),
+        n=n_records,
+    )
+
+
+def summary_line(name: str, base_name: str, metric: str, d: MetricDelta, rate: bool) -> str:
+    """``"dpo vs base: exact match +12.3 points [95% CI +6.1, +18.0]"`` (plain text)."""
+    ci = "" if math.isnan(d.ci_low) else f" [95% CI {_signed(d.ci_low, rate)}, {_signed(d.ci_high, rate)}]"
+    unit = " points" if rate else ""
+    return f"{name} vs {base_name}: {_label(metric)} {_signed(d.delta, rate)}{unit}{ci}"
+
+
+def summary_html(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> str:
+    base = results[0]
+    if not deltas:
+        return f'<p class="summary">{escape(base.name)}: {len(base.samples)} records evaluated.</p>'
+    lines = []
+    for result, rows in zip(results[1:], deltas):
+        if not rows:
+            continue
+        d = next((r for m in HEADLINE_METRICS for r in rows if r.metric == m), rows[0])
+        text = summary_line(result.name, base.name, d.metric, d, _is_rate(d.metric, results))
+        lines.append(f'<p class="summary {_verdict_class(d)}">{escape(text)} {_badge(d)}</p>')
+    return "\n".join(lines)
+
+
+def metrics_table(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> str:
+    head = ["<th>metric</th>", f"<th>{escape(results[0].name)}</th>"]
+    for r in results[1:]:
+        head += [f"<th>{escape(r.name)}</th>", f"<th>&Delta; vs {escape(results[0].name)}</th>"]
+    body = []
+    for metric in results[0].metrics:
+        rate = _is_rate(metric, results)
+        arrow = "&darr; better" if lower_is_better(metric) else "&uarr; better"
+        cells = [
+            f'<th scope="row">{escape(_label(metric))} <span class="muted">{arrow}</span>'
+            f'<div class="key">{escape(metric)}</div></th>'
+        ]
+        cells.append(f"<td>{_value_cell(results[0].metrics[metric], rate)}</td>")
+        for r, rows in zip(results[1:], deltas):
+            d = next((x for x in rows if x.metric == metric), None)
+            entry = r.metrics.get(metric)
+            cells.append(f"<td>{_value_cell(entry, rate) if entry else '&ndash;'}</td>")
+            cells.append(_delta_cell(d, rate))
+        body.append(f'<tr data-metric="{escape(metric)}">{"".join(cells)}</tr>')
+    return (
+        f'<table class="metrics"><thead><tr>{"".join(head)}</tr></thead>'
+        f'<tbody>{"".join(body)}</tbody></table>'
+    )
+
+
+def _value_cell(entry: dict, rate: bool) -> str:
+    value = _fmt(entry["value"], rate)
+    if math.isnan(entry["ci_low"]) or math.isnan(entry["ci_high"]):
+        return f'<span class="num">{value}</span>'
+    ci = f"[{_fmt(entry['ci_low'], rate)}, {_fmt(entry['ci_high'], rate)}]"
+    return f'<span class="num">{value}</span> <span class="ci">{ci}</span>'
+
+
+def _delta_cell(d: MetricDelta | None, rate: bool) -> str:
+    if d is None:
+        return "<td>&ndash;</td>"
+    ci = "" if math.isnan(d.ci_low) else (
+        f' <span class="ci">[{_signed(d.ci_low, rate)}, {_signed(d.ci_high, rate)}]</span>'
+    )
+    return (
+        f'<td class="delta {_verdict_class(d)}" data-verdict="{escape(d.verdict)}">'
+        f'<span class="num">{_signed(d.delta, rate)}</span>{ci} {_badge(d)}</td>'
+    )
+
+
+def _badge(d: MetricDelta) -> str:
+    text = {"better": "&#9650; significant gain", "worse": "&#9660; significant loss",
+            "no change": "CI holds 0", "no CI": "no CI"}[d.verdict]
+    return f'<span class="badge">{text}</span>'
+
+
+def _verdict_class(d: MetricDelta) -> str:
+    return {"better": "better", "worse": "worse"}.get(d.verdict, "neutral")
+
+
+def _gallery_controls(results: list[EvalResult]) -> str:
+    if len(results) < 2:
+        return ""
+    buttons = "".join(
+        f'<button type="button" data-filter="{key}">{label} <span class="count"></span></button>'
+        for key, label in FILTERS
+    )
+    options = "".join(
+        f'<option value="{k}">{escape(r.name)}</option>' for k, r in enumerate(results[1:], start=1)
+    )
+    selector = (
+        f'<label class="vs">compare <b>{escape(results[0].name)}</b> with '
+        f'<select id="vs">{options}</select></label>'
+    )
+    return f'<div class="controls"><div class="filters">{buttons}</div>{selector}</div>'
+
+
+def _is_rate(metric: str, results: list[EvalResult]) -> bool:
+    """A share in [0, 1] (shown in % and its deltas in points), not a count or a loss."""
+    if any(w in metric.lower() for w in ("error", "mae", "rmse", "loss", "margin", "bleu")):
+        return False
+    values = [
+        v
+        for r in results
+        if metric in r.metrics
+        for v in (r.metrics[metric]["value"], r.metrics[metric]["ci_low"], r.metrics[metric]["ci_high"])
+        if not math.isnan(v)
+    ]
+    return all(0.0 <= v <= 1.0 for v in values)
+
+
+def _label(metric: str) -> str:
+    """A reader's name: ``count/exact`` -> ``exact match``, ``count/class_acc/car`` -> ``car accuracy``."""
+    if metric in LABELS:
+        return LABELS[metric]
+    for prefix, suffix in (("count/class_acc/", "accuracy"), ("count/class_mae/", "abs. error")):
+        if metric.startswith(prefix):
+            return f"{metric[len(prefix):]} {suffix}"
+    return metric.replace("_", " ")
+
+
+def _fmt(x: float, rate: bool) -> str:
+    return f"{100 * x:.1f}%" if rate else f"{x:.3g}"
+
+
+def _signed(x: float, rate: bool) -> str:
+    return f"{100 * x:+.1f}" if rate else f"{x:+.3g}"
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+{css}
+</style>
+</head>
+<body>
+<header>
+<h1>{title}</h1>
+{summary}
+<p class="muted">{n} records. Brackets are 95% confidence intervals; deltas use a paired bootstrap
+over records, and are marked significant when their interval excludes 0.</p>
+</header>
+<section>
+<h2>Metrics</h2>
+{table}
+</section>
+<section>
+<h2>Plots</h2>
+<div class="plots">
+{plots}
+</div>
+</section>
+<section id="gallery-section">
+<h2>Gallery <span class="muted">{gallery_note}</span></h2>
+{controls}
+<p id="shown" class="muted"></p>
+<div id="gallery" class="gallery">
+{cards}
+</div>
+</section>
+<script>
+{js}
+</script>
+</body>
+</html>
+"""
