@@ -1,0 +1,52 @@
+"""Rewards in TRL's shape, over the counting grammar; strings and message-list completions."""
+
+import doctest
+
+import vlmrl.rewards as rewards
+from vlmrl.rewards import completion_text, count_exact_reward, count_format_reward, count_partial_reward
+
+GOLD = {"car": 2, "motorcycle": 3, "bus": 0, "bicycle": 0}
+PHRASINGS = [
+    ("There are 2 cars, 3 motorcycles, 0 buses, 0 bicycles in the image.", 1.0, 1.0, 1.0),
+    ("There are 2 cars, 3 motorcycles, 0 buss, 0 bicycles in the image.", 1.0, 1.0, 1.0),
+    ("two cars, three motorbikes, no buses and zero bicycles", 1.0, 1.0, 1.0),
+    ("There are 2 cars, 3 motorcycles, 1 bus, 0 bicycles in the image.", 0.0, 0.75, 1.0),
+    ("There are 5 vehicles in the image.", 0.0, 0.0, 0.0),
+    ("2 cars and 3 motorcycles", 0.0, 0.5, 0.0),
+    ("I don't know.", 0.0, 0.0, 0.0),
+]
+
+
+def test_doctests_pass():
+    assert doctest.testmod(rewards).failed == 0
+
+
+def test_rewards_on_many_phrasings():
+    texts = [p[0] for p in PHRASINGS]
+    gold = [GOLD] * len(texts)
+    assert count_exact_reward(texts, counts=gold) == [p[1] for p in PHRASINGS]
+    assert count_partial_reward(texts, counts=gold) == [p[2] for p in PHRASINGS]
+    assert count_format_reward(texts, counts=gold) == [p[3] for p in PHRASINGS]
+
+
+def test_message_list_completions_read_like_strings():
+    plain = [p[0] for p in PHRASINGS]
+    as_str = [[{"role": "assistant", "content": t}] for t in plain]
+    as_parts = [[{"role": "assistant", "content": [{"type": "text", "text": t}]}] for t in plain]
+    gold = [GOLD] * len(plain)
+    expected = count_partial_reward(plain, counts=gold)
+    assert count_partial_reward(as_str, counts=gold) == expected
+    assert count_partial_reward(as_parts, counts=gold) == expected
+    assert completion_text([]) == ""
+
+
+def test_classes_follow_the_gold_counts():
+    gold = [{"bus": 1, "truck": 2}]
+    assert count_exact_reward(["1 bus and 2 trucks"], counts=gold) == [1.0]
+    assert count_format_reward(["There are 1 bus, 2 trucks."], counts=gold) == [1.0]
+    assert count_format_reward(["There are 1 bus."], counts=gold) == [0.0]
+
+
+def test_extra_trl_columns_are_accepted():
+    out = count_exact_reward(["2 cars"], counts=[{"car": 2}], prompts=["p"], completion_ids=[[1]])
+    assert out == [1.0]
