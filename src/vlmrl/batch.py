@@ -1,0 +1,191 @@
+"""Preference records become model inputs: chat template, processor, labels on the answer only.
+
+Each sequence is ``prompt`` (the model's own chat template with the generation prompt, image
+placeholders expanded by the processor) followed by the assistant's answer as the same template
+renders it, up to and including the end-of-turn token ``<|im_end|>``. The newline the template
+writes after ``<|im_end|>`` is left out: it is not something the model chooses.
+
+Labels are ``-100`` on the prompt and padding and equal to the input ids on the answer tokens and
+the closing ``<|im_end|>``: DPO's log-probability of an answer includes the decision to stop there,
+as in TRL (which appends EOS to the completion).
+
+Truncation never touches the prompt: the answer's end is cut to fit ``max_length``. A prompt that
+leaves no room for an answer is refused, and the message says when the cut would have fallen
+inside an image's tokens (the crash other trainers give as a shape mismatch deep in the model).
+Sequences are padded on the right, for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from vlmrl.data.records import PreferenceRecord
+from vlmrl.errors import VlmrlError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PairBatch:
+    """The chosen and rejected sides of a batch of pairs; each side is a dict of model inputs.
+
+    Both sides share the images (the same ``pixel_values`` tensor). ``prompt_lengths[i]`` is the
+    number of prompt tokens of pair ``i``, the same on both sides.
+    """
+
+    chosen: dict
+    rejected: dict
+    ids: list[str] = field(default_factory=list)
+    prompt_lengths: list[int] = field(default_factory=list)
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(_to(self.chosen, device), _to(self.rejected, device), self.ids, self.prompt_lengths)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class _Encoded:
+    """One record's prompt, encoded once and shared by its answers."""
+
+    record_id: str
+    prompt_ids: list[int]
+    mm_token_type_ids: list[int]
+    vision: dict  # pixel_values and image_grid_thw of this record's images (empty without images)
+
+
+def encode_pairs(records: Sequence[PreferenceRecord], processor, max_length: int) -> PairBatch:
+    """Encode records into a chosen side and a rejected side, labels on the answers only."""
+    prompts = [_encode_prompt(r, processor, max_length) for r in records]
+    chosen = [_answer_ids(r, r.chosen, processor) for r in records]
+    rejected = [_answer_ids(r, r.rejected, processor) for r in records]
+    vision = _vision(prompts)  # one tensor, shared by both sides
+    return PairBatch(
+        chosen={**_collate(prompts, chosen, processor, max_length), **vision},
+        rejected={**_collate(prompts, rejected, processor, max_length), **vision},
+        ids=[r.id for r in records],
+        prompt_lengths=[len(p.prompt_ids) for p in prompts],
+    )
+
+
+def encode_sft(records: Sequence[PreferenceRecord], processor, max_length: int) -> dict:
+    """Encode records for supervised fine-tuning on the chosen answers, labels on the answers only."""
+    prompts = [_encode_prompt(r, processor, max_length) for r in records]
+    answers = [_answer_ids(r, r.chosen, processor) for r in records]
+    return {**_collate(prompts, answers, processor, max_length), **_vision(prompts)}
+
+
+def prompt_text(record: PreferenceRecord, processor) -> str:
+    """The prompt as the model's chat template renders it, ending with the assistant's turn opening."""
+    return processor.apply_chat_template(record.prompt, add_generation_prompt=True, tokenize=False)
+
+
+def answer_text(record: PreferenceRecord, answer: str, processor) -> str:
+    """The answer as the chat template renders it after the prompt: ``answer<|im_end|>``."""
+    prompt = prompt_text(record, processor)
+    turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    full = processor.apply_chat_template(record.prompt + [turn], tokenize=False)
+    if not full.startswith(prompt):
+        raise VlmrlError(
+            f"record {record.id}: the chat template renders the prompt differently with and without the "
+            "answer, so the answer's tokens cannot be told apart; use a prefix-preserving chat template"
+        )
+    return full[len(prompt) :].rstrip("\n")
+
+
+def load_images(record: PreferenceRecord) -> list:
+    """Open a record's images with PIL, in RGB, checking they match the prompt's image slots."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(record.images) != record.image_slots():
+        raise VlmrlError(
+            f"record {record.id}: {len(record.images)} image(s) but the prompt has {record.image_slots()} "
+            'image slot(s) ({"type": "image"}); make them match'
+        )
+    images = []
+    for path in record.images:
+        try:
+            with Image.open(Path(path)) as image:
+                images.append(image.convert("RGB"))
+        except FileNotFoundError as e:
+            raise VlmrlError(f"record {record.id}: image {path} does not exist") from e
+        except (UnidentifiedImageError, OSError) as e:
+            raise VlmrlError(f"record {record.id}: cannot read image {path}: {e}") from e
+    return images
+
+
+def _encode_prompt(record: PreferenceRecord, processor, max_length: int) -> _Encoded:
+    images = load_images(record)
+    text = prompt_text(record, processor)
+    encoded = processor(text=[text], images=images or None, return_tensors="pt")
+    prompt_ids = encoded["input_ids"][0].tolist()
+    if "mm_token_type_ids" in encoded:
+        mm_types = encoded["mm_token_type_ids"][0].tolist()
+    else:
+        mm_types = [0] * len(prompt_ids)
+    _check_prompt_fits(record.id, prompt_ids, mm_types, max_length)
+    vision = {k: encoded[k] for k in ("pixel_values", "image_grid_thw") if k in encoded}
+    return _Encoded(record.id, prompt_ids, mm_types, vision)
+
+
+def _check_prompt_fits(record_id: str, prompt_ids: list[int], mm_types: list[int], max_length: int) -> None:
+    """Refuse a prompt that leaves no room for at least one answer token."""
+    if len(prompt_ids) < max_length:
+        return
+    n_image_tokens = sum(1 for t in mm_types if t != 0)
+    hint = "raise max_length, or lower the processor's max_pixels to give each image fewer tokens"
+    if any(t != 0 for t in mm_types[max_length:]):
+        raise VlmrlError(
+            f"record {record_id}: max_length {max_length} would cut the prompt inside an image's tokens "
+            f"(prompt {len(prompt_ids)} tokens, {n_image_tokens} of them image tokens); {hint}"
+        )
+    raise VlmrlError(
+        f"record {record_id}: the prompt alone is {len(prompt_ids)} tokens ({n_image_tokens} image tokens), "
+        f"leaving no room for the answer within max_length {max_length}; {hint}"
+    )
+
+
+def _answer_ids(record: PreferenceRecord, answer: str, processor) -> list[int]:
+    return processor.tokenizer.encode(answer_text(record, answer, processor), add_special_tokens=False)
+
+
+def _collate(prompts: list[_Encoded], answers: list[list[int]], processor, max_length: int) -> dict:
+    """Join prompt and answer ids, cut answers to ``max_length``, pad on the right, stack the text inputs."""
+    import torch
+
+    pad_id = processor.tokenizer.pad_token_id
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        answer = answer[: max_length - len(prompt.prompt_ids)]
+        ids = prompt.prompt_ids + answer
+        labels = [IGNORE_INDEX] * len(prompt.prompt_ids) + answer
+        mm_types = prompt.mm_token_type_ids + [0] * len(answer)
+        rows.append((ids, labels, mm_types))
+    width = max(len(ids) for ids, _, _ in rows)
+    batch = {
+        "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _, _ in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in rows]),
+        "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab, _ in rows]),
+        "mm_token_type_ids": torch.tensor([mm + [0] * (width - len(mm)) for _, _, mm in rows]),
+    }
+    return batch
+
+
+def _vision(prompts: list[_Encoded]) -> dict:
+    """The batch's image patches and grids, concatenated in record order (the model's layout)."""
+    import torch
+
+    with_images = [p.vision for p in prompts if p.vision]
+    if not with_images:
+        return {}
+    return {
+        "pixel_values": torch.cat([v["pixel_values"] for v in with_images]),
+        "image_grid_thw": torch.cat([v["image_grid_thw"] for v in with_images]),
+    }
+
+
+def _to(inputs: dict, device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
