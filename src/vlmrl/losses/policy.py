@@ -1,0 +1,130 @@
+"""GRPO: group-relative advantages and the clipped policy-gradient objective, as pure functions.
+
+What is implemented, and how it differs from the textbook GRPO (Shao et al. 2024, DeepSeekMath,
+arXiv 2402.03300, Eq. 3 with the outcome-supervision advantages of Sec. 4.1.2):
+
+- Advantages: each completion's reward minus its group's mean, divided by the group's standard
+  deviation (Bessel-corrected, as ``torch.std`` and TRL do) plus ``eps``. ``scale="none"`` skips
+  the division, as Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv
+  2503.20783, Sec. 3.1) recommends, since dividing by the std over-weights groups that are
+  nearly all right or all wrong.
+- Objective: PPO's clipped ratio (Schulman et al. 2017, Eq. 7) per token, with one advantage per
+  completion spread over its tokens. ``clip_eps_high`` allows DAPO's "clip-higher" (Yu et al.
+  2025, arXiv 2503.14476, Sec. 3.1): a wider upper bound so unlikely tokens can still rise.
+- Normalisation, the main departure: the textbook averages over each completion's tokens, then
+  over completions (``normalize="sequence"``), which gives a short answer's tokens more weight
+  than a long one's. The default here is ``"token"``: the sum over all tokens of the batch divided
+  by their number (DAPO, Sec. 3.3). ``"constant"`` divides by ``B · max_tokens`` instead
+  (Dr. GRPO), which removes the length bias altogether.
+- KL: optional, to the reference policy with Schulman's k3 estimator per token,
+  ``π_ref/πθ − log(π_ref/πθ) − 1`` (unbiased and always ≥ 0), weighted by ``beta``, added to the
+  loss inside the normalisation as in GRPO's Eq. 3. ``beta = 0`` (DAPO, Dr. GRPO and TRL's
+  default) needs no reference model.
+- The function returns a loss to minimise: the negative of the paper's objective.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmrl.errors import VlmrlError
+
+Tensor = torch.Tensor
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "std", eps: float = 1e-4) -> Tensor:
+    """Group-normalised advantages; ``rewards`` is ``(N*G,)`` (groups contiguous) or ``(N, G)``.
+
+    ``Â_i = (r_i − mean(r_group)) / (std(r_group) + eps)`` (GRPO, DeepSeekMath Sec. 4.1.2), or
+    without the division for ``scale="none"`` (Dr. GRPO). A group whose rewards are all equal
+    gets zero advantages: it carries no signal about which answer is better. Returns the shape
+    it was given.
+    """
+    if scale not in ("std", "none"):
+        raise VlmrlError(f"advantage scale must be 'std' or 'none', got {scale!r}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise VlmrlError(
+            f"{rewards.numel()} rewards do not split into groups of {group_size}: the number of "
+            "completions per batch must be a multiple of the number of generations per prompt"
+        )
+    grouped = rewards.reshape(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "std" and group_size > 1:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    return advantages.reshape(rewards.shape)
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(πθ ‖ π_ref) (Schulman 2020, "Approximating KL divergence")."""
+    log_ratio = ref_logps - logps
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def _normalise(per_token: Tensor, mask: Tensor, normalize: str, max_tokens: int | None, total_tokens):
+    if normalize == "token":
+        denominator = mask.sum() if total_tokens is None else torch.as_tensor(total_tokens, dtype=per_token.dtype)
+        return (per_token * mask).sum() / denominator.clamp(min=1.0)
+    if normalize == "sequence":
+        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+    if normalize == "constant":
+        return (per_token * mask).sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
+    raise VlmrlError(f"normalize must be 'token', 'sequence' or 'constant', got {normalize!r}")
+
+
+def grpo_objective(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    normalize: str = "token",
+    max_tokens: int | None = None,
+    total_tokens: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The clipped GRPO loss (see the module docstring for the exact variant).
+
+    Shapes: ``logps``, ``old_logps``, ``ref_logps``, ``mask``: ``(B, T)`` per completion token
+    (``mask`` is 1 on completion tokens, 0 on padding); ``advantages``: ``(B,)``. ``old_logps``
+    are those of the policy that sampled the completions; pass ``logps.detach()`` when there is
+    one update per batch (the ratio is then 1 and only its gradient matters).
+
+    ``max_tokens`` is the constant length of ``normalize="constant"`` (default: ``T``).
+    ``total_tokens`` replaces the token count of ``normalize="token"`` when a batch is split over
+    accumulation steps, so every token of the whole batch weighs the same (TRL's "dapo").
+
+    Returns ``(loss, metrics)``; metrics (floats): ``kl`` (mean k3 over tokens, when ``ref_logps``
+    is given), ``clip_fraction`` (share of tokens whose gradient the clip removed),
+    ``clip_ratio/low``, ``clip_ratio/high``, ``ratio_mean``.
+    """
+    if beta > 0 and ref_logps is None:
+        raise VlmrlError("a KL coefficient beta > 0 needs the reference log-probs; pass ref_logps or set beta=0")
+    mask = mask.to(logps.dtype)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    adv = advantages.unsqueeze(1)
+
+    # PPO's pessimistic bound: min(ratio·A, clip(ratio)·A); the gradient stops once the ratio has
+    # moved past 1 ± ε in the direction the advantage pushes it.
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
+    if beta > 0:
+        per_token = per_token + beta * kl
+    loss = _normalise(per_token, mask, normalize, max_tokens, total_tokens)
+
+    with torch.no_grad():
+        n_tokens = mask.sum().clamp(min=1.0)
+        low_clipped = ((ratio < 1 - clip_eps) & (adv < 0)).to(mask.dtype)
+        high_clipped = ((ratio > 1 + high) & (adv > 0)).to(mask.dtype)
+        metrics = {
+            "clip_fraction": ((low_clipped + high_clipped) * mask).sum().div(n_tokens).item(),
+            "clip_ratio/low": (low_clipped * mask).sum().div(n_tokens).item(),
+            "clip_ratio/high": (high_clipped * mask).sum().div(n_tokens).item(),
+            "ratio_mean": (ratio * mask).sum().div(n_tokens).item(),
+        }
+        if kl is not None:
+            metrics["kl"] = (kl * mask).sum().div(n_tokens).item()
+    return loss, metrics
