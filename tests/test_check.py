@@ -137,6 +137,15 @@ def test_text_longer_than_the_limit(folder):
     assert "'chosen' is 50 characters (limit 40)" in problem.message
 
 
+def test_literal_tags_left_in_a_message_prompt(folder):
+    trl = {"images": ["img.jpg"], "prompt": [{"role": "user", "content": "<image> How many?"}],
+           "chosen": [{"role": "assistant", "content": "Two."}],
+           "rejected": [{"role": "assistant", "content": "Six."}]}
+    path = jsonl(folder / "d.jsonl", [trl])
+    problem = only_problem(check_records(path), "literal-tag", f"{path}:1")
+    assert "<image>" in problem.message
+
+
 def test_wrong_value_type(folder):
     path = jsonl(folder / "d.jsonl", [row(0, chosen=3)])
     only_problem(check_records(path), "bad-value", f"{path}:1")

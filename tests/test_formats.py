@@ -273,6 +273,22 @@ def test_skip_bad_says_what_it_skipped(tmp_path, capsys):
     assert "skipped" in err and "d.jsonl:2" in err and "missing key(s) prompt, chosen, rejected" in err
 
 
+def test_format_that_does_not_fit_the_path_is_refused(tmp_path):
+    path = write_json(tmp_path / "d.json", [SEED_ROW])
+    with pytest.raises(VlmrlError, match="format hf means a datasets folder or a .parquet file"):
+        read_records(path, "hf")
+    with pytest.raises(VlmrlError, match="unknown format 'csv'"):
+        read_records(path, "csv")
+
+
+def test_corrupt_parquet_is_a_clear_error(tmp_path):
+    good = write_records(sample_records(tmp_path), tmp_path / "out" / "d.parquet", "hf")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(VlmrlError, match="cut.parquet: cannot read it as Parquet"):
+        read_records(cut)
+
+
 # ---------------------------------------------------------------- CLI
 
 

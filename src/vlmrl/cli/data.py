@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-FORMAT_NAMES = ("vlmrl", "seed", "trl", "llamafactory", "swift", "hf")
+from vlmrl.data.formats import FORMATS  # light: the readers import datasets only when used
+
+FORMAT_NAMES = tuple(FORMATS)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

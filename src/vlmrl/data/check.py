@@ -39,7 +39,9 @@ PROBLEM_KINDS = {
     "duplicate-id": "an id used by an earlier record",
     "duplicate-content": "the same images, prompt, chosen and rejected as an earlier record",
     "too-long": "a text longer than --max-chars",
+    "literal-tag": "a prompt text that still holds <image> or a role tag",
 }
+_LITERAL_TAGS = ("<image>", "<|user|>", "<|assistant|>", "<|system|>")
 _POOL_MIN_IMAGES = 256  # below this, starting worker processes costs more than it saves
 _CHUNK = 256
 _SHOWN = 20
@@ -224,6 +226,12 @@ def _record_problems(r: PreferenceRecord, max_chars: int, location: str,
     if r.chosen.strip() and r.chosen.strip() == r.rejected.strip():
         out.append(("same-answers", "chosen and rejected are the same text, so the pair teaches "
                     "nothing; make rejected differ or drop the record"))
+    texts = [p["text"] for m in r.prompt for p in m["content"] if p.get("type") == "text"]
+    tags = sorted({tag for tag in _LITERAL_TAGS for t in texts if tag in t})
+    if tags:
+        out.append(("literal-tag", f"the prompt text holds the literal tag(s) {', '.join(tags)}, "
+                    "which a model would read as plain text; use image parts and chat messages "
+                    "(or the seed format, whose tags are parsed)"))
     for name, text in (("prompt", r.prompt_text()), ("chosen", r.chosen), ("rejected", r.rejected)):
         if len(text) > max_chars:
             out.append(("too-long", f"'{name}' is {len(text)} characters (limit {max_chars}); "

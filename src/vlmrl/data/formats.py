@@ -17,11 +17,14 @@ Formats (names as given to ``--from`` / ``--to``):
 - ``hf``: a ``datasets`` folder (``save_to_disk``) or a ``.parquet`` file with the canonical
   columns; ``prompt`` and ``metadata`` are JSON strings.
 
-Where the target format has no place for them, ``id`` and ``metadata`` travel as extra keys
-(``"id"``, ``"metadata"``), so every round trip keeps them. What the text formats (seed,
-llamafactory, swift) cannot keep: whitespace at the ends of a text part and the boundary between
-two adjacent text parts (they become one part). When a prompt has no image slot, its images go
-first in the first user turn (as TRL does).
+What each format keeps. ``vlmrl``, ``trl`` and ``hf`` keep a record exactly. Where the target
+format has no place for them, ``id`` and ``metadata`` travel as extra keys (``"id"``,
+``"metadata"``), so every round trip keeps them (LLaMA-Factory and ms-swift ignore extra keys).
+The text formats (seed, llamafactory, swift) write ``<image>`` tags into text, so they cannot keep
+whitespace at the ends of a text part, nor the boundary between two adjacent text parts (they
+become one part). Other keys a row may carry are not read. Images must be file paths (embedded
+image bytes are refused with a message). When a prompt has no image slot, its images go first in
+the first user turn, as TRL does.
 
 Relative image paths resolve against the data file's folder; records hold absolute paths.
 Writers store paths relative to the output's folder when the image lies under it.
@@ -129,6 +132,9 @@ def iter_entries(path: str | Path, fmt: str | None = None
         raise VlmrlError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if not path.exists():
         raise VlmrlError(f"{path}: no such file or folder; check the path")
+    if (fmt == "hf") != (path.is_dir() or path.suffix == ".parquet"):
+        raise VlmrlError(f"{path}: format hf means a datasets folder or a .parquet file, the other "
+                         f"formats a .json or .jsonl file; pick the format that fits the path")
     base = os.path.dirname(os.path.abspath(path))
     rows = _hf_rows(path) if fmt == "hf" else _json_rows(path)
     for index, location, row in rows:
@@ -198,6 +204,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
 
 def _hf_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
     import datasets
+    import pyarrow
 
     if path.is_dir():
         try:
@@ -207,10 +214,13 @@ def _hf_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
         if isinstance(ds, datasets.DatasetDict):
             raise VlmrlError(f"{path} holds splits {list(ds)}; pass one split's folder, "
                              f"e.g. {path / next(iter(ds))}")
-    else:
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
-    for index, row in enumerate(ds):
-        yield index, f"{path}[{index}]", row
+    try:
+        if not path.is_dir():
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        for index, row in enumerate(ds):
+            yield index, f"{path}[{index}]", row
+    except pyarrow.ArrowException as e:
+        raise VlmrlError(f"{path}: cannot read it as Parquet ({e}); is the file complete?") from e
 
 
 # ---------------------------------------------------------------- row parsers
