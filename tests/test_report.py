@@ -248,3 +248,40 @@ def test_bad_eval_folders_name_the_file(tmp_path):
         write_report(tmp_path / "out", runs)
     with pytest.raises(VlmrlError, match="names must differ"):
         write_report(tmp_path / "out", [runs[0], runs[0]])
+
+
+def test_metric_reported_by_one_model_only_gets_a_row(tmp_path):
+    runs = build_fixture(tmp_path)
+    path = runs[1].eval_dir / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["pref/reward_accuracy"] = {"value": 0.75, "ci_low": 0.5, "ci_high": 1.0, "n": 6}
+    path.write_text(json.dumps(metrics))
+    html = write_report(tmp_path / "out", runs).read_text()
+    row = re.search(r'<tr data-metric="pref/reward_accuracy">(.*?)</tr>', html).group(1)
+    assert "75.0%" in row and row.count("&ndash;") == 2  # no base value, no delta
+
+
+# ----------------------------------------------------------------------------- the command
+def test_compare_names_and_runs_are_checked(tmp_path, capsys):
+    from vlmrl.cli import main
+    from vlmrl.cli.compare import model_names, resolve_run
+
+    assert model_names(["runs/dpo", "other/dpo"], None) == ["base", "dpo", "dpo-2"]
+    assert model_names(["runs/dpo"], "before, after") == ["before", "after"]
+    with pytest.raises(VlmrlError, match="needs 3 non-empty labels"):
+        model_names(["a", "b"], "x,y")
+    with pytest.raises(VlmrlError, match="must differ"):
+        model_names(["a"], "x,x")
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    assert resolve_run(run) == (None, run, None)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    assert resolve_run(export) == (export, None, None)
+    code = main(["compare", "--base", "b", "--tuned", str(tmp_path / "nothing"),
+                 "--data", "d.jsonl", "--out", str(tmp_path / "out")])
+    assert code == 2 and "no such folder" in capsys.readouterr().err
+    code = main(["compare", "--base", "b", "--tuned", str(tmp_path),
+                 "--data", "d.jsonl", "--out", str(tmp_path / "out")])
+    assert code == 2 and "not a training run" in capsys.readouterr().err

@@ -24,6 +24,7 @@ table.metrics tbody tr:nth-child(even) { background: #fafbfc; }
 .key { font: 11px ui-monospace, monospace; color: var(--muted); }
 .num { font-variant-numeric: tabular-nums; font-weight: 600; }
 .ci { color: var(--muted); font-size: 12px; font-variant-numeric: tabular-nums; }
+table.metrics .ci { display: block; }
 td.delta.better { background: var(--good-bg); color: var(--good); }
 td.delta.worse { background: var(--bad-bg); color: var(--bad); }
 .badge { font-size: 11px; padding: 1px 7px; border-radius: 10px; background: #eef2f7; color: var(--muted);
@@ -32,9 +33,10 @@ td.delta.worse { background: var(--bad-bg); color: var(--bad); }
 .worse .badge { background: var(--bad); color: #fff; }
 .plots { display: flex; flex-wrap: wrap; gap: 16px; }
 .plotbox { margin: 0; background: var(--card); border-radius: 8px; padding: 10px;
-           box-shadow: 0 1px 2px rgba(0,0,0,.06); flex: 1 1 460px; }
+           box-shadow: 0 1px 2px rgba(0,0,0,.06); flex: 0 1 auto; max-width: 100%; }
 .plotbox figcaption { font-weight: 600; margin-bottom: 4px; }
-svg.plot { width: 100%; height: auto; display: block; }
+svg.plot { height: auto; display: block; }
+.tablewrap { overflow-x: auto; }
 .controls { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; margin-bottom: 8px; }
 .filters button { font: inherit; padding: 6px 14px; border: 1px solid var(--line); background: var(--card);
                   border-radius: 18px; cursor: pointer; margin-right: 4px; }

@@ -120,14 +120,15 @@ def metrics_table(results: list[EvalResult], deltas: list[list[MetricDelta]]) ->
     for r in results[1:]:
         head += [f"<th>{escape(r.name)}</th>", f"<th>&Delta; vs {escape(results[0].name)}</th>"]
     body = []
-    for metric in results[0].metrics:
+    for metric in _metric_order(results):
         rate = _is_rate(metric, results)
         arrow = "&darr; better" if lower_is_better(metric) else "&uarr; better"
         cells = [
             f'<th scope="row">{escape(_label(metric))} <span class="muted">{arrow}</span>'
             f'<div class="key">{escape(metric)}</div></th>'
         ]
-        cells.append(f"<td>{_value_cell(results[0].metrics[metric], rate)}</td>")
+        base_entry = results[0].metrics.get(metric)
+        cells.append(f"<td>{_value_cell(base_entry, rate) if base_entry else '&ndash;'}</td>")
         for r, rows in zip(results[1:], deltas):
             d = next((x for x in rows if x.metric == metric), None)
             entry = r.metrics.get(metric)
@@ -135,9 +136,17 @@ def metrics_table(results: list[EvalResult], deltas: list[list[MetricDelta]]) ->
             cells.append(_delta_cell(d, rate))
         body.append(f'<tr data-metric="{escape(metric)}">{"".join(cells)}</tr>')
     return (
-        f'<table class="metrics"><thead><tr>{"".join(head)}</tr></thead>'
-        f'<tbody>{"".join(body)}</tbody></table>'
+        f'<div class="tablewrap"><table class="metrics"><thead><tr>{"".join(head)}</tr></thead>'
+        f'<tbody>{"".join(body)}</tbody></table></div>'
     )
+
+
+def _metric_order(results: list[EvalResult]) -> list[str]:
+    """Every metric any model reports: the base's in its order, then the others' new ones."""
+    seen: dict[str, None] = {}
+    for r in results:
+        seen.update(dict.fromkeys(r.metrics))
+    return list(seen)
 
 
 def _value_cell(entry: dict, rate: bool) -> str:
@@ -162,7 +171,7 @@ def _delta_cell(d: MetricDelta | None, rate: bool) -> str:
 
 def _badge(d: MetricDelta) -> str:
     text = {"better": "&#9650; significant gain", "worse": "&#9660; significant loss",
-            "no change": "CI holds 0", "no CI": "no CI"}[d.verdict]
+            "no change": "not significant", "no CI": "no CI"}[d.verdict]
     return f'<span class="badge">{text}</span>'
 
 

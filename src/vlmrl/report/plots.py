@@ -44,7 +44,7 @@ def training_curves(results: list[EvalResult]) -> str:
         return ""
     plt = _pyplot()
     with plt.rc_context(_RC):
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.5 * len(panels), 2.3), squeeze=False)
         for ax, (key, title) in zip(axes[0], panels):
             for i, r in enumerate(results):
                 steps, values = _series(r.train_log, key)
@@ -64,17 +64,17 @@ def class_accuracy_bars(results: list[EvalResult]) -> str:
         return ""
     plt = _pyplot()
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(classes) + 1.5), 2.8))
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(classes) + 1.5), 2.8))
         width = 0.8 / len(results)
         for i, r in enumerate(results):
             accs = [_class_accuracy(r, c) for c in classes]
             xs = [k + (i - (len(results) - 1) / 2) * width for k in range(len(classes))]
             ax.bar(xs, [100 * a for a in accs], width, label=r.name, color=_color(i))
         ax.set_xticks(range(len(classes)), classes)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 118)  # headroom for the legend above 100 %
+        ax.set_yticks(range(0, 101, 20))
         ax.set_ylabel("accuracy (%)")
-        ax.set_title("per-class accuracy")
-        ax.legend(frameon=False, ncols=min(4, len(results)))
+        ax.legend(frameon=False, ncols=min(4, len(results)), loc="upper center")
         return _svg(fig)
 
 
@@ -84,7 +84,7 @@ def count_error_histogram(results: list[EvalResult]) -> str:
         return ""
     plt = _pyplot()
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(5.5, 2.8))
+        fig, ax = plt.subplots(figsize=(5.0, 2.8))
         width = 0.8 / len(results)
         for i, r in enumerate(results):
             counts = Counter(_error_bin(s.total_error()) for s in r.samples)
@@ -94,7 +94,6 @@ def count_error_histogram(results: list[EvalResult]) -> str:
         ax.set_xticks(range(len(ERROR_BINS)), ERROR_BINS)
         ax.set_xlabel("|predicted total - gold total|")
         ax.set_ylabel("records (%)")
-        ax.set_title("count error")
         ax.legend(frameon=False)
         return _svg(fig)
 
@@ -154,5 +153,8 @@ def _svg(fig) -> str:
     text = text[text.index("<svg"):]
     head, rest = text.split(">", 1)
     head = re.sub(r'\s+xmlns(:xlink)?="[^"]*"', "", head)
+    width_pt = float(re.search(r'width="([\d.]+)pt"', head).group(1))
     head = re.sub(r'\s+(width|height)="[^"]*"', "", head)
-    return f'{head} class="plot" role="img">{rest.strip()}'
+    # Never drawn larger than its natural size (pt -> CSS px), narrower on a narrow screen.
+    style = f"width: {width_pt * 96 / 72:.0f}px; max-width: 100%"
+    return f'{head} class="plot" style="{style}" role="img">{rest.strip()}'

@@ -1,0 +1,79 @@
+"""report.html in a real browser: opened from file:// in headless Chromium with no network.
+
+Checks that every image decodes, every plot is drawn, and that each gallery filter (for each
+tuned model in the selector) shows exactly the records it should. Saves a screenshot to the
+test's tmp dir, and to ``$VLMRL_SCREENSHOT_DIR`` when set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+from test_report import EXPECTED, GOLD, build_fixture
+
+from vlmrl.report.html import write_report
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+FILTERS = ("improved", "regressed", "both-wrong")
+
+
+@pytest.fixture
+def page(tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing; `make browser` installs Debian's chromium")
+    report = write_report(tmp_path / "out", build_fixture(tmp_path, three_models=True))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        requests = []
+        context.on("request", lambda r: requests.append(r.url))
+        page = context.new_page()
+        page.goto(report.as_uri())
+        page.wait_for_load_state("load")
+        yield page
+        assert all(u.startswith(("file:", "data:")) for u in requests), requests
+        browser.close()
+
+
+def visible_ids(page) -> set[str]:
+    return set(page.eval_on_selector_all(
+        "#gallery .card", "cs => cs.filter(c => c.offsetParent !== null).map(c => c.dataset.id)"))
+
+
+def test_images_and_plots_render(page, tmp_path):
+    sizes = page.eval_on_selector_all("img", "xs => xs.map(x => [x.complete, x.naturalWidth])")
+    assert len(sizes) == len(GOLD)
+    assert all(done and width > 0 for done, width in sizes)
+    plots = page.eval_on_selector_all(
+        "svg.plot", "ss => ss.map(s => [s.getBoundingClientRect().width, s.getBBox().width, s.querySelectorAll('path').length])")
+    assert len(plots) == 3
+    assert all(shown > 100 and drawn > 100 and paths > 5 for shown, drawn, paths in plots)
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("VLMRL_SCREENSHOT_DIR"):
+        target = Path(os.environ["VLMRL_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / "report.png")
+
+
+def test_filters_show_exactly_the_expected_cards(page):
+    everything = {f"r{i}" for i in range(len(GOLD))}
+    assert visible_ids(page) == everything
+    for vs, model in (("1", "tuned"), ("2", "other")):
+        page.select_option("#vs", vs)
+        for name in FILTERS:
+            page.click(f'button[data-filter="{name}"]')
+            expected = {i for i, o in EXPECTED[model].items() if o == name}
+            assert visible_ids(page) == expected, (model, name)
+            count = page.inner_text(f'button[data-filter="{name}"] .count')
+            assert count == f"({len(expected)})"
+            assert page.inner_text("#shown") == f"showing {len(expected)} of {len(GOLD)}"
+        page.click('button[data-filter="all"]')
+        assert visible_ids(page) == everything
