@@ -108,9 +108,10 @@ def test_simpo_hand_worked():
 
 
 def test_rpo_adds_alpha_times_nll():
-    """πc = −6 over 3 tokens: NLL = 2. With α = 0.5 RPO = DPO + 1 = log(1+e⁻¹) + 1 (β=0.5, h=2... here h=4).
+    """πc = −6 over 3 tokens: NLL = 6/3 = 2.
 
-    h = (−6+8) − (−9+7) = 4 with rc=−8, rr=−7; β·h = 2 → DPO = log(1+e⁻²); RPO = that + 0.5·2.
+    With rc = −8, rr = −7: h = (−6+8) − (−9+7) = 4, β = 0.5 so β·h = 2 and DPO = log(1+e⁻²).
+    RPO with α = 0.5: log(1+e⁻²) + 0.5·2.
     """
     torch.testing.assert_close(nll(t(-6), t(3)), t(2.0))
     losses, _, _ = preference_loss(

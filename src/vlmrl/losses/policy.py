@@ -60,9 +60,11 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def _normalise(per_token: Tensor, mask: Tensor, normalize: str, max_tokens: int | None, total_tokens):
+def _normalise(
+    per_token: Tensor, mask: Tensor, normalize: str, max_tokens: int | None, total_tokens: float | None
+) -> Tensor:
     if normalize == "token":
-        denominator = mask.sum() if total_tokens is None else torch.as_tensor(total_tokens, dtype=per_token.dtype)
+        denominator = mask.sum() if total_tokens is None else per_token.new_tensor(float(total_tokens))
         return (per_token * mask).sum() / denominator.clamp(min=1.0)
     if normalize == "sequence":
         return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
@@ -100,7 +102,7 @@ def grpo_objective(
     ``clip_ratio/low``, ``clip_ratio/high``, ``ratio_mean``.
     """
     if beta > 0 and ref_logps is None:
-        raise VlmrlError("a KL coefficient beta > 0 needs the reference log-probs; pass ref_logps or set beta=0")
+        raise VlmrlError("a KL penalty (beta > 0) needs reference log-probs: pass ref_logps or set beta=0")
     mask = mask.to(logps.dtype)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     adv = advantages.unsqueeze(1)
