@@ -131,13 +131,13 @@ def hinge(
     *,
     beta: float = 0.1,
 ) -> LossOutput:
-    """Hinge loss of SLiC-HF (Zhao et al. 2023, arXiv 2305.10425, Eq. 1) in DPO's form.
+    """Hinge loss of SLiC-HF (Zhao et al. 2023, arXiv 2305.10425, its calibration loss) in DPO's form.
 
         loss = max(0, 1 − β·h)
 
     SLiC's calibration loss is max(0, δ − log P(y_w|x) + log P(y_l|x)); dividing by δ and measuring
-    log-probs against the reference (as DPO does, Rafailov et al. Sec. 7 / TRL's "hinge") gives the
-    line above with β = 1/δ.
+    log-ratios against the reference, as DPO does (TRL's "hinge"), gives the line above with
+    β = 1/δ.
     """
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     losses = torch.relu(1 - beta * margin)
@@ -153,7 +153,7 @@ def robust(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", arXiv 2403.00409, Eq. 8).
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", arXiv 2403.00409, the rDPO loss).
 
         loss = [(1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε)
 
@@ -200,8 +200,8 @@ def simpo(
 def nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Negative log-likelihood per token of the chosen answer, ``−πc/|y_w|``, shape ``(B,)``.
 
-    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733, Eq. 1)
-    adds it to DPO: total = DPO + α·NLL, with the NLL normalised by the answer length per pair.
+    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733, the
+    DPO+NLL loss of Sec. 2) adds it to DPO: total = DPO + α·NLL, with the NLL normalised by the answer length per pair.
     TRL's "sft" term differs slightly: it averages over all chosen tokens of the batch at once,
     which equals the mean of this when all chosen answers have the same length.
     """
