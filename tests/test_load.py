@@ -130,3 +130,13 @@ def test_reference_mode_needs_an_adapter_and_frozen_copy(tiny_model_dir):
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(p, q) and not q.requires_grad and p.data_ptr() != q.data_ptr(), name
     assert not reference.training
+
+
+def test_unsloth_loader_says_what_is_missing(tiny_model_dir):
+    from vlmrl.models.unsloth_loader import load_model_unsloth, unsloth_missing
+
+    missing = unsloth_missing()
+    if not missing:
+        pytest.skip("unsloth and CUDA are both present: the Unsloth loader can run here")
+    with pytest.raises(VlmrlError, match="loader 'unsloth' needs"):
+        load_model_unsloth(tiny_model_dir)
