@@ -201,7 +201,8 @@ def nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Negative log-likelihood per token of the chosen answer, ``−πc/|y_w|``, shape ``(B,)``.
 
     RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733, the
-    DPO+NLL loss of Sec. 2) adds it to DPO: total = DPO + α·NLL, with the NLL normalised by the answer length per pair.
+    DPO+NLL loss of Sec. 2) adds it to DPO: total = DPO + α·NLL, with the NLL normalised by the
+    answer length per pair.
     TRL's "sft" term differs slightly: it averages over all chosen tokens of the batch at once,
     which equals the mean of this when all chosen answers have the same length.
     """
