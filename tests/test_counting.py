@@ -108,3 +108,11 @@ def test_score_parse_failure():
     s = TASK.score(TASK.parse("no idea"), {"car": 0})
     assert s.parse_failure and not s.exact and s.total_error is None
     assert ParsedCounts({"car": None}).failed
+
+
+def test_doctests_pass():
+    import doctest
+
+    import vlmrl.tasks.counting as counting
+
+    assert doctest.testmod(counting).failed == 0

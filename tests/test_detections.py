@@ -154,3 +154,11 @@ def test_real_sets_read(shared_data):
     assert len(items) == 251 and all(i.split == "test" for i in items)
     total = sum((i.counts for i in items), Counter())
     assert set(total) == {"bus", "car", "motorbike", "person", "truck"}
+
+
+def test_doctests_pass():
+    import doctest
+
+    import vlmrl.data.detections as detections
+
+    assert doctest.testmod(detections).failed == 0

@@ -96,7 +96,9 @@ def split_for(source: str, fractions: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------- answers
-def rejected_answer(counts: dict[str, int], task: CountingTask, strategy: str, rng: random.Random) -> str | None:
+def rejected_answer(
+    counts: dict[str, int], task: CountingTask, strategy: str, rng: random.Random
+) -> str | None:
     """A wrong answer made by ``strategy``, or None when it cannot make one for these counts."""
     wrong = dict(counts)
     cls = rng.choice(task.classes)
@@ -182,13 +184,17 @@ class PairStats:
             "classes": self.classes,
             "images": dict(self.images), "objects": dict(self.objects),
             "ignored_objects": dict(self.ignored), "dropped_objects": dict(self.dropped),
-            "count_distribution": {c: {str(k): v for k, v in sorted(d.items())} for c, d in self.distribution.items()},
+            "count_distribution": {
+                c: {str(k): v for k, v in sorted(d.items())} for c, d in self.distribution.items()
+            },
             "pairs_per_strategy": dict(self.pairs), "pairs_per_split": dict(self.pairs_per_split),
             "skipped": self.skipped,
         }
 
 
-def count_classes(raw: Counter, task: CountingTask, mapping: dict, drop: set, stats: PairStats) -> dict[str, int]:
+def count_classes(
+    raw: Counter, task: CountingTask, mapping: dict, drop: set, stats: PairStats
+) -> dict[str, int]:
     """Raw class-name counts → the task's counts (every class, zeros included)."""
     counts = {c: 0 for c in task.classes}
     for name, n in raw.items():
@@ -230,10 +236,14 @@ def build_pairs(
 
 # ---------------------------------------------------------------------- writing
 # File name suffix per format; ``hf`` writes a ``save_to_disk`` folder per split.
-SUFFIX = {"vlmrl": ".jsonl", "trl": ".jsonl", "swift": ".jsonl", "seed": ".json", "llamafactory": ".json", "hf": ""}
+SUFFIX = {
+    "vlmrl": ".jsonl", "trl": ".jsonl", "swift": ".jsonl", "seed": ".json", "llamafactory": ".json", "hf": "",
+}
 
 
-def write_split_files(records: Iterable[PreferenceRecord], out_dir: Path, fmt: str = "vlmrl") -> dict[str, Path]:
+def write_split_files(
+    records: Iterable[PreferenceRecord], out_dir: Path, fmt: str = "vlmrl"
+) -> dict[str, Path]:
     """One file per split, ``OUT/{split}{suffix}``, in ``fmt``. Returns split → path."""
     if fmt not in FORMATS:
         raise VlmrlError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
@@ -300,4 +310,6 @@ def _check_names(names: list[str] | None, mapping: dict[str, str], drop: set[str
     for option, keys in (("--map", mapping), ("--drop", drop)):
         unknown = sorted(set(keys) - set(names))
         if unknown:
-            raise VlmrlError(f"{option}: no class {', '.join(unknown)} in the data (its classes: {', '.join(names)})")
+            raise VlmrlError(
+                f"{option}: no class {', '.join(unknown)} in the data (its classes: {', '.join(names)})"
+            )

@@ -67,7 +67,9 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) ->
     return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
 
 
-def draw_object(draw: ImageDraw.ImageDraw, cls: str, box: tuple[float, ...], rng: np.random.Generator, jitter: int) -> None:
+def draw_object(
+    draw: ImageDraw.ImageDraw, cls: str, box: tuple[float, ...], rng: np.random.Generator, jitter: int
+) -> None:
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     if cls == "car":
@@ -137,7 +139,8 @@ def _layout_boxes(objects: list[int], cfg: SceneConfig, rng: np.random.Generator
             x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
             box = (x0, y0, x0 + w, y0 + h)
             others = [b for _, b in placed]
-            if _overlap(box, others) <= cfg.max_overlap and all(_overlap(b, [box]) <= cfg.max_overlap for b in others):
+            fits = _overlap(box, others) <= cfg.max_overlap
+            if fits and all(_overlap(b, [box]) <= cfg.max_overlap for b in others):
                 placed.append((k, box))
                 break
     return placed
@@ -156,7 +159,8 @@ def draw_scene(index: int, cfg: SceneConfig) -> tuple[Image.Image, list[tuple[in
     jitter = 25 if cfg.layout == "free" else 10
     for k, box in boxes:
         draw_object(draw, cfg.classes[k], box, rng, jitter)
-    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-8, 9, size=(cfg.image_size, cfg.image_size, 1), dtype=np.int16)
+    noise = rng.integers(-8, 9, size=(cfg.image_size, cfg.image_size, 1), dtype=np.int16)
+    pixels = np.asarray(image, dtype=np.int16) + noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), boxes
 
 
@@ -244,7 +248,8 @@ def synth_pairs_file(
     scenes = generate_scenes(out / "scenes", n_images, seed, image_size, layout, count_range, workers=workers)
     task = CountingTask(DEFAULT_CLASSES)
     stats = PairStats(classes=list(task.classes))
-    records = build_pairs(read_detections(scenes), task, stats, rejects_per_image=rejects_per_image, seed=seed)
+    items = read_detections(scenes)
+    records = build_pairs(items, task, stats, rejects_per_image=rejects_per_image, seed=seed)
     path = out / "pairs.jsonl"
     write_pairs(records, path)
     return path
