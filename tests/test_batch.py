@@ -83,6 +83,9 @@ def test_right_padding_and_shared_images(processors, images):
         assert (inputs["input_ids"][row, n:] == pad_id).all()
         assert (inputs["labels"][row, n:] == IGNORE_INDEX).all()
     assert batch.chosen["pixel_values"] is batch.rejected["pixel_values"]
+    moved = batch.to("cpu")
+    assert moved.chosen["pixel_values"] is moved.rejected["pixel_values"]
+    assert torch.equal(moved.rejected["input_ids"], inputs["input_ids"]) and len(moved) == 3
     assert len(batch.chosen["image_grid_thw"]) == 3
     n_image_tokens = (inputs["input_ids"] == processor.image_token_id).sum()
     assert n_image_tokens == sum(int(g.prod()) // 4 for g in inputs["image_grid_thw"])
@@ -138,3 +141,13 @@ def test_bad_images_name_the_record(processors, images, tmp_path):
     extra = PreferenceRecord("two", [images["square"]] * 2, user_prompt("Count."), "a", "b")
     with pytest.raises(VlmrlError, match=r"record two: 2 image\(s\) but the prompt has 1"):
         encode_pairs([extra], processor, max_length=256)
+    with pytest.raises(VlmrlError, match="no records"):
+        encode_sft([], processor, max_length=256)
+
+
+def test_text_only_records(processors):
+    processor = processors["qwen2-vl"]
+    record = PreferenceRecord("t", [], [{"role": "user", "content": "How many cars?"}], "2 cars.", "3 cars.")
+    batch = encode_pairs([record], processor, max_length=64)
+    assert "pixel_values" not in batch.chosen
+    assert labelled_text(processor, batch.chosen, 0) == "2 cars.<|im_end|>"

@@ -55,7 +55,14 @@ def hand_logps(model, inputs):
     return torch.tensor(totals, dtype=torch.float64), torch.tensor(counts)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen25_dir"])
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    from vlmrl.models.tiny import build_tiny
+
+    return build_tiny("qwen3-vl", tmp_path_factory.mktemp("tiny-qwen3-vl-forward"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen25_dir", "qwen3_dir"])
 def test_sequence_logps_equals_hand_loop(fixture, records, request):
     from vlmrl.models.load import load_model
 

@@ -41,7 +41,13 @@ class PairBatch:
     prompt_lengths: list[int] = field(default_factory=list)
 
     def to(self, device) -> PairBatch:
-        return PairBatch(_to(self.chosen, device), _to(self.rejected, device), self.ids, self.prompt_lengths)
+        """Both sides on ``device``; the shared image tensors are moved once and stay shared."""
+        moved: dict[int, object] = {}
+
+        def move(inputs: dict) -> dict:
+            return {k: moved.setdefault(id(v), v.to(device)) for k, v in inputs.items()}
+
+        return PairBatch(move(self.chosen), move(self.rejected), self.ids, self.prompt_lengths)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,6 +65,7 @@ class _Encoded:
 
 def encode_pairs(records: Sequence[PreferenceRecord], processor, max_length: int) -> PairBatch:
     """Encode records into a chosen side and a rejected side, labels on the answers only."""
+    _check_not_empty(records)
     prompts = [_encode_prompt(r, processor, max_length) for r in records]
     chosen = [_answer_ids(r, r.chosen, processor) for r in records]
     rejected = [_answer_ids(r, r.rejected, processor) for r in records]
@@ -73,6 +80,7 @@ def encode_pairs(records: Sequence[PreferenceRecord], processor, max_length: int
 
 def encode_sft(records: Sequence[PreferenceRecord], processor, max_length: int) -> dict:
     """Encode records for supervised fine-tuning on the chosen answers, labels on the answers only."""
+    _check_not_empty(records)
     prompts = [_encode_prompt(r, processor, max_length) for r in records]
     answers = [_answer_ids(r, r.chosen, processor) for r in records]
     return {**_collate(prompts, answers, processor, max_length), **_vision(prompts)}
@@ -115,6 +123,11 @@ def load_images(record: PreferenceRecord) -> list:
         except (UnidentifiedImageError, OSError) as e:
             raise VlmrlError(f"record {record.id}: cannot read image {path}: {e}") from e
     return images
+
+
+def _check_not_empty(records: Sequence[PreferenceRecord]) -> None:
+    if not records:
+        raise VlmrlError("no records to encode: the batch is empty")
 
 
 def _encode_prompt(record: PreferenceRecord, processor, max_length: int) -> _Encoded:
@@ -185,7 +198,3 @@ def _vision(prompts: list[_Encoded]) -> dict:
         "pixel_values": torch.cat([v["pixel_values"] for v in with_images]),
         "image_grid_thw": torch.cat([v["image_grid_thw"] for v in with_images]),
     }
-
-
-def _to(inputs: dict, device) -> dict:
-    return {k: v.to(device) for k, v in inputs.items()}
