@@ -16,7 +16,7 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1rem; color: #222; }
 header { display: flex; justify-content: space-between; align-items: baseline; }
 .progress { font-size: 1.2rem; font-weight: 600; }
-.images img { max-width: 100%; max-height: 420px; border: 1px solid #ccc; margin: .25rem; }
+.images img { height: min(360px, 45vh); width: auto; max-width: 100%; border: 1px solid #ccc; margin: .25rem; }
 .question { font-size: 1.1rem; background: #f4f4f4; padding: .6rem; border-radius: 6px; }
 .answers { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; margin: 1rem 0; }
 .answer { border: 2px solid #bbb; border-radius: 6px; padding: .6rem; white-space: pre-wrap; }
@@ -129,7 +129,7 @@ def win_rate_chart(results: Results) -> str:
     win rate of B (ties as half) with its 95% interval on a 0-100% axis."""
     rows = [("overall", results.overall), *results.categories.items()]
     label_w, bar_w, rate_w, row_h = 150, 360, 300, 28
-    width, height = label_w + bar_w + rate_w + 40, 50 + row_h * len(rows)
+    width, height = label_w + bar_w + rate_w + 80, 50 + row_h * len(rows)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="votes and win rate of B per category">']
     x0, r0 = label_w, label_w + bar_w + 30

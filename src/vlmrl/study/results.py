@@ -118,8 +118,10 @@ def format_results(results: Results, name: str = "") -> str:
             f"  Fleiss' kappa over {results.fleiss_items} items with {results.raters_per_item} ratings: "
             f"{_kappa(results.fleiss)}"
         )
+    elif results.raters_per_item < 2:
+        lines.append("  Fleiss' kappa: needs 2 or more raters per item (this study has 1)")
     else:
-        lines.append(f"  Fleiss' kappa: no item has {results.raters_per_item} (>= 2) ratings yet")
+        lines.append(f"  Fleiss' kappa: no item has its {results.raters_per_item} ratings yet")
     return "\n".join(lines)
 
 
