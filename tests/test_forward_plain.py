@@ -99,3 +99,20 @@ def test_pair_logps_and_stats(tiny_model_dir, records):
     (result.chosen - result.rejected).sum().backward()
     grad = model.model.language_model.layers[0].self_attn.q_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_real_photos_fit_the_tiny_budget(tiny_model_dir, shared_data):
+    """640 px traffic photos go through the tiny processor's max_pixels: 16 image tokens each."""
+    from vlmrl.models.load import load_model
+
+    photos = sorted((shared_data / "highway-od-40" / "test" / "images").glob("*.jpg"))[:2]
+    records = [
+        PreferenceRecord(f"real{i}", [str(p)], user_prompt("Count the vehicles."), "There are 3 cars.", "0 cars.")
+        for i, p in enumerate(photos)
+    ]
+    model, processor = load_model(tiny_model_dir)
+    batch = encode_pairs(records, processor, max_length=128)
+    assert batch.chosen["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
+    with torch.no_grad():
+        result = pair_logps(model, batch)
+    assert torch.isfinite(result.chosen).all() and torch.isfinite(result.rejected).all()
