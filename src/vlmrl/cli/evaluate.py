@@ -1,9 +1,211 @@
-"""`vlmrl` sub-commands of this area."""
+"""`vlmrl infer` (answer images) and `vlmrl eval` (metrics with confidence intervals)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlmrl.errors import VlmrlError
+
+INFER_EXAMPLES = """examples:
+  vlmrl infer --model runs/tiny-model --image photo.jpg --prompt "Count the vehicles."
+  vlmrl infer --model Qwen/Qwen2-VL-2B-Instruct --adapter runs/dpo --data test.jsonl --out answers.jsonl
+  vlmrl infer --model M --data test.jsonl --out samples.jsonl --temperature 1.0 --num-samples 4
+"""
+
+EVAL_EXAMPLES = """examples:
+  vlmrl eval --model M --adapter runs/dpo --data test.jsonl --out eval/dpo
+  vlmrl eval --model M --mme MME_Benchmark_release_version --out eval/mme
+  vlmrl eval --model M --llava-bench llava-bench-in-the-wild --out eval/llava \\
+      --judge-url https://api.openai.com/v1 --judge-model gpt-4o --judge-key-env OPENAI_API_KEY
+
+Writes OUT/metrics.json (metric -> value, 95% bootstrap CI, n) and OUT/samples.jsonl.
+"""
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    pass
+    infer = commands.add_parser(
+        "infer", help="answer an image (or every record of a data file) with a model",
+        description="Batched generation with a base model, a training run's adapter or a merged export.",
+        epilog=INFER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_options(infer)
+    infer.add_argument("--image", action="append", default=[], help="an image path (repeat for several)")
+    infer.add_argument("--prompt", help="the question about --image")
+    infer.add_argument("--data", help="answer every record of this file (any format `vlmrl data` reads)")
+    infer.add_argument("--format", dest="fmt", help="format of --data (default: detected)")
+    infer.add_argument("--out", help="with --data: the JSONL file of answers (default: stdout)")
+    infer.add_argument("--skip-bad", action="store_true", help="skip bad records (and say which) instead of stopping")
+    infer.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    infer.add_argument("--num-samples", type=int, default=1, help="answers per prompt (needs --temperature > 0)")
+    infer.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    _generation_options(infer, max_new_tokens=64)
+    infer.set_defaults(func=run_infer)
+
+    ev = commands.add_parser(
+        "eval", help="metrics with 95%% bootstrap CIs on preference data, MME or LLaVA-Bench",
+        description=(
+            "Evaluate a model. --data: counting metrics (exact match, per-class accuracy and MAE, "
+            "total count, parse failures), preference metrics (log-prob accuracy; implicit reward "
+            "accuracy and margin against the reference) and BLEU / ROUGE-L against the chosen "
+            "answers. --mme: MME acc, acc+ and scores. --llava-bench: LLaVA-Bench relative scores "
+            "from a judge."
+        ),
+        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_options(ev)
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="preference records with counts in metadata (any format `vlmrl data` reads)")
+    what.add_argument("--mme", metavar="DIR", help="an MME folder (one folder per subtask)")
+    what.add_argument("--llava-bench", metavar="DIR", help="a LLaVA-Bench folder (questions.jsonl, images/, answers)")
+    ev.add_argument("--out", required=True, help="output folder for metrics.json and samples.jsonl")
+    ev.add_argument("--format", dest="fmt", help="format of --data (default: detected)")
+    ev.add_argument("--skip-bad", action="store_true", help="skip bad records (and say which) instead of stopping")
+    ev.add_argument("--reference", metavar="M", help="reference model for implicit rewards (default: the adapter switched off)")
+    ev.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta*(log pi - log ref) (default 0.1)")
+    ev.add_argument("--max-length", type=int, default=1024, help="longest prompt+answer for the log-prob pass (default 1024)")
+    ev.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--judge-model", default="gpt-4o", help="model name sent to the judge endpoint (default gpt-4o)")
+    ev.add_argument("--judge-key-env", metavar="VAR", help="environment variable that holds the judge's API key")
+    ev.add_argument("--judge-model-path", help="a local model as the judge instead of --judge-url")
+    ev.add_argument("--reference-answers", help="LLaVA-Bench reference answers jsonl (default: found in DIR)")
+    _generation_options(ev, max_new_tokens=None)
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    ev.set_defaults(func=run_eval)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model or merged export: a folder or hub id (default: the adapter's base)")
+    p.add_argument("--adapter", metavar="RUN", help="a training run folder (its final/ adapter) or an adapter folder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--min-pixels", type=int, help="smallest image area after resizing (processor setting)")
+    p.add_argument("--max-pixels", type=int, help="largest image area after resizing: fewer image tokens, less memory")
+
+
+def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
+    default = f"default {max_new_tokens}" if max_new_tokens else "default 64; MME 16; LLaVA-Bench 512"
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"answer length limit ({default})")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+
+
+def _load(args: argparse.Namespace):
+    from vlmrl.eval.run import load_for_eval
+
+    if not args.model and not args.adapter:
+        raise VlmrlError("give --model (a base model or merged export) and/or --adapter (a training run)")
+    return load_for_eval(args.model, adapter=args.adapter, dtype=args.dtype,
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    from vlmrl.data.records import user_prompt
+    from vlmrl.generate import generate
+
+    if bool(args.data) == bool(args.prompt):
+        raise VlmrlError("give either --prompt (with --image) or --data")
+    if args.out and not args.data:
+        raise VlmrlError("--out goes with --data; a single --prompt prints its answer")
+    records = _read(args) if args.data else None
+    model, processor = _load(args)
+    if records is None:
+        items = [(args.image, user_prompt(args.prompt, n_images=len(args.image)))]
+    else:
+        items = [(r.images, r.prompt) for r in records]
+    answers = generate(model, processor, items, args.max_new_tokens, args.batch_size,
+                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                       top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_samples)
+    if records is None:
+        for answer in answers:
+            print(answer)
+        return 0
+    rows = infer_rows(records, answers, args.num_samples)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.writelines(json.dumps(row) + "\n" for row in rows)
+    return 0
+
+
+def infer_rows(records, answers: list[str], num_samples: int) -> list[dict]:
+    """``{"id", "images", "prompt", "answer", "metadata"}`` rows; samples of a record share its id."""
+    rows = []
+    for i, answer in enumerate(answers):
+        record = records[i // num_samples]
+        metadata = dict(record.metadata)
+        if num_samples > 1:
+            metadata["sample"] = i % num_samples
+        rows.append({"id": record.id, "images": record.images, "prompt": record.prompt,
+                     "answer": answer, "metadata": metadata})
+    return rows
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.llava_bench and not (args.judge_url or args.judge_model_path):
+        raise VlmrlError("--llava-bench needs a judge: --judge-url URL (OpenAI-compatible) or --judge-model-path")
+    records = _read(args) if args.data else None
+    if records is not None and not records:
+        raise VlmrlError(f"{args.data}: no records to evaluate")
+    model, processor = _load(args)
+    if args.mme:
+        from vlmrl.eval.benchmark_run import evaluate_mme
+
+        metrics = evaluate_mme(model, processor, args.mme, args.out, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens or 16, seed=args.seed)
+    elif args.llava_bench:
+        from vlmrl.eval.benchmark_run import evaluate_llava_bench
+
+        metrics = evaluate_llava_bench(model, processor, args.llava_bench, args.out, _judge(args),
+                                       reference_answers=args.reference_answers, batch_size=args.batch_size,
+                                       max_new_tokens=args.max_new_tokens or 512, seed=args.seed)
+    else:
+        from vlmrl.eval.run import evaluate
+
+        reference = None
+        if args.reference:
+            from vlmrl.eval.run import load_for_eval
+
+            reference, _ = load_for_eval(args.reference, dtype=args.dtype,
+                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        metrics = evaluate(model, processor, records, args.out, reference=reference,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 64,
+                           max_length=args.max_length, beta=args.beta, seed=args.seed)
+    print(metrics_table(metrics))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'samples.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _read(args: argparse.Namespace):
+    from vlmrl.data.check import load_clean
+
+    return load_clean(args.data, fmt=args.fmt, skip_bad=args.skip_bad)
+
+
+def _judge(args: argparse.Namespace):
+    from vlmrl.eval.judge import HttpJudge, LocalJudge, api_key_from_env
+
+    if args.judge_model_path:
+        from vlmrl.eval.run import load_for_eval
+
+        model, processor = load_for_eval(args.judge_model_path, dtype=args.dtype)
+        return LocalJudge(model, processor, batch_size=args.batch_size)
+    return HttpJudge(args.judge_url, args.judge_model, api_key=api_key_from_env(args.judge_key_env))
+
+
+def metrics_table(metrics: dict[str, dict]) -> str:
+    """Plain text: one metric a line with its value, 95% CI and n."""
+    width = max((len(k) for k in metrics), default=6)
+    lines = [f"{'metric':<{width}}  {'value':>10}  {'95% CI':>23}  {'n':>6}"]
+    for name, m in metrics.items():
+        ci = "" if m.get("ci_low") is None else f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
+        lines.append(f"{name:<{width}}  {_fmt(m['value']):>10}  {ci:>23}  {m.get('n', ''):>6}")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "nan" if x is None or x != x else f"{x:.4g}"
