@@ -177,7 +177,6 @@ def _tokenizer(vocab_size: int, seed: int):
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
         model_max_length=32768,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
@@ -200,7 +199,10 @@ def _corpus(seed: int) -> list[str]:
     lines = []
     for _ in range(400):
         classes = rng.sample(_CLASSES, rng.randint(1, 4))
-        parts = [f"{n} {c if n == 1 else _PLURALS.get(c, c + 's')}" for c in classes for n in [rng.randint(0, 12)]]
+        parts = []
+        for name in classes:
+            n = rng.randint(0, 12)
+            parts.append(f"{n} {name if n == 1 else _PLURALS.get(name, name + 's')}")
         lines.append(f"There are {', '.join(parts)} in the image.")
         lines.append(f"Count the {', '.join(classes)} in the image. Answer with a number for each class.")
         lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))).capitalize() + ".")
