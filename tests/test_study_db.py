@@ -230,6 +230,12 @@ def test_cli_flow_create_raters_results_export(tmp_path, capsys):
     assert main(["study", "results", "--db", dbp]) == 0
     out = capsys.readouterr().out
     assert "B wins 4" in out and "100.0%" in out
+    assert main(["study", "results", "--db", dbp, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"]["b"] == 4
+    assert main(["study", "admin-link", "--db", dbp, "--base-url", "http://10.0.0.5:9000/"]) == 0
+    assert capsys.readouterr().out.strip() == f"http://10.0.0.5:9000/admin/{db.study_info(conn)['admin_token']}"
+    assert main(["study", "raters", "list", "--db", dbp]) == 0
+    assert capsys.readouterr().out.startswith("ann: 4 votes  http://127.0.0.1:8000/r/")
     out_file = tmp_path / "human.jsonl"
     assert main(["study", "export", "--db", dbp, "--out", str(out_file)]) == 0
     assert "4 preference records" in capsys.readouterr().out

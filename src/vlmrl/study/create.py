@@ -109,6 +109,8 @@ def build_study(db_path: str | Path, name: str, data_path: str | Path, a: str, b
 
     if Path(db_path).exists():
         raise VlmrlError(f"{db_path} already exists; pick another --db or delete the old study first")
+    if raters_per_item < 1:
+        raise VlmrlError(f"--raters-per-item must be at least 1, got {raters_per_item}")
     data_path = Path(data_path)
     root = data_path.resolve().parent
     records = []
