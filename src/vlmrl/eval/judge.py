@@ -49,7 +49,10 @@ def judge_messages(question: str, context: str, reference: str, answer: str) -> 
 
 
 def parse_judge_scores(reply: str) -> tuple[float, float] | None:
-    """The two scores on the reply's first line (commas allowed as separators), or ``None``.
+    """The two scores on the reply's first non-blank line (commas allowed as separators), or ``None``.
+
+    LLaVA's ``parse_score`` reads the first line the same way; a reply whose first line is
+    anything but two numbers counts as a failure.
 
     >>> parse_judge_scores("8 6\\nAssistant 1 is more detailed.")
     (8.0, 6.0)
