@@ -27,7 +27,8 @@ def make_inputs(folder: Path, n: int, categories=("grid", "free")) -> tuple[Path
     rows, a, b = [], [], []
     for i in range(n):
         Image.new("RGB", (32, 24), (10 * i % 255, 90, 160)).save(data / f"img{i}.png")
-        prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Count the vehicles ({i})."}]}]
+        text = {"type": "text", "text": f"Count the vehicles ({i})."}
+        prompt = [{"role": "user", "content": [{"type": "image"}, text]}]
         meta = {"category": categories[i % len(categories)]}
         rows.append({"id": f"r{i}", "images": [f"img{i}.png"], "prompt": prompt, "chosen": "c", "rejected": "r",
                      "metadata": meta})
@@ -124,7 +125,8 @@ def test_bad_votes_write_nothing(study):
     with pytest.raises(assign.VoteRejected, match="already voted") as e:
         assign.record_vote(conn, ann.id, got.item_id, "left")
     assert e.value.status == 409
-    assert [tuple(r) for r in conn.execute("SELECT choice, winner, comment FROM votes")] == [("tie", "tie", "close call")]
+    stored = [tuple(r) for r in conn.execute("SELECT choice, winner, comment FROM votes")]
+    assert stored == [("tie", "tie", "close call")]
 
 
 def test_create_rejects_bad_input_with_clear_messages(tmp_path):
@@ -240,6 +242,7 @@ def test_cli_flow_create_raters_results_export(tmp_path, capsys):
     assert main(["study", "export", "--db", dbp, "--out", str(out_file)]) == 0
     assert "4 preference records" in capsys.readouterr().out
     records = read_records(out_file)
-    assert len(records) == 4 and all(r.chosen == f"There are {int(r.metadata['source_id'][1:]) + 1} cars." for r in records)
+    assert len(records) == 4
+    assert all(r.chosen == f"There are {int(r.metadata['source_id'][1:]) + 1} cars." for r in records)
     assert main(["study", "results", "--db", str(tmp_path / "nope.sqlite")]) == 2
     assert "no study database" in capsys.readouterr().err

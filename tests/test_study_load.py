@@ -94,7 +94,7 @@ def test_concurrent_votes_survive_a_killed_server(study):
         server.proc.wait(timeout=10)
     assert server.restarts == 1
     conn = db.connect(tmp / "s.sqlite")
-    rows = conn.execute("SELECT r.token, v.item_id, v.choice FROM votes v JOIN raters r ON r.id = v.rater_id").fetchall()
+    rows = conn.execute("SELECT r.token, v.item_id, v.choice FROM votes v JOIN raters r ON r.id = v.rater_id")
     stored = [tuple(r) for r in rows]
     assert len(stored) == N_ITEMS * PER_ITEM == 100
     assert len(set((t, i) for t, i, _ in stored)) == 100  # no rater voted twice on an item

@@ -56,7 +56,8 @@ def make_inputs(folder: Path, n: int) -> tuple[Path, Path, Path]:
     rows, a, b = [], [], []
     for i in range(n):
         Image.new("RGB", (32, 24), (20 * i % 255, 80, 200)).save(data / f"img{i}.png")
-        prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Count the vehicles ({i})."}]}]
+        text = {"type": "text", "text": f"Count the vehicles ({i})."}
+        prompt = [{"role": "user", "content": [{"type": "image"}, text]}]
         rows.append({"id": f"r{i}", "images": [f"img{i}.png"], "prompt": prompt, "chosen": "c", "rejected": "r"})
         a.append({"id": f"r{i}", "answer": f"answer-A-{i}"})
         b.append({"id": f"r{i}", "answer": f"answer-B-{i}"})
@@ -265,7 +266,8 @@ def test_admin_page_shows_progress_and_chart(server):
     assert "<svg" in page.text and "win rate of B" in page.text and "/ 12 votes" in page.text
     body = httpx.get(f"{server.url}/admin/{server.admin}/results.json").json()
     assert body["progress"]["votes"] == n_votes(server)
-    assert body["overall"]["a"] + body["overall"]["b"] + body["overall"]["ties"] + body["overall"]["both_bad"] == n_votes(server)
+    overall = body["overall"]
+    assert overall["a"] + overall["b"] + overall["ties"] + overall["both_bad"] == n_votes(server)
 
 
 def test_binds_to_localhost_by_default_and_warns_otherwise(tmp_path, server):
@@ -275,7 +277,8 @@ def test_binds_to_localhost_by_default_and_warns_otherwise(tmp_path, server):
     assert "reachable from other machines" in bind_warning("0.0.0.0")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmrl", "study", "serve", "--db", str(server.db), "--host", "0.0.0.0", "--port", str(port)],
+        [sys.executable, "-m", "vlmrl", "study", "serve", "--db", str(server.db), "--host", "0.0.0.0",
+         "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -148,7 +148,8 @@ def win_rate_chart(results: Results) -> str:
         parts.append(_stacked_bar(w, x0, y, bar_w))
         if w.rate is not None:
             lo, hi, mid = (r0 + v * rate_w for v in (w.ci[0], w.ci[1], w.rate))
-            parts.append(f'<line x1="{lo:.1f}" y1="{y + 10}" x2="{hi:.1f}" y2="{y + 10}" stroke="#222" stroke-width="2"/>'
+            parts.append(f'<line x1="{lo:.1f}" y1="{y + 10}" x2="{hi:.1f}" y2="{y + 10}" '
+                         'stroke="#222" stroke-width="2"/>'
                          f'<circle cx="{mid:.1f}" cy="{y + 10}" r="5" fill="{COLORS["B"]}"/>'
                          f'<text x="{hi + 6:.1f}" y="{y + 14}" font-size="11">{w.rate:.0%}</text>')
     parts.append("</svg>")

@@ -104,7 +104,8 @@ def format_results(results: Results, name: str = "") -> str:
     width = max([len(c) for c in results.categories] + [8])
     for category, w in results.categories.items():
         lines.append(
-            f"  {category:<{width}}  {_rate(w.rate, w.ci)}  A {w.a:3d}  B {w.b:3d}  tie {w.ties:3d}  both bad {w.both_bad:3d}"
+            f"  {category:<{width}}  {_rate(w.rate, w.ci)}  "
+            f"A {w.a:3d}  B {w.b:3d}  tie {w.ties:3d}  both bad {w.both_bad:3d}"
         )
     lines += ["", "per rater (ties as half):"]
     width = max([len(r) for r in results.raters] + [8])
