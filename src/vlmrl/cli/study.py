@@ -115,8 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
     warning = bind_warning(args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    from vlmrl.study import db
     from vlmrl.study.app import serve
 
+    db.connect(args.db).close()  # a missing or foreign file fails here, before "serving"
     print(f"serving the study in {args.db} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr,
           flush=True)
     serve(args.db, args.host, args.port)
