@@ -75,14 +75,17 @@ def make_eval_dir(out: Path, images: list[Path], right: list[bool], malicious_at
         rows.append({
             "id": f"r{i}", "image": str(images[i]), "prompt": "Count the <b>vehicles</b>.",
             "answer": answer, "chosen": TASK.render(gold), "gold_counts": gold,
-            "parsed_counts": parsed, "exact": ok, "class_hits": hits,
+            "parsed_counts": parsed, "parsed_total": None, "correct": ok, "class_hits": hits,
             "parse_failure": all(v is None for v in parsed.values()),
         })
     n = len(rows)
-    metrics = {"count/exact": sum(r["exact"] for r in rows) / n}
+    metrics = {"exact_match": sum(r["correct"] for r in rows) / n}
     for c in CLASSES:
-        metrics[f"count/class_acc/{c}"] = sum(r["class_hits"][c] for r in rows) / n
-    metrics["count/parse_failure"] = sum(r["parse_failure"] for r in rows) / n
+        metrics[f"accuracy/{c}"] = sum(r["class_hits"][c] for r in rows) / n
+    metrics["parse_failure"] = sum(r["parse_failure"] for r in rows) / n
+    car_errors = [abs(r["parsed_counts"]["car"] - r["gold_counts"]["car"])
+                  for r in rows if r["parsed_counts"]["car"] is not None]
+    metrics["abs_error/car"] = sum(car_errors) / len(car_errors)  # over the records that say
     metrics["text/bleu"] = 40.0 + 10 * sum(right)  # corpus-level: no per-record value
     (out / "metrics.json").write_text(json.dumps({
         k: {"value": v, "ci_low": max(0.0, v - 0.2) if v <= 1 else v - 5,
@@ -139,16 +142,20 @@ def test_deltas_match_a_hand_computation(tmp_path):
     base, tuned = load_run(runs[0]), load_run(runs[1])
     deltas = {d.metric: d for d in metric_deltas(base, tuned)}
     # Exact match: base 3/6 right, tuned 4/6 -> +1/6.
-    assert deltas["count/exact"].delta == pytest.approx(1 / 6)
-    assert deltas["count/exact"].n == 6
-    assert deltas["count/exact"].ci_low <= 1 / 6 <= deltas["count/exact"].ci_high
+    assert deltas["exact_match"].delta == pytest.approx(1 / 6)
+    assert deltas["exact_match"].n == 6
+    assert deltas["exact_match"].ci_low <= 1 / 6 <= deltas["exact_match"].ci_high
     # Car: every wrong answer is off on cars, so car accuracy follows exact match.  Bus: the
     # base's parse failure (r1) misses the bus, so base 5/6, tuned 5/6 (its r1 also fails).
-    assert deltas["count/class_acc/car"].delta == pytest.approx(1 / 6)
-    assert deltas["count/class_acc/bus"].delta == pytest.approx(0.0)
-    assert deltas["count/class_acc/bus"].verdict == "no change"
+    assert deltas["accuracy/car"].delta == pytest.approx(1 / 6)
+    assert deltas["accuracy/bus"].delta == pytest.approx(0.0)
+    assert deltas["accuracy/bus"].verdict == "no change"
     # Parse failures: both fail on r1 only.
-    assert deltas["count/parse_failure"].delta == pytest.approx(0.0)
+    assert deltas["parse_failure"].delta == pytest.approx(0.0)
+    # Car error is a mean over the answers that mention cars (r1 fails to parse for both), so
+    # it is not paired: plain difference of the reported means, 3/5 - 2/5.
+    assert deltas["abs_error/car"].delta == pytest.approx(-1 / 5)
+    assert deltas["abs_error/car"].verdict == "no CI"
     # Corpus BLEU has no per-record value: plain difference (50 + 10*4) - (40 + 10*3), no CI.
     assert deltas["text/bleu"].delta == pytest.approx(10.0)
     assert math.isnan(deltas["text/bleu"].ci_low) and deltas["text/bleu"].verdict == "no CI"
@@ -159,24 +166,25 @@ def test_delta_with_a_ci_away_from_zero_is_marked(tmp_path):
     base = make_eval_dir(tmp_path / "base", images, [False] * 6)
     tuned = make_eval_dir(tmp_path / "tuned", images, [True] * 6)
     html = write_report(tmp_path / "out", [RunResult("base", base), RunResult("dpo", tuned)]).read_text()
-    row = re.search(r'<tr data-metric="count/exact">(.*?)</tr>', html).group(1)
+    row = re.search(r'<tr data-metric="exact_match">(.*?)</tr>', html).group(1)
     assert 'data-verdict="better"' in row and "+100.0" in row
     assert "dpo vs base: exact match +100.0 points [95% CI +100.0, +100.0]" in html
 
 
 def test_verdict_follows_the_metric_direction():
-    assert verdict("count/exact", 0.05, 0.2) == "better"
-    assert verdict("count/exact", -0.2, -0.05) == "worse"
-    assert verdict("count/parse_failure", -0.2, -0.05) == "better"  # fewer failures
-    assert verdict("count/total_mae", 0.1, 0.4) == "worse"
-    assert verdict("count/exact", -0.1, 0.1) == "no change"
+    assert verdict("exact_match", 0.05, 0.2) == "better"
+    assert verdict("exact_match", -0.2, -0.05) == "worse"
+    assert verdict("parse_failure", -0.2, -0.05) == "better"  # fewer failures
+    assert verdict("total_abs_error", 0.1, 0.4) == "worse"
+    assert verdict("exact_match", -0.1, 0.1) == "no change"
     assert verdict("text/bleu", math.nan, math.nan) == "no CI"
+    assert verdict("logps/rejected", -9.0, -2.0) == "down"  # no better direction
 
 
 def test_summary_line_reads_as_points(tmp_path):
     runs = build_fixture(tmp_path)
-    d = {x.metric: x for x in metric_deltas(load_run(runs[0]), load_run(runs[1]))}["count/exact"]
-    line = summary_line("tuned", "base", "count/exact", d, rate=True)
+    d = {x.metric: x for x in metric_deltas(load_run(runs[0]), load_run(runs[1]))}["exact_match"]
+    line = summary_line("tuned", "base", "exact_match", d, rate=True)
     assert line.startswith("tuned vs base: exact match +16.7 points [95% CI ")
 
 
@@ -243,7 +251,7 @@ def test_bad_eval_folders_name_the_file(tmp_path):
         write_report(tmp_path / "out", runs)
     runs = build_fixture(tmp_path / "again")
     samples = runs[0].eval_dir / "samples.jsonl"
-    samples.write_text(samples.read_text() + '{"id": "r9", "answer": "x"}\n')
+    samples.write_text(samples.read_text() + '{"id": "r9", "answer": "x", "gold_counts": {"car": "many"}}\n')
     with pytest.raises(VlmrlError, match=r"samples\.jsonl, line 7"):
         write_report(tmp_path / "out", runs)
     with pytest.raises(VlmrlError, match="names must differ"):
@@ -285,3 +293,16 @@ def test_compare_names_and_runs_are_checked(tmp_path, capsys):
     code = main(["compare", "--base", "b", "--tuned", str(tmp_path),
                  "--data", "d.jsonl", "--out", str(tmp_path / "out")])
     assert code == 2 and "not a training run" in capsys.readouterr().err
+
+
+def test_records_without_gold_counts_are_shown_unscored(tmp_path):
+    runs = build_fixture(tmp_path)
+    for run in runs:
+        path = run.eval_dir / "samples.jsonl"
+        row = {"id": "free", "image": None, "prompt": "Describe the scene.", "answer": "A road.",
+               "chosen": "A busy road.", "gold_counts": None, "parsed_counts": None, "correct": None}
+        path.write_text(path.read_text() + json.dumps(row) + "\n")
+    html = write_report(tmp_path / "out", runs).read_text()
+    assert 'data-vs-1="unscored" data-id="free"' in html
+    assert "A busy road." in html
+    assert 'data-vs-1="improved" data-id="r0"' in html

@@ -14,8 +14,10 @@ from vlmrl.report.results import EvalResult, Sample
 
 # A metric whose name holds one of these is better when lower.
 LOWER_IS_BETTER = ("error", "mae", "rmse", "failure", "loss")
+# Quantities with no better direction on their own (DPO can lower both log-probs and still win).
+NO_DIRECTION = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected")
 
-OUTCOMES = ("improved", "regressed", "both-wrong", "both-right")
+OUTCOMES = ("improved", "regressed", "both-wrong", "both-right", "unscored")
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,18 @@ class MetricDelta:
     ci_low: float
     ci_high: float
     n: int
-    verdict: str  # "better", "worse", "no change" (CI holds 0) or "no CI"
+    verdict: str  # "better", "worse", "up"/"down" (no direction), "no change" (CI holds 0), "no CI"
 
 
 def lower_is_better(metric: str) -> bool:
     return any(word in metric.lower() for word in LOWER_IS_BETTER)
 
 
-def outcome(base_correct: bool, tuned_correct: bool) -> str:
-    """Where a record went: ``improved`` = base wrong and tuned right, and so on."""
+def outcome(base_correct: bool | None, tuned_correct: bool | None) -> str:
+    """Where a record went: ``improved`` = base wrong and tuned right, and so on; ``unscored``
+    when either has no right/wrong (a record without gold counts)."""
+    if base_correct is None or tuned_correct is None:
+        return "unscored"
     if base_correct:
         return "both-right" if tuned_correct else "regressed"
     return "improved" if tuned_correct else "both-wrong"
@@ -44,30 +49,32 @@ def outcome(base_correct: bool, tuned_correct: bool) -> str:
 def record_values(s: Sample) -> dict[str, float]:
     """The per-record value behind each metric of ``metrics.json`` that is a mean over records.
 
-    A key is left out where the row does not say (a count not mentioned has no error, a log-prob
-    not computed has no accuracy); :func:`paired_values` checks that the means agree with the
-    evaluator's before pairing anything.
+    Counting values come from the evaluator's own ``count_values`` on the row's parsed counts, so
+    the two cannot disagree. A key is left out where the row does not say (a class not mentioned
+    has no error, a log-prob not computed has no accuracy); :func:`paired_values` checks that the
+    means agree with the evaluator's before pairing anything.
     """
+    from vlmrl.eval.metrics import count_values
+    from vlmrl.tasks.counting import CountingTask, ParsedCounts
+
     row = s.row
-    values = {"count/exact": float(s.correct)}
-    for c, hit in s.class_hits().items():
-        values[f"count/class_acc/{c}"] = float(hit)
-        if s.parsed.get(c) is not None:
-            values[f"count/class_mae/{c}"] = float(abs(s.parsed[c] - s.gold[c]))
-    total_error = s.total_error()
-    if total_error is not None:
-        values["count/total_acc"] = float(total_error == 0)
-        values["count/total_mae"] = float(total_error)
-    if isinstance(row.get("parse_failure"), bool):
-        values["count/parse_failure"] = float(row["parse_failure"])
-    for key, metric in (("bleu", "text/sentence_bleu"), ("rouge_l", "text/rouge_l")):
+    values: dict[str, float] = {}
+    if s.gold:
+        total = row.get("parsed_total")
+        parsed = ParsedCounts(counts={c: s.parsed.get(c) for c in s.gold},
+                              total=total if _is_number(total) else None)
+        score = CountingTask(tuple(s.gold)).score(parsed, s.gold)
+        values.update({k: v for k, v in count_values(score).items() if v is not None})
+    for key, metric in (("bleu", "text/sentence_bleu"), ("rouge_l", "text/rouge_l"),
+                        ("chosen_logp", "logps/chosen"), ("rejected_logp", "logps/rejected")):
         if _is_number(row.get(key)):
             values[metric] = float(row[key])
     logps = [row.get(k) for k in ("chosen_logp", "rejected_logp", "ref_chosen_logp", "ref_rejected_logp")]
     if all(_is_number(x) for x in logps[:2]):
-        values["pref/logp_accuracy"] = float(logps[0] > logps[1])
+        values["logps/accuracy"] = float(logps[0] > logps[1])
     if all(_is_number(x) for x in logps):
-        values["pref/reward_accuracy"] = float(logps[0] - logps[2] > logps[1] - logps[3])
+        # beta > 0 scales both implicit rewards alike, so their order needs no beta.
+        values["rewards/accuracies"] = float(logps[0] - logps[2] > logps[1] - logps[3])
     return values
 
 
@@ -133,6 +140,8 @@ def verdict(metric: str, lo: float, hi: float) -> str:
     if lo <= 0 <= hi:
         return "no change"
     up = lo > 0
+    if metric in NO_DIRECTION:
+        return "up" if up else "down"
     return "better" if up != lower_is_better(metric) else "worse"
 
 

@@ -17,7 +17,7 @@ from vlmrl.tasks.counting import CountingTask
 
 THUMBNAIL_SIZE = 224
 # Cards kept first when the gallery is cut to --max-gallery: the instructive ones.
-PRIORITY = {"improved": 0, "regressed": 1, "both-wrong": 2, "both-right": 3}
+PRIORITY = {"improved": 0, "regressed": 1, "both-wrong": 2, "both-right": 3, "unscored": 4}
 
 
 def thumbnail_data_uri(path: str | Path, size: int = THUMBNAIL_SIZE) -> str | None:
@@ -48,7 +48,7 @@ def select_ids(results: list[EvalResult], max_items: int | None) -> list[str]:
     per_tuned = [outcomes(base, r) for r in results[1:]]
 
     def rank(record_id: str) -> int:
-        return min((PRIORITY[o[record_id]] for o in per_tuned if record_id in o), default=3)
+        return min((PRIORITY[o[record_id]] for o in per_tuned if record_id in o), default=4)
 
     keep = set(sorted(ids, key=rank)[:max_items])  # sorted is stable: data order within a rank
     return [i for i in ids if i in keep]
@@ -76,31 +76,33 @@ def _card(record_id: str, samples: list[Sample | None], results, per_tuned) -> s
     else:
         figure = f'<div class="noimg">image not readable:<br>{escape(str(base.image))}</div>'
     answers = "\n".join(
-        _answer_row(r.name, s, base.gold) for r, s in zip(results, samples)
+        _answer_row(r.name, s) for r, s in zip(results, samples)
     )
     return (
         f'<article class="card" {attrs} data-id="{escape(record_id)}">'
         f"<figure>{figure}</figure>"
         f'<div class="body"><div class="rid">{escape(record_id)}</div>'
         f'<p class="prompt">{escape(base.prompt)}</p>'
-        f'<p class="gold"><b>truth</b> {escape(_gold_text(base.gold))}</p>'
+        f'<p class="gold"><b>truth</b> {escape(_gold_text(base))}</p>'
         f'<table class="answers">{answers}</table></div></article>'
     )
 
 
-def _answer_row(name: str, sample: Sample | None, gold: dict[str, int]) -> str:
+def _answer_row(name: str, sample: Sample | None) -> str:
     if sample is None:
         return f'<tr><th>{escape(name)}</th><td class="mark"></td><td class="muted">not evaluated</td></tr>'
-    mark = '<span class="ok" title="right">&#10003;</span>' if sample.correct else '<span class="bad" title="wrong">&#10007;</span>'
+    mark = {True: '<span class="ok" title="right">&#10003;</span>',
+            False: '<span class="bad" title="wrong">&#10007;</span>', None: ""}[sample.correct]
     wrong = [c for c, hit in sample.class_hits().items() if not hit]
-    detail = f'<div class="muted">off: {escape(", ".join(wrong))}</div>' if wrong and not sample.correct else ""
+    detail = f'<div class="muted">off: {escape(", ".join(wrong))}</div>' if wrong and sample.correct is False else ""
     return (
         f"<tr><th>{escape(name)}</th><td class=\"mark\">{mark}</td>"
         f'<td><span class="answer">{escape(sample.answer)}</span>{detail}</td></tr>'
     )
 
 
-def _gold_text(gold: dict[str, int]) -> str:
-    if not gold:
-        return "(no gold counts)"
-    return CountingTask(tuple(gold)).render(gold)
+def _gold_text(sample: Sample) -> str:
+    """The gold counts as the canonical sentence, or the chosen answer for a non-counting record."""
+    if sample.gold:
+        return CountingTask(tuple(sample.gold)).render(sample.gold)
+    return str(sample.row.get("chosen") or "(no reference answer)")

@@ -16,22 +16,29 @@ from pathlib import Path
 from vlmrl.errors import VlmrlError
 from vlmrl.report import gallery, plots
 from vlmrl.report.assets import CSS, JS
-from vlmrl.report.deltas import MetricDelta, lower_is_better, metric_deltas
+from vlmrl.report.deltas import NO_DIRECTION, MetricDelta, lower_is_better, metric_deltas
 from vlmrl.report.results import EvalResult, RunResult, load_run
 
-HEADLINE_METRICS = ("count/exact", "pref/reward_accuracy")
+HEADLINE_METRICS = ("exact_match", "rewards/accuracies", "logps/accuracy")
 LABELS = {
-    "count/exact": "exact match",
-    "count/total_acc": "total right",
-    "count/total_mae": "total abs. error",
-    "count/parse_failure": "parse failures",
-    "pref/logp_accuracy": "log-prob accuracy",
-    "pref/reward_accuracy": "reward accuracy",
-    "pref/reward_margin": "reward margin",
+    "exact_match": "exact match",
+    "class_accuracy": "class accuracy",
+    "total_accuracy": "total right",
+    "total_abs_error": "total abs. error",
+    "parse_failure": "parse failures",
+    "logps/chosen": "log-prob of chosen",
+    "logps/rejected": "log-prob of rejected",
+    "logps/accuracy": "log-prob accuracy",
+    "rewards/chosen": "reward of chosen",
+    "rewards/rejected": "reward of rejected",
+    "rewards/accuracies": "reward accuracy",
+    "rewards/margins": "reward margin",
     "text/bleu": "BLEU",
     "text/sentence_bleu": "sentence BLEU",
     "text/rouge_l": "ROUGE-L",
 }
+# Shares in [0, 1]: shown in %, their deltas in points.
+RATE_WORDS = ("accura", "exact", "failure", "rouge")
 FILTERS = (("all", "all"), ("improved", "improved"), ("regressed", "regressed"), ("both-wrong", "both wrong"))
 
 
@@ -122,7 +129,7 @@ def metrics_table(results: list[EvalResult], deltas: list[list[MetricDelta]]) ->
     body = []
     for metric in _metric_order(results):
         rate = _is_rate(metric, results)
-        arrow = "&darr; better" if lower_is_better(metric) else "&uarr; better"
+        arrow = "" if metric in NO_DIRECTION else "&darr; better" if lower_is_better(metric) else "&uarr; better"
         cells = [
             f'<th scope="row">{escape(_label(metric))} <span class="muted">{arrow}</span>'
             f'<div class="key">{escape(metric)}</div></th>'
@@ -171,6 +178,7 @@ def _delta_cell(d: MetricDelta | None, rate: bool) -> str:
 
 def _badge(d: MetricDelta) -> str:
     text = {"better": "&#9650; significant gain", "worse": "&#9660; significant loss",
+            "up": "significant rise", "down": "significant drop",
             "no change": "not significant", "no CI": "no CI"}[d.verdict]
     return f'<span class="badge">{text}</span>'
 
@@ -197,8 +205,8 @@ def _gallery_controls(results: list[EvalResult]) -> str:
 
 
 def _is_rate(metric: str, results: list[EvalResult]) -> bool:
-    """A share in [0, 1] (shown in % and its deltas in points), not a count or a loss."""
-    if any(w in metric.lower() for w in ("error", "mae", "rmse", "loss", "margin", "bleu")):
+    """A share in [0, 1] (shown in %, its deltas in points), not a count, a log-prob or a score."""
+    if not any(w in metric.lower() for w in RATE_WORDS):
         return False
     values = [
         v
@@ -211,10 +219,10 @@ def _is_rate(metric: str, results: list[EvalResult]) -> bool:
 
 
 def _label(metric: str) -> str:
-    """A reader's name: ``count/exact`` -> ``exact match``, ``count/class_acc/car`` -> ``car accuracy``."""
+    """A reader's name: ``exact_match`` -> ``exact match``, ``accuracy/car`` -> ``car accuracy``."""
     if metric in LABELS:
         return LABELS[metric]
-    for prefix, suffix in (("count/class_acc/", "accuracy"), ("count/class_mae/", "abs. error")):
+    for prefix, suffix in (("accuracy/", "accuracy"), ("abs_error/", "abs. error")):
         if metric.startswith(prefix):
             return f"{metric[len(prefix):]} {suffix}"
     return metric.replace("_", " ")

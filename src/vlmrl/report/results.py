@@ -41,7 +41,7 @@ class Sample:
     answer: str
     gold: dict[str, int]
     parsed: dict[str, int | None]
-    correct: bool
+    correct: bool | None  # exact match; None for a record without gold counts
     row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def class_hits(self) -> dict[str, bool]:
@@ -52,7 +52,11 @@ class Sample:
         return {c: self.parsed.get(c) == g for c, g in self.gold.items()}
 
     def total_error(self) -> int | None:
-        """|stated total - gold total| over the mentioned classes; ``None`` when nothing parsed."""
+        """|predicted total - gold total|: the row's stated total if it has one, else the sum of
+        the mentioned classes; ``None`` when nothing was parsed."""
+        stated = self.row.get("parsed_total")
+        if isinstance(stated, int) and not isinstance(stated, bool):
+            return abs(stated - sum(self.gold.values()))
         mentioned = [self.parsed.get(c) for c in self.gold if self.parsed.get(c) is not None]
         if not mentioned:
             return None
@@ -121,17 +125,17 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _sample(row: dict[str, Any]) -> Sample:
-    gold = {str(c): int(v) for c, v in _first(row, "gold", "gold_counts").items()}
-    parsed_raw = _first(row, "parsed", "parsed_counts") or {}
+    """A row as a Sample; a record without gold counts has ``gold == {}`` and ``correct is None``."""
+    gold_raw = row.get("gold_counts", row.get("gold")) or {}
+    gold = {str(c): int(v) for c, v in gold_raw.items()}
+    parsed_raw = row.get("parsed_counts", row.get("parsed")) or {}
     parsed = {str(c): (None if v is None else int(v)) for c, v in parsed_raw.items()}
     image = row.get("image")
     if image is None and row.get("images"):
         image = row["images"][0]
-    correct = _first(row, "correct", "exact", "exact_match")
-    if isinstance(correct, dict):  # a row of flags: {"exact": true, "car": false, ...}
-        correct = correct.get("exact", correct.get("exact_match"))
-    if not isinstance(correct, bool):
-        raise ValueError("no boolean 'correct' / 'exact' flag")
+    correct = row.get("correct", row.get("exact"))
+    if gold and not isinstance(correct, bool):
+        raise ValueError("gold counts but no boolean 'correct' flag")
     return Sample(
         id=str(row["id"]),
         image=str(image) if image else None,
@@ -139,16 +143,9 @@ def _sample(row: dict[str, Any]) -> Sample:
         answer=str(row["answer"]),
         gold=gold,
         parsed=parsed,
-        correct=correct,
+        correct=correct if gold else None,
         row=row,
     )
-
-
-def _first(row: dict[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if key in row:
-            return row[key]
-    raise KeyError(f"none of {', '.join(keys)}")
 
 
 def _prompt_text(prompt: Any) -> str:
