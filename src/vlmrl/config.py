@@ -1,0 +1,201 @@
+"""The typed training configuration: a YAML file plus dotted overrides from the command line.
+
+    vlmrl train --algo dpo --config configs/demo-cpu.yaml train.lr=1e-4 loss.name=dpop
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error that names
+the closest valid key instead of a setting silently ignored. ``load_config`` turns every
+problem (missing file, bad YAML, unknown key, wrong type) into a ``VlmrlError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vlmrl.errors import VlmrlError
+
+LossName = Literal["dpo", "dpop", "ipo", "hinge", "robust", "simpo"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+    min_pixels: int | None = Field(default=None, gt=0)
+    max_pixels: int | None = Field(default=None, gt=0)
+    trust_remote_code: bool = False
+    quantization: Literal["none", "4bit"] = "none"
+
+
+class LoraConfig(_Section):
+    """LoRA on the language model; ``enabled: false`` trains the weights themselves (full fine-tuning)."""
+
+    enabled: bool = True
+    rank: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] | None = None  # None: the language model's linear layers
+    vision: Literal["frozen", "lora", "full"] = "frozen"
+    merger: bool = False  # also train the vision-to-language projector
+
+
+class DataConfig(_Section):
+    train: Path
+    eval: Path | None = None
+    format: str | None = None  # None: detected from the file
+    max_length: int = Field(default=1024, gt=0)
+    skip_bad: bool = False
+
+
+class LossConfig(_Section):
+    """The preference loss of ``--algo dpo`` (see ``vlmrl.losses.preference``)."""
+
+    name: LossName = "dpo"
+    beta: float = Field(default=0.1, gt=0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # dpo (cDPO), robust, simpo
+    dpop_lambda: float = Field(default=50.0, ge=0.0)  # dpop
+    simpo_gamma: float = Field(default=0.5, ge=0.0)  # simpo
+    sft_weight: float = Field(default=0.0, ge=0.0)  # RPO: adds sft_weight * NLL of the chosen answer
+    reference_free: bool = False
+
+    def loss_params(self) -> dict[str, float]:
+        """The keyword parameters ``preference_loss`` takes for this loss name."""
+        if self.name in ("dpo", "robust"):
+            return {"label_smoothing": self.label_smoothing}
+        if self.name == "dpop":
+            return {"dpop_lambda": self.dpop_lambda}
+        if self.name == "simpo":
+            return {"gamma": self.simpo_gamma, "label_smoothing": self.label_smoothing}
+        return {}
+
+
+class TrainConfig(_Section):
+    algo: Literal["sft", "dpo"] = "dpo"
+    output_dir: Path = Path("runs/train")
+    lr: float = Field(default=5e-6, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)  # optimizer steps; overrides epochs
+    batch_size: int = Field(default=1, gt=0)  # pairs (or sequences) per process per micro-batch
+    grad_accum: int = Field(default=1, gt=0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = Field(default=1, gt=0)
+    eval_every: int | None = Field(default=None, gt=0)  # None: evaluate only at the end
+    save_every: int | None = Field(default=None, gt=0)  # None: checkpoint only at the end
+    keep_last: int = Field(default=2, gt=0)
+    early_stopping_patience: int | None = Field(default=None, gt=0)  # evaluations without improvement
+    resume: Literal["no", "auto"] = "no"
+    progress: bool = True
+
+
+class Config(_Section):
+    model: ModelConfig
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.train.early_stopping_patience and self.data.eval is None:
+            raise ValueError("train.early_stopping_patience needs held-out data: set data.eval")
+        if self.loss.reference_free and self.loss.name == "dpop":
+            raise ValueError("loss.reference_free cannot be used with dpop: its penalty is measured against the reference")
+        if self.model.quantization == "4bit" and not self.lora.enabled:
+            raise ValueError("model.quantization=4bit (QLoRA) trains LoRA adapters only: set lora.enabled=true")
+        return self
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, algo: str | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``key.sub=value`` overrides and ``--algo``, and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmrlError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise VlmrlError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise VlmrlError(f"{path}: the config must be a mapping of sections (model:, data:, train:, ...)")
+    for item in overrides or []:
+        apply_override(raw, item)
+    if algo is not None:
+        raw.setdefault("train", {})["algo"] = algo
+    return validate_config(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in the nested dict ``raw``; the value is read as YAML (numbers, bools, lists)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise VlmrlError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=1e-5)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise VlmrlError(f"override {item!r}: the value is not valid YAML: {e}") from e
+    node = raw
+    *parents, last = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise VlmrlError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[last] = value
+
+
+def validate_config(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise VlmrlError(f"{source}: invalid config:\n{_explain(e)}") from None
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML (what a run writes to OUTPUT/config.yaml)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key{_suggestion(problem['loc'])}")
+        elif problem["type"] == "missing":
+            lines.append(f"  {where}: required but missing")
+        else:
+            got = problem.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  {where}: {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _suggestion(loc: tuple) -> str:
+    """'; did you mean train.lr?' for the valid key closest to the unknown one."""
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    valid = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    if close:
+        return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return f"; valid keys here: {', '.join(valid)}"
+

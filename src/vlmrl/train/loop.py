@@ -1,0 +1,299 @@
+"""The training loop of ``vlmrl train``: SFT and the DPO family on accelerate, one process or many.
+
+    vlmrl train --algo dpo --config configs/demo-cpu.yaml                     # one process
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m vlmrl train --algo dpo --config FILE
+
+What it does, in order: load the policy (LoRA adapter, or the weights for full fine-tuning) and
+its reference (the same model with the adapter off, or a frozen copy); read and check the data;
+then for each optimizer step accumulate ``grad_accum`` micro-batches, clip, step AdamW and the
+warm-up + cosine/linear schedule; log TRL-named metrics; evaluate held-out pairs; checkpoint.
+
+Guarantees, each with a test:
+- the same loss curve whether a global batch is one micro-batch, ``grad_accum`` micro-batches or
+  split across processes (losses are per-pair means; see ``steps``);
+- a resumed run (``--resume``, also after ``kill -9``) continues the identical curve: weights,
+  optimizer, schedule, random states and the data position are all in the checkpoint;
+- Ctrl-C saves a checkpoint and exits; a non-finite loss or gradient stops the run, keeping the
+  last checkpoint, which was written before it.
+
+Assumes: every process sees the same data files; batches have a fixed size (the last partial
+batch of an epoch is dropped).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from vlmrl.config import Config, config_yaml
+from vlmrl.errors import VlmrlError
+from vlmrl.train import checkpoint
+from vlmrl.train.metrics_log import MetricsLog
+from vlmrl.train.order import batches_per_epoch, micro_batch_indices
+from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
+from vlmrl.train.steps import PreferenceStep, SftStep
+
+
+class TrainingDiverged(VlmrlError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: a checkpoint was saved; carries its path."""
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.out = Path(config.train.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.train.grad_accum, mixed_precision=config.train.mixed_precision
+        )
+        set_seed(config.train.seed)
+        self.resume_from = self._checkpoint_to_resume(resume or config.train.resume == "auto")
+        self._setup_data()
+        self._setup_model()
+        self.state = {"step": 0, "micro_batch": 0, "best_eval_loss": None, "evals_without_improvement": 0}
+        if self.resume_from is not None:
+            self.state = checkpoint.load_checkpoint(
+                self.resume_from, self.accelerator, self.model, self.optimizer, self.scheduler
+            )
+            self._check_geometry()
+        self.interrupted = False
+
+    # ----- setup, in the order it happens -----
+
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        latest = checkpoint.latest_checkpoint(self.out)
+        if latest is not None and not resume:
+            raise VlmrlError(
+                f"{self.out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
+                "that run, or choose another train.output_dir"
+            )
+        return latest
+
+    def _setup_data(self) -> None:
+        from vlmrl.data.check import load_clean
+
+        data = self.config.data
+        self.train_records = load_clean(data.train, data.format, skip_bad=data.skip_bad)
+        self.eval_records = load_clean(data.eval, data.format, skip_bad=data.skip_bad) if data.eval else []
+        t = self.config.train
+        self.world = self.accelerator.num_processes
+        per_epoch = batches_per_epoch(len(self.train_records), t.batch_size, self.world)
+        steps_per_epoch = per_epoch // t.grad_accum
+        if t.max_steps is None and steps_per_epoch == 0:
+            raise VlmrlError(
+                f"{data.train}: {len(self.train_records)} records make {per_epoch} micro-batch(es) per epoch, "
+                f"fewer than train.grad_accum={t.grad_accum}; set train.max_steps or lower grad_accum"
+            )
+        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * steps_per_epoch))
+        self.micro_batches_per_epoch = per_epoch
+
+    def _setup_model(self) -> None:
+        t = self.config.train
+        model, self.processor, reference = build_model(self.config)
+        optimizer = build_optimizer(model, t.lr, t.weight_decay)
+        # The scheduler is stepped here, once per optimizer step: accelerate's prepared scheduler
+        # would step once per process, which makes the schedule depend on the number of processes.
+        self.scheduler = build_scheduler(optimizer, t.schedule, t.warmup_ratio, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if reference is not None:
+            reference = reference.to(self.accelerator.device)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if t.algo == "sft":
+            self.step_fn = SftStep(self.model, self.processor, self.config.data.max_length)
+        else:
+            loss = self.config.loss
+            self.step_fn = PreferenceStep(
+                self.model, self.processor, self.config.data.max_length, loss, reference, unwrapped
+            )
+
+    def _check_geometry(self) -> None:
+        t = self.config.train
+        now = {"num_processes": self.world, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed}
+        saved = {k: self.state.get(k) for k in now}
+        if saved != now:
+            raise VlmrlError(
+                f"{self.resume_from} was written with {saved}, this run has {now}; the data position is only "
+                "valid for the same set-up: resume with the same settings"
+            )
+
+    # ----- training -----
+
+    def train(self) -> Path:
+        """Run to the last step (or early stop / Ctrl-C); return the folder of the final model."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(config_yaml(self.config))
+        log = MetricsLog(self.out, acc.is_main_process, self.total_steps, self.state["step"], self.config.train.progress)
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            self._train_steps(log)
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            log.close()
+        return self._save_final()
+
+    def _train_steps(self, log: MetricsLog) -> None:
+        t = self.config.train
+        while self.state["step"] < self.total_steps:
+            started = time.perf_counter()
+            metrics = self._optimizer_step()
+            self.state["step"] += 1
+            step = self.state["step"]
+            row = {"step": step, "epoch": self.state["micro_batch"] / self.micro_batches_per_epoch, **metrics}
+            row["pairs_per_s"] = t.batch_size * t.grad_accum * self.world / (time.perf_counter() - started)
+            self._stop_if_diverged(row)
+            log.advance(row)
+            if step % t.log_every == 0 or step == self.total_steps:
+                log.write(row)
+            stop = False
+            if self.eval_records and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps):
+                evaluation = self.evaluate()
+                log.write({"step": step, **evaluation})
+                stop = self._early_stop(evaluation["eval/loss"])
+            if self._interrupt_requested():
+                path = self.save_checkpoint()
+                raise TrainingInterrupted(path)
+            if (t.save_every and step % t.save_every == 0) or step == self.total_steps or stop:
+                self.save_checkpoint()
+            if stop:
+                self.accelerator.print(f"early stopping at step {step}: eval loss has not improved "
+                                       f"for {t.early_stopping_patience} evaluations (best {self.state['best_eval_loss']:.4f})")
+                return
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """``grad_accum`` micro-batches, then one clipped AdamW step; metrics averaged over all of them."""
+        acc, t = self.accelerator, self.config.train
+        self.model.train()
+        totals: dict[str, float] = {}
+        for _ in range(t.grad_accum):
+            batch = self.step_fn.encode(self._next_records(), acc.device)
+            with acc.accumulate(self.model):
+                with acc.autocast():
+                    loss, metrics = self.step_fn.loss_and_metrics(batch)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    limit = t.max_grad_norm if t.max_grad_norm is not None else math.inf
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), limit)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value / t.grad_accum
+        row = self._mean_over_processes(totals)
+        row["grad_norm"] = float(grad_norm)
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        if not self.optimizer.step_was_skipped:  # fp16 overflow skips a step
+            self.scheduler.step()
+        return row
+
+    def _next_records(self) -> list:
+        t = self.config.train
+        k = self.state["micro_batch"]
+        indices = micro_batch_indices(
+            k, len(self.train_records), t.batch_size, t.seed, self.accelerator.process_index, self.world
+        )
+        self.state["micro_batch"] = k + 1
+        return [self.train_records[i] for i in indices]
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        names = sorted(metrics)
+        values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(names, values.tolist()))
+
+    def _stop_if_diverged(self, row: dict) -> None:
+        bad = [name for name in ("loss", "grad_norm") if not math.isfinite(row[name])]
+        if bad:
+            latest = checkpoint.latest_checkpoint(self.out)
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
+            raise TrainingDiverged(
+                f"{' and '.join(bad)} became {row[bad[0]]} at step {row['step']} (lr {row['lr']:.3g}); training stopped "
+                f"and {kept}. Lower train.lr, or check the data (vlmrl data check)."
+            )
+
+    # ----- evaluation -----
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean held-out loss and preference accuracy; each process takes every ``world``-th record."""
+        acc, t = self.accelerator, self.config.train
+        model = acc.unwrap_model(self.model)  # no distributed wrapper: shards may differ in size
+        model.eval()
+        mine = self.eval_records[acc.process_index :: self.world]
+        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, accuracy, pairs
+        for start in range(0, len(mine), t.batch_size):
+            records = mine[start : start + t.batch_size]
+            batch = self.step_fn.encode(records, acc.device)
+            with acc.autocast():
+                _, metrics = self.step_fn.loss_and_metrics(batch, model=model)
+            n = len(records)
+            sums += torch.tensor([metrics["loss"] * n, metrics.get("rewards/accuracies", 0.0) * n, n],
+                                 dtype=torch.float64, device=acc.device)
+        model.train()
+        sums = acc.reduce(sums, reduction="sum")
+        result = {"eval/loss": (sums[0] / sums[2]).item()}
+        if t.algo == "dpo":
+            result["eval/rewards/accuracies"] = (sums[1] / sums[2]).item()
+        return result
+
+    def _early_stop(self, eval_loss: float) -> bool:
+        best = self.state["best_eval_loss"]
+        if best is None or eval_loss < best:
+            self.state["best_eval_loss"] = eval_loss
+            self.state["evals_without_improvement"] = 0
+        else:
+            self.state["evals_without_improvement"] += 1
+        patience = self.config.train.early_stopping_patience
+        return patience is not None and self.state["evals_without_improvement"] >= patience
+
+    # ----- saving -----
+
+    def save_checkpoint(self) -> Path:
+        t = self.config.train
+        state = {
+            **self.state,
+            "num_processes": self.world,
+            "batch_size": t.batch_size,
+            "grad_accum": t.grad_accum,
+            "seed": t.seed,
+        }
+        return checkpoint.save_checkpoint(
+            self.out, state, self.accelerator, self.model, self.optimizer, self.scheduler, t.keep_last
+        )
+
+    def _save_final(self) -> Path:
+        """The adapter (or weights) and the processor in ``RUN/final``, loadable on their own."""
+        final = self.out / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(final, safe_serialization=True)
+            self.processor.save_pretrained(final)
+            (self.out / "config.yaml").write_text(config_yaml(self.config))
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # ----- Ctrl-C -----
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.interrupted = True
+
+    def _interrupt_requested(self) -> bool:
+        """True on every process when any one got Ctrl-C, so all save the same step together."""
+        flag = torch.tensor([1.0 if self.interrupted else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def train(config: Config, resume: bool = False) -> Path:
+    """Train as ``config`` says; returns ``RUN/final``. Raises TrainingInterrupted on Ctrl-C."""
+    return Trainer(config, resume=resume).train()
+

@@ -1,0 +1,76 @@
+"""Build what a run trains: the policy (LoRA or full), its reference, the optimizer and the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vlmrl.config import Config
+from vlmrl.errors import VlmrlError
+from vlmrl.models.load import add_lora, frozen_copy, load_model
+
+
+def build_model(config: Config):
+    """``(policy, processor, reference)``; ``reference`` is None when the adapter-off policy serves."""
+    m = config.model
+    model, processor = load_model(
+        m.name_or_path,
+        dtype=m.dtype,
+        attn_implementation=m.attn_implementation,
+        min_pixels=m.min_pixels,
+        max_pixels=m.max_pixels,
+        trust_remote_code=m.trust_remote_code,
+        load_in_4bit=m.quantization == "4bit",
+    )
+    checkpointing = config.train.gradient_checkpointing
+    if m.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    if checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    lora = config.lora
+    if lora.enabled:
+        model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.vision, lora.merger)
+        return model, processor, None
+    freeze_for_full_finetuning(model, lora.vision, lora.merger)
+    loss = config.loss
+    needs_reference = config.train.algo == "dpo" and not loss.reference_free and loss.name != "simpo"
+    return model, processor, frozen_copy(model) if needs_reference else None
+
+
+def freeze_for_full_finetuning(model, vision: str, merger: bool) -> None:
+    """Full fine-tuning trains the language model; the vision tower and merger as ``lora.vision``/``merger`` say."""
+    if vision == "lora":
+        raise VlmrlError("lora.vision=lora needs lora.enabled=true; for full fine-tuning choose frozen or full")
+    model.requires_grad_(True)
+    visual = model.model.visual
+    if vision == "frozen":
+        visual.requires_grad_(False)
+        if merger:
+            visual.merger.requires_grad_(True)
+    elif not merger:
+        visual.merger.requires_grad_(False)
+
+
+def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no decay on biases and norms (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise VlmrlError("the model has no trainable parameters: check the lora and model settings")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def build_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: int):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine, linear or constant."""
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule]
+    warmup = math.ceil(warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

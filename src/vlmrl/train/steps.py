@@ -1,0 +1,107 @@
+"""What one micro-batch of each algorithm computes: ``encode(records)`` and ``loss_and_metrics(batch)``.
+
+The loop knows nothing about losses: it asks a step object to turn records into tensors and
+tensors into a scalar loss plus a dict of metrics (plain floats, batch means). A new algorithm
+(GRPO) is a new step object with the same two methods.
+
+Normalisation, so that the loss does not depend on how a global batch is split across processes
+or accumulation steps: every loss is a mean over pairs (or sequences) of a per-pair quantity.
+SFT uses the per-sequence mean token NLL, averaged over sequences (the ``sft`` term of
+``vlmrl.losses.preference``), not the mean over all tokens of the batch, which would weight a
+sequence by its length differently in a batch of 8 than in 8 batches of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from vlmrl.batch import encode_pairs, encode_sft
+from vlmrl.config import LossConfig
+from vlmrl.forward.plain import pair_logps, sequence_logps
+from vlmrl.losses.preference import nll, preference_loss, preference_metrics
+from vlmrl.models.load import reference_mode
+
+
+class SftStep:
+    """Supervised fine-tuning on the chosen answers."""
+
+    def __init__(self, model, processor, max_length: int):
+        self.model = model
+        self.processor = processor
+        self.max_length = max_length
+
+    def encode(self, records, device="cpu") -> dict:
+        inputs = encode_sft(records, self.processor, self.max_length)
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def loss_and_metrics(self, batch: dict, model=None) -> tuple[torch.Tensor, dict[str, float]]:
+        logps, n_tokens = sequence_logps(model or self.model, batch)
+        losses = nll(logps, n_tokens)
+        loss = losses.mean()
+        return loss, {"loss": loss.item(), "logps/chosen": logps.detach().mean().item()}
+
+
+class PreferenceStep:
+    """A DPO-family loss on pairs: policy and reference log-probs, the loss, TRL's metrics.
+
+    ``reference`` is a separate frozen model (full fine-tuning) or None: the policy with its LoRA
+    adapter switched off (``unwrapped`` is the policy outside any distributed wrapper, whose
+    adapter can be switched off).
+    """
+
+    def __init__(self, model, processor, max_length: int, loss: LossConfig, reference=None, unwrapped=None):
+        self.model = model
+        self.processor = processor
+        self.max_length = max_length
+        self.loss = loss
+        self.reference = reference
+        self.unwrapped = unwrapped if unwrapped is not None else model
+        self.needs_reference = not loss.reference_free and loss.name != "simpo"
+
+    def encode(self, records, device="cpu"):
+        return encode_pairs(records, self.processor, self.max_length).to(device)
+
+    def loss_and_metrics(self, batch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = pair_logps(model or self.model, batch)
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            ref = self._reference_logps(batch)
+            ref_chosen, ref_rejected = ref.chosen, ref.rejected
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            self.loss.name,
+            policy.chosen,
+            policy.rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_lengths=policy.chosen_tokens,
+            rejected_lengths=policy.rejected_tokens,
+            beta=self.loss.beta,
+            reference_free=self.loss.reference_free,
+            rpo_alpha=self.loss.sft_weight,
+            **self.loss.loss_params(),
+        )
+        loss = losses.mean()
+        metrics = {"loss": loss.item()}
+        metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
+        return loss, metrics
+
+    def _reference_logps(self, batch):
+        if self.reference is not None:
+            context, model = torch.no_grad(), self.reference
+        else:
+            context, model = reference_mode(self.unwrapped), self.unwrapped
+        with context, _eval_mode(model):
+            return pair_logps(model, batch)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The reference is a fixed function: no dropout, whatever mode the policy is in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
