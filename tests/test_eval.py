@@ -169,3 +169,21 @@ def test_eval_cli_and_bad_input(tiny_model_dir, run_dir, records, small_file, tm
     assert len(_read_jsonl(tmp_path / "b" / "samples.jsonl")) == 2
     assert main(["infer", "--data", str(small_file)]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_merged_export_answers_like_base_plus_adapter(tiny_model_dir, run_dir, records, tmp_path):
+    from vlmrl.batch import encode_pairs
+    from vlmrl.forward.plain import pair_logps
+    from vlmrl.generate import generate
+
+    adapted, processor = load_for_eval(tiny_model_dir, adapter=run_dir)
+    merged_dir = tmp_path / "merged"
+    load_for_eval(tiny_model_dir, adapter=run_dir)[0].merge_and_unload().save_pretrained(merged_dir)
+    processor.save_pretrained(merged_dir)
+    merged, merged_processor = load_for_eval(merged_dir)
+    items = [(r.images, r.prompt) for r in records[:3]]
+    assert generate(merged, merged_processor, items, 5, 3) == generate(adapted, processor, items, 5, 3)
+    with torch.no_grad():
+        a = pair_logps(adapted, encode_pairs(records[:3], processor, 1024))
+        b = pair_logps(merged, encode_pairs(records[:3], merged_processor, 1024))
+    torch.testing.assert_close(a.chosen, b.chosen, atol=1e-3, rtol=1e-4)
