@@ -306,3 +306,43 @@ def test_records_without_gold_counts_are_shown_unscored(tmp_path):
     assert 'data-vs-1="unscored" data-id="free"' in html
     assert "A busy road." in html
     assert 'data-vs-1="improved" data-id="r0"' in html
+
+
+def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
+    """Base vs base + a (random, nonzero) LoRA adapter on 8 records, through the command line."""
+    import torch
+
+    from vlmrl.cli import main
+    from vlmrl.data.formats import read_records, write_records
+    from vlmrl.models.load import add_lora, load_model
+
+    torch.manual_seed(0)
+    model, _ = load_model(tiny_model_dir)
+    model = add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA B starts at zero; move it so the adapter does something
+    model.save_pretrained(tmp_path / "run" / "final")
+    make_train_log(tmp_path / "run" / "metrics.jsonl")
+    data = write_records(read_records(synth_pairs_file)[:8], tmp_path / "eight.jsonl", "vlmrl")
+    data.write_text(data.read_text() + '{"id": "broken", "images": []}\n')
+    out = tmp_path / "cmp"
+    argv = ["compare", "--base", str(tiny_model_dir), "--tuned", str(tmp_path / "run"),
+            "--data", str(data), "--out", str(out), "--names", "base,lora", "--max-new-tokens", "12"]
+
+    assert main(argv) == 2  # the broken record stops it ...
+    assert "--skip-bad" in capsys.readouterr().err
+    assert main(argv + ["--skip-bad"]) == 0  # ... unless skipped, and then it says so
+    assert "skipped 1 of 9" in capsys.readouterr().err
+
+    html = (out / "report.html").read_text()
+    base_metrics = json.loads((out / "base" / "metrics.json").read_text())
+    tuned_metrics = json.loads((out / "lora" / "metrics.json").read_text())
+    assert "rewards/accuracies" in tuned_metrics  # the adapter switched off is its reference
+    rows = re.findall(r'<tr data-metric="([^"]+)"', html)
+    assert set(rows) == set(base_metrics) | set(tuned_metrics)
+    assert len(re.findall(r'<article class="card"', html)) == 8
+    assert len(re.findall(r'<img src="data:image/jpeg;base64,', html)) == 8
+    assert "lora vs base: exact match" in html and "training loss" in html
+    assert re.search(r"https?://", html) is None

@@ -25,6 +25,7 @@ table.metrics tbody tr:nth-child(even) { background: #fafbfc; }
 .num { font-variant-numeric: tabular-nums; font-weight: 600; }
 .ci { color: var(--muted); font-size: 12px; font-variant-numeric: tabular-nums; }
 table.metrics .ci { display: block; }
+table.metrics .badge { display: inline-block; margin: 2px 0 0; }
 td.delta.better { background: var(--good-bg); color: var(--good); }
 td.delta.worse { background: var(--bad-bg); color: var(--bad); }
 .badge { font-size: 11px; padding: 1px 7px; border-radius: 10px; background: #eef2f7; color: var(--muted);

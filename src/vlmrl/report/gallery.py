@@ -97,7 +97,7 @@ def _answer_row(name: str, sample: Sample | None) -> str:
     detail = f'<div class="muted">off: {escape(", ".join(wrong))}</div>' if wrong and sample.correct is False else ""
     return (
         f"<tr><th>{escape(name)}</th><td class=\"mark\">{mark}</td>"
-        f'<td><span class="answer">{escape(sample.answer)}</span>{detail}</td></tr>'
+        f"<td>{_answer_text(sample.answer)}{detail}</td></tr>"
     )
 
 
@@ -106,3 +106,9 @@ def _gold_text(sample: Sample) -> str:
     if sample.gold:
         return CountingTask(tuple(sample.gold)).render(sample.gold)
     return str(sample.row.get("chosen") or "(no reference answer)")
+
+
+def _answer_text(answer: str) -> str:
+    if not answer.strip():
+        return '<span class="answer muted">(empty answer)</span>'
+    return f'<span class="answer">{escape(answer)}</span>'

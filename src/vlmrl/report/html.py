@@ -172,14 +172,17 @@ def _delta_cell(d: MetricDelta | None, rate: bool) -> str:
     )
     return (
         f'<td class="delta {_verdict_class(d)}" data-verdict="{escape(d.verdict)}">'
-        f'<span class="num">{_signed(d.delta, rate)}</span>{ci} {_badge(d)}</td>'
+        f'<span class="num">{_signed(d.delta, rate)}</span>{ci}{_badge(d, quiet=True)}</td>'
     )
 
 
-def _badge(d: MetricDelta) -> str:
+def _badge(d: MetricDelta, quiet: bool = False) -> str:
+    """The verdict as a badge; ``quiet`` leaves out the non-significant ones (table cells)."""
     text = {"better": "&#9650; significant gain", "worse": "&#9660; significant loss",
-            "up": "significant rise", "down": "significant drop",
+            "up": "&#9650; significant rise", "down": "&#9660; significant drop",
             "no change": "not significant", "no CI": "no CI"}[d.verdict]
+    if quiet and d.verdict in ("no change", "no CI"):
+        return ""
     return f'<span class="badge">{text}</span>'
 
 
