@@ -83,10 +83,13 @@ def test_mme_acc_acc_plus_and_score_by_hand(mme_dir):
         assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
 
 
-def test_mme_bad_files_name_file_and_line(mme_dir):
+def test_mme_bad_files_name_file_and_line(mme_dir, capsys):
     (mme_dir / "existence" / "img1.txt").write_text("Is there a car?\tYes\nno tab here\n")
     with pytest.raises(VlmrlError, match=r"img1.txt, line 2"):
         read_mme(mme_dir)
+    kept = read_mme(mme_dir, skip_bad=True)  # the whole file goes, so acc+ stays defined
+    assert len(kept) == 6 and not any(q.image.endswith("img1.png") for q in kept)
+    assert "skipped" in capsys.readouterr().err
     (mme_dir / "existence" / "img1.txt").write_text("Is there a car?\tYes\n")
     (mme_dir / "existence" / "img1.png").unlink()
     with pytest.raises(VlmrlError, match="no image named img1"):
@@ -204,6 +207,10 @@ def test_llava_bench_reading(llava_dir):
     assert [q.category for q in questions] == ["conv", "conv", "detail", "complex"]
     assert questions[1].reference == "reference answer 1"
     assert questions[0].context == "A red square." and questions[1].context == ""
+    (llava_dir / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 0, "text": "r"}) + "\n{oops\n")
+    with pytest.raises(VlmrlError, match="line 2: not valid JSON"):
+        read_llava_bench(llava_dir)
+    assert [q.question_id for q in read_llava_bench(llava_dir, skip_bad=True)] == ["0"]
     (llava_dir / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 0, "text": "r"}) + "\n")
     with pytest.raises(VlmrlError, match="question 1 has no reference answer"):
         read_llava_bench(llava_dir)

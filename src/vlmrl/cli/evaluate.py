@@ -156,13 +156,15 @@ def run_eval(args: argparse.Namespace) -> int:
         from vlmrl.eval.benchmark_run import evaluate_mme
 
         metrics = evaluate_mme(model, processor, args.mme, args.out, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens or 16, seed=args.seed)
+                               max_new_tokens=args.max_new_tokens or 16, seed=args.seed,
+                               skip_bad=args.skip_bad)
     elif args.llava_bench:
         from vlmrl.eval.benchmark_run import evaluate_llava_bench
 
         metrics = evaluate_llava_bench(model, processor, args.llava_bench, args.out, _judge(args),
                                        reference_answers=args.reference_answers, batch_size=args.batch_size,
-                                       max_new_tokens=args.max_new_tokens or 512, seed=args.seed)
+                                       max_new_tokens=args.max_new_tokens or 512, seed=args.seed,
+                                       skip_bad=args.skip_bad)
     else:
         from vlmrl.eval.run import evaluate
 

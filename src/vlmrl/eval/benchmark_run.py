@@ -1,8 +1,9 @@
 """Run a model on MME or LLaVA-Bench and write ``metrics.json`` + ``samples.jsonl``.
 
-    evaluate_mme(model, processor, root, out_dir, *, batch_size=16, max_new_tokens=16, seed=0) -> dict
+    evaluate_mme(model, processor, root, out_dir, *, batch_size=16, max_new_tokens=16, seed=0,
+                 skip_bad=False) -> dict
     evaluate_llava_bench(model, processor, root, out_dir, judge, *, reference_answers=None,
-                         batch_size=16, max_new_tokens=512, seed=0) -> dict
+                         batch_size=16, max_new_tokens=512, seed=0, skip_bad=False) -> dict
 
 Reading and scoring live in :mod:`vlmrl.eval.benchmarks`; the judges in :mod:`vlmrl.eval.judge`.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from vlmrl.data.records import user_prompt
+from vlmrl.errors import VlmrlError
 from vlmrl.eval.benchmarks import (
     llava_scores,
     mme_parse_answer,
@@ -25,11 +27,11 @@ from vlmrl.eval.run import write_results
 
 
 def evaluate_mme(model, processor, root: str | Path, out_dir: str | Path, *, batch_size: int = 16,
-                 max_new_tokens: int = 16, seed: int = 0) -> dict[str, dict]:
+                 max_new_tokens: int = 16, seed: int = 0, skip_bad: bool = False) -> dict[str, dict]:
     """MME acc, acc+ and score per subtask, and the perception / cognition / total scores."""
     from vlmrl.generate import generate
 
-    questions = read_mme(root)
+    questions = read_mme(root, skip_bad=skip_bad)
     items = [([q.image], user_prompt(q.question)) for q in questions]
     answers = generate(model, processor, items, max_new_tokens, batch_size)
     metrics = mme_scores(questions, answers, seed=seed)
@@ -53,11 +55,14 @@ def evaluate_mme(model, processor, root: str | Path, out_dir: str | Path, *, bat
 
 def evaluate_llava_bench(model, processor, root: str | Path, out_dir: str | Path,
                          judge: Callable[[list], list[str]], *, reference_answers: str | Path | None = None,
-                         batch_size: int = 16, max_new_tokens: int = 512, seed: int = 0) -> dict[str, dict]:
+                         batch_size: int = 16, max_new_tokens: int = 512, seed: int = 0,
+                         skip_bad: bool = False) -> dict[str, dict]:
     """LLaVA-Bench relative scores per category: the judge rates reference and answer 1-10."""
     from vlmrl.generate import generate
 
-    questions = read_llava_bench(root, reference_answers)
+    questions = read_llava_bench(root, reference_answers, skip_bad=skip_bad)
+    if not questions:
+        raise VlmrlError(f"{root}: no LLaVA-Bench questions left to evaluate")
     items = [([q.image], user_prompt(q.text)) for q in questions]
     answers = generate(model, processor, items, max_new_tokens, batch_size)
     replies = judge([judge_messages(q.text, q.context, q.reference, a) for q, a in zip(questions, answers)])
