@@ -1,0 +1,300 @@
+"""The fast pair forward: one sequence per pair, ``prompt | chosen | rejected``, images encoded once.
+
+The plain forward (``vlmrl.forward.plain``) runs the chosen and the rejected sequence separately,
+so the prompt (mostly image tokens) goes through the language model twice and the images through
+the vision encoder twice. Here each pair is one row:
+
+    [ prompt (P tokens) | chosen answer (C) | rejected answer (R) | padding ]
+
+and a 4D attention mask makes the row compute exactly what the two separate rows compute:
+
+- prompt and chosen tokens attend causally to the prompt and chosen tokens before them;
+- rejected tokens attend to the prompt and causally to the rejected tokens, never to chosen ones;
+- padding attends only to itself (a row with nothing to attend to would give NaN under sdpa).
+
+Positions are the ones each side would get on its own (M-RoPE, three rows for Qwen-VL): the model's
+``get_rope_index`` is run on ``prompt + chosen`` and on ``prompt + rejected`` and the rejected
+answer's positions are copied after the chosen ones, so both answers continue from the prompt's
+last position. ``position_ids`` of shape ``(3, B, L)`` are passed explicitly, which keeps
+transformers off its packed-sequence path (that one takes a fourth row of text positions).
+
+The first token of each answer is predicted by the last prompt position, shared by both answers.
+Logits are computed only at the positions that predict answer tokens: the language model runs to
+its hidden states, those rows are gathered and only they go through ``lm_head``; with a vocabulary
+of 150k this is most of the memory of the plain path.
+
+Images: the vision tower runs once per image per call (``encode_images``), or not at all when the
+caller passes features computed earlier (shared between policy and reference, or read from the
+disk cache in ``vlmrl.forward.vision_cache``); they reach the model through transformers'
+``mm_encoder_outputs``. Qwen2-VL's and Qwen2.5-VL's vision attention is per image, and Qwen3-VL's
+deepstack features are placed by the image-token mask, so all of this is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vlmrl.batch import IGNORE_INDEX, PairBatch
+from vlmrl.errors import VlmrlError
+from vlmrl.forward.plain import ForwardStats, PairLogps
+
+if TYPE_CHECKING:
+    import torch
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SUPPORTED_ATTENTION = ("sdpa", "eager")  # the implementations that take an arbitrary 4D mask
+
+PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
+
+
+@dataclass
+class PackedPairs:
+    """A batch of pairs packed as ``prompt | chosen | rejected`` rows, plus what the forward needs.
+
+    ``segments`` marks each token (``PAD``, ``PROMPT``, ``CHOSEN``, ``REJECTED``). For each side,
+    ``*_source`` are flat indices into ``B * L`` of the positions whose hidden state predicts an
+    answer token, ``*_targets`` those tokens and ``*_rows`` the pair they belong to. ``pairs`` is
+    the plain two-sided batch it was made from (kept for the rope index and for the plain path).
+    """
+
+    input_ids: torch.Tensor
+    segments: torch.Tensor
+    chosen_source: torch.Tensor
+    chosen_targets: torch.Tensor
+    chosen_rows: torch.Tensor
+    rejected_source: torch.Tensor
+    rejected_targets: torch.Tensor
+    rejected_rows: torch.Tensor
+    pairs: PairBatch
+    position_ids: torch.Tensor | None = None
+    images_per_pair: list[int] = field(default_factory=list)
+    image_paths: list[str] = field(default_factory=list)  # in pixel_values order; for the vision cache
+
+    @property
+    def ids(self) -> list[str]:
+        return self.pairs.ids
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def pixel_values(self):
+        return self.pairs.chosen.get("pixel_values")
+
+    @property
+    def image_grid_thw(self):
+        return self.pairs.chosen.get("image_grid_thw")
+
+    def to(self, device) -> PackedPairs:
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in (
+                "input_ids",
+                "segments",
+                "chosen_source",
+                "chosen_targets",
+                "chosen_rows",
+                "rejected_source",
+                "rejected_targets",
+                "rejected_rows",
+            )
+        }
+        positions = None if self.position_ids is None else self.position_ids.to(device)
+        pairs = self.pairs.to(device)
+        return PackedPairs(**moved, pairs=pairs, position_ids=positions, images_per_pair=self.images_per_pair,
+                           image_paths=self.image_paths)
+
+
+def pack_pairs(pairs: PairBatch, pad_id: int, image_paths: list[str] | None = None) -> PackedPairs:
+    """Pack a two-sided batch (from ``vlmrl.batch.encode_pairs``) into one row per pair.
+
+    Uses exactly the tokens (and truncation) of ``pairs``, so the packed forward and the plain
+    forward score the same answers.
+    """
+    import torch
+
+    rows, segments = [], []
+    sources, targets, pair_rows = ({CHOSEN: [], REJECTED: []} for _ in range(3))
+    pieces = []
+    for i, prompt_len in enumerate(pairs.prompt_lengths):
+        chosen = _answer(pairs.chosen, i, prompt_len)
+        rejected = _answer(pairs.rejected, i, prompt_len)
+        prompt = pairs.chosen["input_ids"][i, :prompt_len].tolist()
+        pieces.append((prompt, chosen, rejected))
+    width = max(len(p) + len(c) + len(r) for p, c, r in pieces)
+    for i, (prompt, chosen, rejected) in enumerate(pieces):
+        p, c = len(prompt), len(chosen)
+        ids = prompt + chosen + rejected
+        rows.append(ids + [pad_id] * (width - len(ids)))
+        segments.append([PROMPT] * p + [CHOSEN] * c + [REJECTED] * len(rejected) + [PAD] * (width - len(ids)))
+        base = i * width
+        # Token k of an answer is predicted by the position before it; the first by the prompt's last.
+        for side, start, answer in ((CHOSEN, p, chosen), (REJECTED, p + c, rejected)):
+            for k, token in enumerate(answer):
+                sources[side].append(base + (p - 1 if k == 0 else start + k - 1))
+                targets[side].append(token)
+                pair_rows[side].append(i)
+    long = dict(dtype=torch.long)
+    return PackedPairs(
+        input_ids=torch.tensor(rows, **long),
+        segments=torch.tensor(segments, dtype=torch.int8),
+        chosen_source=torch.tensor(sources[CHOSEN], **long),
+        chosen_targets=torch.tensor(targets[CHOSEN], **long),
+        chosen_rows=torch.tensor(pair_rows[CHOSEN], **long),
+        rejected_source=torch.tensor(sources[REJECTED], **long),
+        rejected_targets=torch.tensor(targets[REJECTED], **long),
+        rejected_rows=torch.tensor(pair_rows[REJECTED], **long),
+        pairs=pairs,
+        images_per_pair=_images_per_pair(pairs),
+        image_paths=list(image_paths or []),
+    )
+
+
+def _answer(side: dict, row: int, prompt_len: int) -> list[int]:
+    labels = side["labels"][row]
+    answer = labels[prompt_len:]
+    return answer[answer != IGNORE_INDEX].tolist()
+
+
+def _images_per_pair(pairs: PairBatch) -> list[int]:
+    if "mm_token_type_ids" not in pairs.chosen or "image_grid_thw" not in pairs.chosen:
+        return [0] * len(pairs)
+    # An image is a run of image tokens preceded by a non-image token.
+    types = pairs.chosen["mm_token_type_ids"]
+    starts = (types[:, 1:] != 0) & (types[:, :-1] == 0)
+    return (starts.sum(dim=1) + (types[:, 0] != 0)).tolist()
+
+
+def unwrap(model):
+    """The ``...ForConditionalGeneration`` inside ``model`` (a peft wrapper or the model itself).
+
+    With peft the adapters are injected in place, so calling this object's ``model`` and
+    ``lm_head`` runs them (or not, inside ``disable_adapter``).
+    """
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast forward cannot run ``model`` exactly, or None when it can."""
+    import torch
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return "the model is wrapped for distributed training (its forward hooks would be bypassed)"
+    net = unwrap(model)
+    model_type = getattr(net.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    attention = net.model.language_model.config._attn_implementation
+    if attention not in SUPPORTED_ATTENTION:
+        return f"attention implementation {attention!r} takes no 4D mask (use sdpa or eager)"
+    return None
+
+
+def rope_positions(model, packed: PackedPairs):
+    """M-RoPE position ids ``(3, B, L)`` of the packed rows, each side as the model numbers it alone."""
+    import torch
+
+    inner = unwrap(model).model
+    pairs = packed.pairs
+    sides = []
+    for side in (pairs.chosen, pairs.rejected):
+        kwargs = dict(attention_mask=side["attention_mask"])
+        if "image_grid_thw" in side:
+            kwargs["image_grid_thw"] = side["image_grid_thw"]
+        positions, _ = inner.get_rope_index(side["input_ids"], mm_token_type_ids=side["mm_token_type_ids"], **kwargs)
+        sides.append(positions)
+    chosen_pos, rejected_pos = sides
+    batch, width = packed.input_ids.shape
+    out = torch.zeros(3, batch, width, dtype=torch.long, device=packed.input_ids.device)
+    for i, p in enumerate(pairs.prompt_lengths):
+        c = int((packed.segments[i] == CHOSEN).sum())
+        r = int((packed.segments[i] == REJECTED).sum())
+        out[:, i, : p + c] = chosen_pos[:, i, : p + c]
+        out[:, i, p + c : p + c + r] = rejected_pos[:, i, p : p + r]
+    return out
+
+
+def attention_mask_4d(segments, attention: str, dtype):
+    """The ``(B, 1, L, L)`` mask of the packed rows: bool (True = attend) for sdpa, additive for eager."""
+    import torch
+
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    query = segments.unsqueeze(2)
+    key = segments.unsqueeze(1)
+    allowed = causal & (key != PAD) & (query != PAD)
+    allowed &= ~((query == REJECTED) & (key == CHOSEN))
+    allowed |= torch.eye(width, dtype=torch.bool, device=segments.device) & (query == PAD)
+    allowed = allowed.unsqueeze(1)
+    if attention == "sdpa":
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=segments.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def encode_images(model, packed: PackedPairs, stats: ForwardStats | None = None):
+    """Run the vision tower once over the batch's images; gradients flow if the context allows."""
+    if packed.pixel_values is None:
+        return None
+    inner = unwrap(model).model
+    if stats is not None:
+        stats.images_encoded += len(packed.image_grid_thw)
+    return inner.get_image_features(packed.pixel_values, packed.image_grid_thw, return_dict=True)
+
+
+def packed_logps(model, packed: PackedPairs, image_features=None, stats: ForwardStats | None = None) -> PairLogps:
+    """Chosen and rejected answers' summed log-probabilities from one packed forward pass.
+
+    ``image_features``: the vision tower's output for the batch's images (``encode_images`` or the
+    vision cache); None runs the tower here, inside this call's grad context.
+    """
+    import torch
+
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise VlmrlError(f"the fast pair forward cannot run this model: {reason}; use the plain forward")
+    net = unwrap(model)
+    inner = net.model
+    if image_features is None:
+        image_features = encode_images(model, packed, stats)
+    if packed.position_ids is None:
+        packed.position_ids = rope_positions(model, packed)
+    embed_dtype = inner.get_input_embeddings().weight.dtype
+    mask = attention_mask_4d(packed.segments, inner.language_model.config._attn_implementation, embed_dtype)
+    encoder_outputs = {"image": image_features} if image_features is not None else None
+    hidden = inner(
+        input_ids=packed.input_ids,
+        attention_mask=mask,
+        position_ids=packed.position_ids,
+        mm_encoder_outputs=encoder_outputs,
+        use_cache=False,
+    ).last_hidden_state
+    _count(stats, packed)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    n_chosen = len(packed.chosen_source)
+    source = torch.cat([packed.chosen_source, packed.rejected_source])
+    targets = torch.cat([packed.chosen_targets, packed.rejected_targets])
+    logits = net.lm_head(flat[source])
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    batch = len(packed)
+    zeros = torch.zeros(batch, dtype=torch.float32, device=flat.device)
+    chosen = zeros.index_add(0, packed.chosen_rows, token_logps[:n_chosen])
+    rejected = zeros.index_add(0, packed.rejected_rows, token_logps[n_chosen:])
+    return PairLogps(chosen, rejected, _counts(packed.chosen_rows, batch), _counts(packed.rejected_rows, batch))
+
+
+def _counts(rows, batch: int):
+    import torch
+
+    return torch.bincount(rows, minlength=batch)
+
+
+def _count(stats: ForwardStats | None, packed: PackedPairs) -> None:
+    if stats is None:
+        return
+    stats.prompt_tokens += int((packed.segments == PROMPT).sum())
+    stats.answer_tokens += len(packed.chosen_targets) + len(packed.rejected_targets)
+    stats.passes += 1
