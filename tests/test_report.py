@@ -169,6 +169,11 @@ def test_delta_with_a_ci_away_from_zero_is_marked(tmp_path):
     row = re.search(r'<tr data-metric="exact_match">(.*?)</tr>', html).group(1)
     assert 'data-verdict="better"' in row and "+100.0" in row
     assert "dpo vs base: exact match +100.0 points [95% CI +100.0, +100.0]" in html
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert saved["base"] == "base"
+    assert saved["models"]["dpo"]["deltas"]["exact_match"]["delta"] == pytest.approx(1.0)
+    assert saved["models"]["dpo"]["deltas"]["exact_match"]["verdict"] == "better"
+    assert saved["models"]["dpo"]["deltas"]["text/bleu"]["ci_low"] is None
 
 
 def test_verdict_follows_the_metric_direction():
@@ -334,7 +339,9 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
     assert main(argv) == 2  # the broken record stops it ...
     assert "--skip-bad" in capsys.readouterr().err
     assert main(argv + ["--skip-bad"]) == 0  # ... unless skipped, and then it says so
-    assert "skipped 1 of 9" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "skipped 1 of 9" in printed.err
+    assert "lora vs base: exact match" in printed.out and "report.html" in printed.out
 
     html = (out / "report.html").read_text()
     base_metrics = json.loads((out / "base" / "metrics.json").read_text())

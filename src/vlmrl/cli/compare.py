@@ -9,6 +9,7 @@ Each model is evaluated into ``OUT/<name>/`` (metrics.json, samples.jsonl), one 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def run_compare(args: argparse.Namespace) -> int:
         runs.append(_evaluate_one(name, model_path or args.base, adapter, log, records, out, args))
     max_gallery = args.max_gallery if args.max_gallery > 0 else None
     report = write_report(out, runs, title=args.title, max_gallery=max_gallery, seed=args.seed)
-    print(f"report: {report}")
+    summary = json.loads((out / "comparison.json").read_text())
+    for model in summary["models"].values():
+        print(model["summary"])
+    print(f"report: {report.resolve().as_uri()}")
     return 0
 
 

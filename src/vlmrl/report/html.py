@@ -9,6 +9,7 @@ SVG, images are data URIs. Every text from data or models is escaped.
 
 from __future__ import annotations
 
+import json
 import math
 from html import escape
 from pathlib import Path
@@ -63,9 +64,27 @@ def write_report(
     page = render_page(results, deltas, title=title, max_gallery=max_gallery)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(comparison(results, deltas), indent=2) + "\n")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def comparison(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> dict:
+    """The table's deltas as data (``comparison.json``): per tuned model, its summary line and
+    ``{metric: {delta, ci_low, ci_high, n, verdict}}``; NaN written as null."""
+    def finite(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    models = {}
+    for result, rows in zip(results[1:], deltas):
+        models[result.name] = {
+            "summary": _summary_text(result, results, rows),
+            "deltas": {d.metric: {"delta": finite(d.delta), "ci_low": finite(d.ci_low),
+                                  "ci_high": finite(d.ci_high), "n": d.n, "verdict": d.verdict}
+                       for d in rows},
+        }
+    return {"base": results[0].name, "models": models}
 
 
 def render_page(
@@ -114,12 +133,22 @@ def summary_html(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> 
         return f'<p class="summary">{escape(base.name)}: {len(base.samples)} records evaluated.</p>'
     lines = []
     for result, rows in zip(results[1:], deltas):
-        if not rows:
-            continue
-        d = next((r for m in HEADLINE_METRICS for r in rows if r.metric == m), rows[0])
-        text = summary_line(result.name, base.name, d.metric, d, _is_rate(d.metric, results))
-        lines.append(f'<p class="summary {_verdict_class(d)}">{escape(text)} {_badge(d)}</p>')
+        if rows:
+            d = _headline(rows)
+            text = _summary_text(result, results, rows)
+            lines.append(f'<p class="summary {_verdict_class(d)}">{escape(text)} {_badge(d)}</p>')
     return "\n".join(lines)
+
+
+def _headline(rows: list[MetricDelta]) -> MetricDelta:
+    return next((r for m in HEADLINE_METRICS for r in rows if r.metric == m), rows[0])
+
+
+def _summary_text(result: EvalResult, results: list[EvalResult], rows: list[MetricDelta]) -> str:
+    if not rows:
+        return f"{result.name}: no metric in common with {results[0].name}"
+    d = _headline(rows)
+    return summary_line(result.name, results[0].name, d.metric, d, _is_rate(d.metric, results))
 
 
 def metrics_table(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> str:
