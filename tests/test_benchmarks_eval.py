@@ -253,3 +253,16 @@ def test_llava_bench_cli_errors(llava_dir, tiny_model_dir, tmp_path, capsys, mon
     assert "needs a judge" in capsys.readouterr().err
     assert main(base + ["--judge-url", "http://127.0.0.1:9/v1", "--judge-key-env", "NO_SUCH_KEY_VAR"]) == 2
     assert "NO_SUCH_KEY_VAR is not set" in capsys.readouterr().err
+
+
+def test_llava_bench_with_a_local_judge_model(llava_dir, tiny_model_dir, tmp_path):
+    """A local model judges through generate(); its unreadable replies are failures, not a crash."""
+    out = tmp_path / "local"
+    assert main(["eval", "--model", str(tiny_model_dir), "--llava-bench", str(llava_dir), "--out", str(out),
+                 "--judge-model-path", str(tiny_model_dir), "--judge-max-new-tokens", "4",
+                 "--max-new-tokens", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    failures = [parse_judge_scores(s["judge_reply"]) is None for s in samples]
+    assert [s["judge_failed"] for s in samples] == failures
+    assert metrics["llava/judge_failures"]["value"] == sum(failures)

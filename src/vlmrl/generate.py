@@ -58,8 +58,8 @@ def generate(
 ) -> list[str]:
     """Answer every item; returns ``len(items) * num_return_sequences`` texts, an item's together.
 
-    Greedy by default (then batched and one-at-a-time outputs are the same). ``seed`` seeds
-    torch's global generator once, before the first batch, for sampling.
+    Greedy by default (then batched and one-at-a-time outputs are the same). With
+    ``do_sample``, ``seed`` seeds torch's global generator once, before the first batch.
     """
     ids = generate_ids(model, processor, items, max_new_tokens, batch_size, do_sample, temperature,
                        top_p, seed, num_return_sequences)
@@ -85,7 +85,8 @@ def generate_ids(
         raise VlmrlError("batch size, max new tokens and number of samples must all be at least 1")
     if not do_sample and num_return_sequences > 1:
         raise VlmrlError("several answers per prompt need sampling: set a temperature > 0 (do_sample)")
-    torch.manual_seed(seed)
+    if do_sample:
+        torch.manual_seed(seed)
     stop = _stop_ids(model, processor)
     options = dict(
         max_new_tokens=max_new_tokens,

@@ -71,6 +71,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--judge-model", default="gpt-4o", help="model name sent to the judge endpoint (default gpt-4o)")
     ev.add_argument("--judge-key-env", metavar="VAR", help="environment variable that holds the judge's API key")
     ev.add_argument("--judge-model-path", help="a local model as the judge instead of --judge-url")
+    ev.add_argument("--judge-max-new-tokens", type=int, default=256,
+                    help="reply length limit of a --judge-model-path judge (default 256)")
     ev.add_argument("--reference-answers", help="LLaVA-Bench reference answers jsonl (default: found in DIR)")
     _generation_options(ev, max_new_tokens=None)
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
@@ -195,7 +197,7 @@ def _judge(args: argparse.Namespace):
         from vlmrl.eval.run import load_for_eval
 
         model, processor = load_for_eval(args.judge_model_path, dtype=args.dtype)
-        return LocalJudge(model, processor, batch_size=args.batch_size)
+        return LocalJudge(model, processor, max_new_tokens=args.judge_max_new_tokens, batch_size=args.batch_size)
     return HttpJudge(args.judge_url, args.judge_model, api_key=api_key_from_env(args.judge_key_env))
 
 
