@@ -1,0 +1,78 @@
+"""Checkpoints: complete or absent, pruned to the last K, restoring weights, optimizer and random states."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from vlmrl.errors import VlmrlError
+from vlmrl.train import checkpoint
+
+
+def tiny_setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)  # a frozen parameter is not saved
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    return model, optimizer, scheduler
+
+
+def one_step(model, optimizer, scheduler):
+    loss = model(torch.randn(5, 4)).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+
+
+def draws():
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_round_trip_continues_identically(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = tiny_setup()
+    one_step(model, optimizer, scheduler)
+    state = {"step": 1, "micro_batch": 3}
+    path = checkpoint.save_checkpoint(tmp_path, state, accelerator, model, optimizer, scheduler, keep_last=2)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "optimizer.pt", "rng-0.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
+    expected_draws = draws()
+    one_step(model, optimizer, scheduler)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model2, optimizer2, scheduler2 = tiny_setup(seed=1)  # different weights; frozen ones set equal
+    model2[0].weight.data.copy_(model[0].weight)
+    restored = checkpoint.load_checkpoint(path, accelerator, model2, optimizer2, scheduler2)
+    assert restored == state
+    assert draws() == expected_draws
+    one_step(model2, optimizer2, scheduler2)
+    for a, b in zip(expected, model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_keep_last_and_half_written_folders_are_ignored(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = tiny_setup()
+    for step in (1, 2, 3):
+        checkpoint.save_checkpoint(tmp_path, {"step": step}, accelerator, model, optimizer, scheduler, keep_last=2)
+    # what a process killed while writing step 4 leaves behind
+    (checkpoint.checkpoints_dir(tmp_path) / ".tmp-step-000004").mkdir()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-000003"
+    assert checkpoint.latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = tiny_setup()
+    path = checkpoint.save_checkpoint(tmp_path, {"step": 1}, accelerator, model, optimizer, scheduler, keep_last=1)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(VlmrlError, match="trainable parameters do not match"):
+        checkpoint.load_checkpoint(path, accelerator, other, optimizer, scheduler)
