@@ -79,7 +79,8 @@ def read_mme(root: str | Path, skip_bad: bool = False) -> list[MMEQuestion]:
 
 
 def _read_mme_file(subtask: str, txt: Path, image_dir: Path) -> list[MMEQuestion]:
-    image = next((image_dir / (txt.stem + ext) for ext in IMAGE_EXTENSIONS if (image_dir / (txt.stem + ext)).is_file()), None)
+    candidates = [image_dir / (txt.stem + ext) for ext in IMAGE_EXTENSIONS]
+    image = next((c for c in candidates if c.is_file()), None)
     if image is None:
         raise VlmrlError(f"{txt}: no image named {txt.stem}.* in {image_dir}; every question file needs its image")
     out = []
@@ -177,7 +178,9 @@ def read_llava_bench(root: str | Path, reference: str | Path | None = None,
     root = Path(root)
     questions_file = root / "questions.jsonl"
     if not questions_file.is_file():
-        raise VlmrlError(f"{questions_file} is missing; a LLaVA-Bench folder holds questions.jsonl, images/ and reference answers")
+        raise VlmrlError(
+            f"{questions_file} is missing; a LLaVA-Bench folder holds questions.jsonl, images/ and reference answers"
+        )
     ref_file = Path(reference) if reference else _find_reference(root)
     refs = {str(r["question_id"]): str(r["text"]) for _, r in _read_jsonl(ref_file, ("question_id", "text"), skip_bad)}
     contexts = {}
