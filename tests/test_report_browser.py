@@ -50,8 +50,8 @@ def test_images_and_plots_render(page, tmp_path):
     sizes = page.eval_on_selector_all("img", "xs => xs.map(x => [x.complete, x.naturalWidth])")
     assert len(sizes) == len(GOLD)
     assert all(done and width > 0 for done, width in sizes)
-    plots = page.eval_on_selector_all(
-        "svg.plot", "ss => ss.map(s => [s.getBoundingClientRect().width, s.getBBox().width, s.querySelectorAll('path').length])")
+    plots = page.eval_on_selector_all("svg.plot", """ss => ss.map(s => [
+        s.getBoundingClientRect().width, s.getBBox().width, s.querySelectorAll('path').length])""")
     assert len(plots) == 3
     assert all(shown > 100 and drawn > 100 and paths > 5 for shown, drawn, paths in plots)
     shot = tmp_path / "report.png"
