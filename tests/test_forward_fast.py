@@ -27,6 +27,15 @@ from vlmrl.forward.vision_cache import EncodedRecordCache, VisionFeatureCache, e
 from vlmrl.models.load import add_lora, load_model, reference_mode
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads wait on each other ~40x longer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def mixed_records(synth_pairs_file) -> list[PreferenceRecord]:
     """Different prompt and answer lengths, and a record with two images (so padding everywhere)."""
     base = read_records(synth_pairs_file)

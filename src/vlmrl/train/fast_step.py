@@ -1,0 +1,170 @@
+"""The preference step on the fast pair forward: images once, shared prompt, cached reference.
+
+``FastPreferenceStep`` has the two methods of ``PreferenceStep`` (``encode(records)`` and
+``loss_and_metrics(batch, model=None)``) and gives the same losses, metrics and gradients (fp32:
+within 1e-5, ``tests/test_fast_step.py``); it holds a ``PreferenceStep`` for what it does not change.
+Per pair and step, against the plain step's 4 vision passes and 4 prompt passes:
+
+- the vision tower runs once per image (shared by policy and reference when the tower is frozen),
+  or never (``cache_vision``: read from disk after the first epoch);
+- the prompt goes through the language model once for both answers (``vlmrl.forward.shared_prefix``);
+- the reference costs nothing per step with ``reference_logps`` from ``precompute_reference``;
+- each record's processor output is kept in memory (``EncodedRecordCache``).
+
+Where the fast forward cannot run a model exactly (a family other than Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL, an attention implementation without 4D masks such as flash-attention, a
+DistributedDataParallel wrapper) the step warns once and runs the plain path.
+
+Config keys it needs (the lead wires them into ``vlmrl.config``):
+
+- ``train.fast_path: bool = True`` — use this step instead of ``PreferenceStep`` (exact, so on);
+- ``data.cache_vision: bool = False`` — vision outputs on disk, in ``<output_dir>/../vision-cache``;
+  only with ``lora.vision=frozen`` and ``lora.merger=false`` (refused otherwise);
+- ``train.precompute_ref: bool = True`` — reference log-probs computed before training into
+  ``<output_dir>/../ref-cache`` and reused across epochs and runs (needs unique record ids).
+
+Construction, in the loop's setup, where ``PreferenceStep`` is built today::
+
+    from vlmrl.forward.ref_cache import precompute_reference
+    from vlmrl.train.fast_step import FastPreferenceStep
+
+    ref = None
+    if cfg.train.precompute_ref and step_needs_reference:   # not loss.reference_free, not simpo
+        ref = precompute_reference(unwrapped, processor, train_records, cfg.data.max_length,
+                                   cache_dir=cfg.train.output_dir.parent / "ref-cache",
+                                   batch_size=cfg.train.batch_size, reference=reference)
+    vision_dir = cfg.train.output_dir.parent / "vision-cache" if cfg.data.cache_vision else None
+    step = FastPreferenceStep(model, processor, cfg.data.max_length, cfg.loss, reference=reference,
+                              unwrapped=unwrapped, vision_cache_dir=vision_dir, reference_logps=ref)
+
+Eval records not in ``train_records`` are scored with the live reference (lookup falls back
+when an id is missing from ``reference_logps``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from vlmrl.config import LossConfig
+from vlmrl.forward.plain import ForwardStats, PairLogps
+from vlmrl.forward.ref_cache import ReferenceLogps
+from vlmrl.forward.shared_prefix import (
+    PackedPairs,
+    encode_images,
+    pack_pairs,
+    packed_logps,
+    rope_positions,
+    unsupported_reason,
+)
+from vlmrl.forward.vision_cache import EncodedRecordCache, VisionFeatureCache, encode_pairs_cached, vision_is_frozen
+from vlmrl.losses.preference import preference_loss, preference_metrics
+from vlmrl.models.load import reference_mode
+from vlmrl.train.steps import PreferenceStep, _eval_mode
+
+_warned: set[str] = set()
+
+
+class FastPreferenceStep:
+    """A DPO-family step on packed pairs; same constructor as ``PreferenceStep`` plus the caches."""
+
+    def __init__(
+        self,
+        model,
+        processor,
+        max_length: int,
+        loss: LossConfig,
+        reference=None,
+        unwrapped=None,
+        *,
+        fast_path: bool = True,
+        vision_cache_dir: str | Path | None = None,
+        reference_logps: ReferenceLogps | None = None,
+        encode_cache: EncodedRecordCache | None = None,
+    ):
+        self.plain = PreferenceStep(model, processor, max_length, loss, reference=reference, unwrapped=unwrapped)
+        self.model = model
+        self.processor = processor
+        self.max_length = max_length
+        self.loss = loss
+        self.reference = reference
+        self.unwrapped = self.plain.unwrapped
+        self.needs_reference = self.plain.needs_reference
+        self.reference_logps = reference_logps
+        self.encode_cache = encode_cache or EncodedRecordCache()
+        self.stats = ForwardStats()
+        self.fast = fast_path and self._fast_supported()
+        # The policy's and the reference's vision outputs are the same function when nothing in the
+        # tower trains and the reference is the policy with its adapter off.
+        self.share_vision = self.fast and reference is None and vision_is_frozen(self.unwrapped)
+        self.vision_cache = None
+        if self.fast and vision_cache_dir is not None:
+            self.vision_cache = VisionFeatureCache(vision_cache_dir, self.unwrapped, processor)
+
+    def encode(self, records, device="cpu"):
+        pairs = encode_pairs_cached(records, self.processor, self.max_length, self.encode_cache)
+        if not self.fast:
+            return pairs.to(device)
+        images = [path for record in records for path in record.images]
+        packed = pack_pairs(pairs, self.processor.tokenizer.pad_token_id, image_paths=images)
+        packed.position_ids = rope_positions(self.unwrapped, packed)
+        return packed.to(device)
+
+    def loss_and_metrics(self, batch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.fast:
+            return self.plain.loss_and_metrics(batch, model)
+        features = self._frozen_features(batch)
+        policy = packed_logps(model or self.model, batch, features, self.stats)
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            ref = self._reference_logps(batch, features)
+            ref_chosen, ref_rejected = ref.chosen, ref.rejected
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            self.loss.name,
+            policy.chosen,
+            policy.rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_lengths=policy.chosen_tokens,
+            rejected_lengths=policy.rejected_tokens,
+            beta=self.loss.beta,
+            reference_free=self.loss.reference_free,
+            rpo_alpha=self.loss.sft_weight,
+            **self.loss.loss_params(),
+        )
+        loss = losses.mean()
+        metrics = {"loss": loss.item()}
+        metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
+        return loss, metrics
+
+    def _fast_supported(self) -> bool:
+        reasons = [unsupported_reason(m) for m in (self.model, self.reference) if m is not None]
+        reason = next((r for r in reasons if r is not None), None)
+        if reason is None:
+            return True
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"fast pair forward off, using the plain one: {reason}", stacklevel=3)
+        return False
+
+    def _frozen_features(self, batch: PackedPairs):
+        """Vision outputs computed once without gradients, for both policy and reference; or None."""
+        if not self.share_vision or batch.pixel_values is None:
+            return None
+        if self.vision_cache is not None:
+            return self.vision_cache.features(self.unwrapped, batch, self.stats)
+        with torch.no_grad():
+            return encode_images(self.unwrapped, batch, self.stats)
+
+    def _reference_logps(self, batch: PackedPairs, features) -> PairLogps:
+        cached = self.reference_logps
+        if cached is not None and all(rid in cached for rid in batch.ids):
+            return cached.lookup(batch.ids, device=batch.input_ids.device)
+        if self.reference is not None:
+            context, model = torch.no_grad(), self.reference
+        else:
+            context, model = reference_mode(self.unwrapped), self.unwrapped
+        with context, _eval_mode(model):
+            return packed_logps(model, batch, features if self.share_vision else None, self.stats)
