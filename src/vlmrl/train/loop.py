@@ -2,6 +2,7 @@
 
     vlmrl train --algo dpo --config configs/demo-cpu.yaml                     # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml -m vlmrl train --algo dpo --config FILE
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m vlmrl train ...  # CPU, gloo
 
 What it does, in order: load the policy (LoRA adapter, or the weights for full fine-tuning) and
 its reference (the same model with the adapter off, or a frozen copy); read and check the data;
