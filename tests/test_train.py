@@ -44,6 +44,15 @@ def train_rows(run: Path) -> list[dict]:
     return [r for r in read_metrics(run) if "loss" in r]
 
 
+def small_eval_file(pairs_file: Path, out: Path, n: int = 4) -> Path:
+    """The first ``n`` pairs of ``pairs_file`` as held-out data (image paths made absolute)."""
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()[:n]]
+    for row in rows:
+        row["images"] = [str((pairs_file.parent / image).resolve()) for image in row["images"]]
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
 def assert_same_curve(a: list[dict], b: list[dict], tol=1e-6):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
@@ -51,25 +60,25 @@ def assert_same_curve(a: list[dict], b: list[dict], tol=1e-6):
             assert math.isclose(ra[name], rb[name], rel_tol=tol, abs_tol=tol), (ra["step"], name, ra[name], rb[name])
 
 
-CASES = [  # (family, algo, loss settings, lora settings): every loss, two families
-    ("qwen2-vl", "dpo", {"name": "dpo", "sft_weight": 0.5}, {}),
-    ("qwen2-vl", "dpo", {"name": "ipo"}, {}),
-    ("qwen2-vl", "dpo", {"name": "robust", "label_smoothing": 0.1}, {}),
-    ("qwen2.5-vl", "dpo", {"name": "dpop", "dpop_lambda": 5.0}, {}),
-    ("qwen2.5-vl", "dpo", {"name": "hinge"}, {}),
-    ("qwen2.5-vl", "dpo", {"name": "simpo", "beta": 2.0}, {}),
-    ("qwen2-vl", "sft", {}, {}),
-    ("qwen2.5-vl", "sft", {}, {"merger": True}),
-    ("qwen2-vl", "dpo", {"name": "dpo"}, {"enabled": False}),  # full fine-tuning, frozen-copy reference
+CASES = [  # (family, algo, loss, lora, train settings): every loss, two families
+    ("qwen2-vl", "dpo", {"name": "dpo", "sft_weight": 0.5}, {}, {}),
+    ("qwen2-vl", "dpo", {"name": "ipo"}, {}, {}),
+    ("qwen2-vl", "dpo", {"name": "robust", "label_smoothing": 0.1}, {}, {}),
+    ("qwen2.5-vl", "dpo", {"name": "dpop", "dpop_lambda": 5.0}, {}, {"gradient_checkpointing": True}),
+    ("qwen2.5-vl", "dpo", {"name": "hinge"}, {}, {}),
+    ("qwen2.5-vl", "dpo", {"name": "simpo", "beta": 2.0}, {}, {}),
+    ("qwen2-vl", "sft", {}, {}, {}),
+    ("qwen2.5-vl", "sft", {}, {"merger": True}, {"weight_decay": 0.1}),
+    ("qwen2-vl", "dpo", {"name": "dpo"}, {"enabled": False}, {}),  # full fine-tuning, frozen-copy reference
 ]
 
 
-@pytest.mark.parametrize("family, algo, loss, lora", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("family, algo, loss, lora, settings", CASES, ids=lambda v: str(v))
 def test_every_trainable_parameter_changes_and_no_frozen_one(
-    family, algo, loss, lora, tiny_model_dir, tiny_qwen25_dir, synth_pairs_file, tmp_path
+    family, algo, loss, lora, settings, tiny_model_dir, tiny_qwen25_dir, synth_pairs_file, tmp_path
 ):
     model_dir = tiny_model_dir if family == "qwen2-vl" else tiny_qwen25_dir
-    raw = raw_config(model_dir, synth_pairs_file, tmp_path / "run", algo=algo)
+    raw = raw_config(model_dir, synth_pairs_file, tmp_path / "run", algo=algo, **settings)
     raw["loss"].update(loss)
     raw["lora"].update(lora)
     trainer = Trainer(validate_config(raw))
@@ -90,7 +99,7 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(
 def test_cli_run_writes_metrics_checkpoints_final_and_config(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.train={synth_pairs_file}",
-                 f"data.eval={synth_pairs_file}", f"train.output_dir={run}", "train.max_steps=3",
+                 f"data.eval={small_eval_file(synth_pairs_file, tmp_path / 'eval.jsonl')}", f"train.output_dir={run}", "train.max_steps=3",
                  "train.batch_size=2", "train.grad_accum=1", "train.eval_every=2", "train.save_every=1",
                  "train.keep_last=2", "train.progress=false"]
     assert main(["train", "--algo", "dpo", "--config", str(CONFIGS / "demo-cpu.yaml"), *overrides]) == 0
@@ -133,7 +142,7 @@ def test_early_stopping_when_eval_loss_stops_improving(tiny_model_dir, synth_pai
     # lr 1e-30 leaves the eval loss exactly where it was: no evaluation improves on the first
     raw = raw_config(tiny_model_dir, synth_pairs_file, tmp_path / "run", lr=1e-30, max_steps=10,
                      eval_every=1, early_stopping_patience=2)
-    raw["data"]["eval"] = str(synth_pairs_file)
+    raw["data"]["eval"] = str(small_eval_file(synth_pairs_file, tmp_path / "eval.jsonl"))
     Trainer(validate_config(raw)).train()
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows if "eval/loss" in r] == [1, 2, 3]
@@ -171,7 +180,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout=120.0) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, synth_pairs_file, tmp_path_factory) -> list[dict]:
-    """The reference curve: 8 steps of dpo in one go (dropout on, so random states matter)."""
+    """The reference curve: 6 steps of dpo in one go (dropout on, so random states matter)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     raw = resumable_config(tiny_model_dir, synth_pairs_file, out)
     Trainer(validate_config(raw)).train()
@@ -179,8 +188,8 @@ def uninterrupted(tiny_model_dir, synth_pairs_file, tmp_path_factory) -> list[di
 
 
 def resumable_config(model_dir, data, out) -> dict:
-    raw = raw_config(model_dir, data, out, lr=5e-3, max_steps=8, save_every=2, warmup_ratio=0.25,
-                     schedule="cosine", grad_accum=2)
+    raw = raw_config(model_dir, data, out, lr=5e-3, max_steps=6, save_every=2, warmup_ratio=0.25,
+                     schedule="cosine", batch_size=1, grad_accum=2)
     raw["lora"]["dropout"] = 0.1
     return raw
 
@@ -209,6 +218,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_curve(uninterrupted,
     assert process.returncode == 130, err[-2000:]
     assert "interrupted: saved checkpoint" in err and "Traceback" not in err
     last_logged = train_rows(run)[-1]["step"]
-    assert (run / "checkpoints" / f"step-{last_logged:06d}").is_dir() and last_logged < 8
+    assert (run / "checkpoints" / f"step-{last_logged:06d}").is_dir() and last_logged < 6
     assert main(["train", "--config", str(path), "train.resume=auto"]) == 0
     assert_same_curve(train_rows(run), uninterrupted)

@@ -78,6 +78,8 @@ class Trainer:
                 f"{self.out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
                 "that run, or choose another train.output_dir"
             )
+        if latest is None and resume:
+            self.accelerator.print(f"no checkpoint in {self.out}: starting from step 0")
         return latest
 
     def _setup_data(self) -> None:
