@@ -92,14 +92,16 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(
         assert changed == (name in trainable), f"{name}: changed={changed}, trainable={name in trainable}"
     rows = train_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    expected = TRL_NAMES if algo == "dpo" else {"loss", "logps/chosen", "lr", "grad_norm", "step", "epoch", "pairs_per_s"}
+    sft_names = {"loss", "logps/chosen", "lr", "grad_norm", "step", "epoch", "pairs_per_s"}
+    expected = TRL_NAMES if algo == "dpo" else sft_names
     assert set(rows[0]) == expected
 
 
 def test_cli_run_writes_metrics_checkpoints_final_and_config(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.train={synth_pairs_file}",
-                 f"data.eval={small_eval_file(synth_pairs_file, tmp_path / 'eval.jsonl')}", f"train.output_dir={run}", "train.max_steps=3",
+                 f"data.eval={small_eval_file(synth_pairs_file, tmp_path / 'eval.jsonl')}",
+                 f"train.output_dir={run}", "train.max_steps=3",
                  "train.batch_size=2", "train.grad_accum=1", "train.eval_every=2", "train.save_every=1",
                  "train.keep_last=2", "train.progress=false"]
     assert main(["train", "--algo", "dpo", "--config", str(CONFIGS / "demo-cpu.yaml"), *overrides]) == 0
@@ -207,7 +209,9 @@ def test_resume_after_kill_9_gives_the_identical_curve(uninterrupted, tiny_model
     assert_same_curve(train_rows(run), uninterrupted)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_curve(uninterrupted, tiny_model_dir, synth_pairs_file, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_curve(
+    uninterrupted, tiny_model_dir, synth_pairs_file, tmp_path
+):
     run = tmp_path / "run"
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(resumable_config(tiny_model_dir, synth_pairs_file, run)))

@@ -113,7 +113,9 @@ class Config(_Section):
         if self.train.early_stopping_patience and self.data.eval is None:
             raise ValueError("train.early_stopping_patience needs held-out data: set data.eval")
         if self.loss.reference_free and self.loss.name == "dpop":
-            raise ValueError("loss.reference_free cannot be used with dpop: its penalty is measured against the reference")
+            raise ValueError(
+                "loss.reference_free cannot be used with dpop: its penalty is measured against the reference"
+            )
         if self.model.quantization == "4bit" and not self.lora.enabled:
             raise ValueError("model.quantization=4bit (QLoRA) trains LoRA adapters only: set lora.enabled=true")
         return self

@@ -137,7 +137,8 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(config_yaml(self.config))
-        log = MetricsLog(self.out, acc.is_main_process, self.total_steps, self.state["step"], self.config.train.progress)
+        t = self.config.train
+        log = MetricsLog(self.out, acc.is_main_process, self.total_steps, self.state["step"], t.progress)
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             self._train_steps(log)
@@ -170,8 +171,11 @@ class Trainer:
             if (t.save_every and step % t.save_every == 0) or step == self.total_steps or stop:
                 self.save_checkpoint()
             if stop:
-                self.accelerator.print(f"early stopping at step {step}: eval loss has not improved "
-                                       f"for {t.early_stopping_patience} evaluations (best {self.state['best_eval_loss']:.4f})")
+                best = self.state["best_eval_loss"]
+                self.accelerator.print(
+                    f"early stopping at step {step}: eval loss has not improved for "
+                    f"{t.early_stopping_patience} evaluations (best {best:.4f})"
+                )
                 return
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -220,8 +224,8 @@ class Trainer:
             latest = checkpoint.latest_checkpoint(self.out)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
             raise TrainingDiverged(
-                f"{' and '.join(bad)} became {row[bad[0]]} at step {row['step']} (lr {row['lr']:.3g}); training stopped "
-                f"and {kept}. Lower train.lr, or check the data (vlmrl data check)."
+                f"{' and '.join(bad)} became {row[bad[0]]} at step {row['step']} (lr {row['lr']:.3g}); "
+                f"training stopped and {kept}. Lower train.lr, or check the data (vlmrl data check)."
             )
 
     # ----- evaluation -----

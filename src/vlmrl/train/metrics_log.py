@@ -24,7 +24,8 @@ class MetricsLog:
         from tqdm.auto import tqdm
 
         self._keep_rows_up_to(start_step)
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        purge_step = start_step + 1 if start_step else None  # drop TensorBoard points past the checkpoint
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress)
 
     def write(self, row: dict) -> None:
