@@ -36,10 +36,14 @@ def test_shipped_configs_exist():
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "zero2.yaml", "zero3.yaml"])
-def test_accelerate_configs_are_yaml_with_a_launch_command(name):
+def test_accelerate_configs_load_in_accelerate_and_show_the_launch_command(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
     path = CONFIGS / "accelerate" / name
-    raw = yaml.safe_load(path.read_text())
-    assert raw["num_processes"] >= 2 and raw["distributed_type"]
+    loaded = load_config_from_file(str(path))
+    assert loaded.num_processes >= 2
+    expected = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "zero2.yaml": "DEEPSPEED", "zero3.yaml": "DEEPSPEED"}
+    assert loaded.distributed_type.value == expected[name]
     assert "accelerate launch --config_file configs/accelerate/" + name in path.read_text()
 
 
