@@ -65,7 +65,7 @@ CASES = [  # (family, algo, loss, lora, train settings): every loss, two familie
     ("qwen2-vl", "dpo", {"name": "ipo"}, {}, {}),
     ("qwen2-vl", "dpo", {"name": "robust", "label_smoothing": 0.1}, {}, {}),
     ("qwen2.5-vl", "dpo", {"name": "dpop", "dpop_lambda": 5.0}, {}, {"gradient_checkpointing": True}),
-    ("qwen2.5-vl", "dpo", {"name": "hinge"}, {}, {}),
+    ("qwen2.5-vl", "dpo", {"name": "hinge"}, {}, {"mixed_precision": "bf16"}),  # CPU autocast
     ("qwen2.5-vl", "dpo", {"name": "simpo", "beta": 2.0}, {}, {}),
     ("qwen2-vl", "sft", {}, {}, {}),
     ("qwen2.5-vl", "sft", {}, {"merger": True}, {"weight_decay": 0.1}),
