@@ -152,9 +152,11 @@ def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
     if batch.pixel_values is not None:
         order = list(range(len(batch.image_grid_thw)))
         inputs["mm_encoder_outputs"] = {"image": image_features(model, batch, order)}
-    logits = model(**inputs, use_cache=False).logits
+    # Logits only from the first position that predicts a completion token on (the rest is prompt).
+    first = int(layout.predictor.min())
+    logits = model(**inputs, logits_to_keep=layout.input_ids.shape[1] - first, use_cache=False).logits
     rows = layout.row_of_completion.unsqueeze(1).expand_as(layout.predictor)
-    return completion_token_logps(logits[rows, layout.predictor], batch.completion_ids, temperature)
+    return completion_token_logps(logits[rows, layout.predictor - first], batch.completion_ids, temperature)
 
 
 def completion_token_logps(logits, targets, temperature: float = 1.0):
