@@ -31,6 +31,14 @@ def random_weights(model, seed=0):
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen3_dir(tmp_path_factory):
+    """Qwen3-VL feeds the image features to several layers (deepstack): the group forward must too."""
+    from vlmrl.models.tiny import build_tiny
+
+    return build_tiny("qwen3-vl", tmp_path_factory.mktemp("tiny-qwen3-vl"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
 def image_records(tmp_path_factory):
     """Images of different sizes (different numbers of image tokens) and one two-image prompt."""
     folder = tmp_path_factory.mktemp("grpo-images")
@@ -43,7 +51,9 @@ def image_records(tmp_path_factory):
     counts = {"car": 2, "bus": 0}
     return [
         PreferenceRecord("a", [paths[0]], user_prompt("Count the cars."), "", "", {"counts": counts}),
-        PreferenceRecord("b", paths[1:], user_prompt("Count the cars and buses in both.", 2), "", "", {"counts": counts}),
+        PreferenceRecord(
+            "b", paths[1:], user_prompt("Count the cars and buses in both.", 2), "", "", {"counts": counts}
+        ),
         PreferenceRecord("c", [paths[2]], user_prompt("How many?"), "", "", {"counts": counts}),
     ]
 
@@ -89,7 +99,9 @@ def left_padded_prompts(records, processor):
     return _encode_prompts_left(records, processor)
 
 
-@pytest.mark.parametrize("family_dir,attention", [("tiny_model_dir", "sdpa"), ("tiny_qwen25_dir", "eager")])
+@pytest.mark.parametrize(
+    "family_dir,attention", [("tiny_model_dir", "sdpa"), ("tiny_qwen25_dir", "eager"), ("tiny_qwen3_dir", "sdpa")]
+)
 @pytest.mark.parametrize("shared_prompt", [True, False])
 def test_group_forward_equals_plain_per_sequence(request, image_records, family_dir, attention, shared_prompt):
     model, processor = load_model(request.getfixturevalue(family_dir), attn_implementation=attention)
@@ -138,7 +150,8 @@ def test_vision_tokens_in_a_completion_are_masked(tiny_model_dir, image_records)
     vision = vision_token_ids(model, processor)
     prompts = left_padded_prompts(image_records[:1], processor)
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    batch = build_group_batch(prompts, [[30, image_pad, 31], [30, 31]], 2, [1], processor.tokenizer.pad_token_id, vision)
+    pad = processor.tokenizer.pad_token_id
+    batch = build_group_batch(prompts, [[30, image_pad, 31], [30, 31]], 2, [1], pad, vision)
     assert batch.completion_mask.tolist() == [[1, 0, 1], [1, 1, 0]]
     assert batch.completion_attention.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert image_pad not in batch.completion_ids.tolist()[0]

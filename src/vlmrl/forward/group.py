@@ -18,7 +18,8 @@ is done once:
 Both return ``(logps, entropy)`` of shape ``(N*G, T)`` aligned with ``GroupBatch.completion_ids``:
 ``logps[r, t] = log p(c_r[t] | prompt, c_r[<t])`` in float32, with the logits divided by
 ``temperature`` first (the distribution the completions were sampled from, as TRL does; top-p's
-truncation is not applied), and the entropy of that distribution (no gradient).
+truncation is not applied), and the entropy of that distribution (no gradient); both are 0 where
+``completion_mask`` is 0.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def repeated_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
         inputs["image_grid_thw"] = batch.image_grid_thw[order]
     # Only the last T + 1 positions' logits are needed: position P-1+t predicts completion token t.
     logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
-    return completion_token_logps(logits, batch.completion_ids, temperature)
+    return completion_token_logps(logits, batch.completion_ids, temperature, batch.completion_mask)
 
 
 def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
@@ -156,17 +157,26 @@ def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
     first = int(layout.predictor.min())
     logits = model(**inputs, logits_to_keep=layout.input_ids.shape[1] - first, use_cache=False).logits
     rows = layout.row_of_completion.unsqueeze(1).expand_as(layout.predictor)
-    return completion_token_logps(logits[rows, layout.predictor - first], batch.completion_ids, temperature)
+    return completion_token_logps(
+        logits[rows, layout.predictor - first], batch.completion_ids, temperature, batch.completion_mask
+    )
 
 
-def completion_token_logps(logits, targets, temperature: float = 1.0):
-    """``log_softmax(logits / temperature)`` at ``targets`` in float32, and the entropy (no grad)."""
+def completion_token_logps(logits, targets, temperature: float = 1.0, mask=None):
+    """``log_softmax(logits / temperature)`` at ``targets`` in float32, and the entropy (no grad).
+
+    ``logits``: ``(B, T, V)``; ``targets``: ``(B, T)``. Only positions where ``mask`` is set are
+    turned into float32 distributions (a real vocabulary is ~150k wide); the others are 0.
+    """
     import torch
 
-    logps_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logps = logps_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
+    logps_all = torch.log_softmax(logits[keep].float() / temperature, dim=-1)  # (n, V)
+    picked = logps_all.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    logps = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device).masked_scatter(keep, picked)
     with torch.no_grad():
-        entropy = -(logps_all.exp() * logps_all).sum(-1)
+        entropy = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+        entropy = entropy.masked_scatter(keep, -(logps_all.exp() * logps_all).sum(-1))
     return logps, entropy
 
 

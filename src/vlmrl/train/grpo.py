@@ -32,17 +32,24 @@ by the sampling temperature (TRL does the same); top-p's truncation is not appli
 With gradient accumulation each micro-batch is normalised by its own token count and the loop
 averages the micro-batches.
 
-Wiring (the lead's side; nothing here reads the global config):
+Wiring into ``vlmrl train`` (nothing here reads the global config; four small edits elsewhere):
 
-    # config.py
-    from vlmrl.train.grpo import GrpoConfig
-    class TrainConfig:  algo: Literal["sft", "dpo", "grpo"] = "dpo"
-    class Config:       grpo: GrpoConfig = GrpoConfig()
-    # train/loop.py, Trainer._setup_model (after ``unwrapped`` is known)
-    elif t.algo == "grpo":
-        self.step_fn = GrpoStep(self.model, self.processor, self.config.grpo, reference, unwrapped)
-    # train/setup.py, build_model: a frozen copy is needed for full fine-tuning when grpo.beta > 0
-    # cli/train.py: --algo choices ("sft", "dpo", "grpo")
+- ``config.py``: ``from vlmrl.train.grpo import GrpoConfig``; ``TrainConfig.algo:
+  Literal["sft", "dpo", "grpo"]``; ``Config.grpo: GrpoConfig = GrpoConfig()``.
+- ``train/loop.py``, ``Trainer._setup_model``, before the ``else:`` that builds ``PreferenceStep``::
+
+      elif t.algo == "grpo":
+          self.step_fn = GrpoStep(self.model, self.processor, self.config.grpo, reference, unwrapped)
+
+  and in ``evaluate`` report ``metrics["reward"]`` / ``metrics["em_rate"]`` for GRPO (its loss,
+  with a ratio of 1, says little).
+- ``train/setup.py``, ``build_model``: full fine-tuning needs a frozen copy when
+  ``config.train.algo == "grpo" and config.grpo.beta > 0``.
+- ``cli/train.py``: ``--algo`` choices ``("sft", "dpo", "grpo")``.
+
+Then ``vlmrl train --algo grpo --config FILE grpo.group_size=8 grpo.beta=0.04``. ``train.batch_size``
+counts prompts (each gives ``group_size`` completions); ``data.max_length`` is not used (the prompt
+is never cut; ``max_new_tokens`` bounds the answer).
 
 Records need ``metadata["counts"]`` (every class, zeros included), as the pair builders write.
 """
