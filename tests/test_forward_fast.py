@@ -42,8 +42,11 @@ def mixed_records(synth_pairs_file) -> list[PreferenceRecord]:
     two = base[3]
     return [
         base[0],
-        dataclasses.replace(base[1], prompt=user_prompt("How many cars, buses and bicycles are in this busy street?"),
-                            rejected="0 cars."),
+        dataclasses.replace(
+            base[1],
+            prompt=user_prompt("How many cars, buses and bicycles are in this busy street?"),
+            rejected="0 cars.",
+        ),
         PreferenceRecord("two-images", [two.images[0], base[0].images[0]],
                          user_prompt("Count the vehicles in both pictures.", n_images=2), two.chosen, "None."),
         dataclasses.replace(base[2], chosen="There are 12 cars.", id="short-chosen"),
@@ -155,7 +158,8 @@ def test_vision_cache_reuses_and_invalidates(tiny_model_dir, synth_pairs_file, t
     model = add_lora(model, rank=4, alpha=8)
     records = mixed_records(synth_pairs_file)
     images = [p for r in records for p in r.images]
-    packed = pack_pairs(encode_pairs(records, processor, 512), processor.tokenizer.pad_token_id, image_paths=images)
+    pairs = encode_pairs(records, processor, 512)
+    packed = pack_pairs(pairs, processor.tokenizer.pad_token_id, image_paths=images)
     cache = VisionFeatureCache(tmp_path / "vision", model, processor)
     stats = ForwardStats()
     first = cache.features(model, packed, stats)
@@ -165,7 +169,8 @@ def test_vision_cache_reuses_and_invalidates(tiny_model_dir, synth_pairs_file, t
         direct = encode_images(model, packed)
     for a, b in zip(second.pooler_output, direct.pooler_output):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert len(list((tmp_path / "vision").glob("*.safetensors"))) == 4 and first is not None  # base[0]'s image is used twice
+    assert first is not None
+    assert len(list((tmp_path / "vision").glob("*.safetensors"))) == 4  # base[0]'s image is used twice
     with torch.no_grad():  # other vision weights: new keys, nothing stale is read
         model.get_base_model().model.visual.merger.mlp[0].weight.mul_(1.01)
     changed = VisionFeatureCache(tmp_path / "vision", model, processor)

@@ -32,7 +32,7 @@ deepstack features are placed by the image-token mask, so all of this is exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from vlmrl.batch import IGNORE_INDEX, PairBatch
@@ -87,23 +87,11 @@ class PackedPairs:
         return self.pairs.chosen.get("image_grid_thw")
 
     def to(self, device) -> PackedPairs:
-        moved = {
-            name: getattr(self, name).to(device)
-            for name in (
-                "input_ids",
-                "segments",
-                "chosen_source",
-                "chosen_targets",
-                "chosen_rows",
-                "rejected_source",
-                "rejected_targets",
-                "rejected_rows",
-            )
-        }
-        positions = None if self.position_ids is None else self.position_ids.to(device)
-        pairs = self.pairs.to(device)
-        return PackedPairs(**moved, pairs=pairs, position_ids=positions, images_per_pair=self.images_per_pair,
-                           image_paths=self.image_paths)
+        import torch
+
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {name: t.to(device) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+        return replace(self, pairs=self.pairs.to(device), **moved)
 
 
 def pack_pairs(pairs: PairBatch, pad_id: int, image_paths: list[str] | None = None) -> PackedPairs:
@@ -204,7 +192,8 @@ def rope_positions(model, packed: PackedPairs):
         kwargs = dict(attention_mask=side["attention_mask"])
         if "image_grid_thw" in side:
             kwargs["image_grid_thw"] = side["image_grid_thw"]
-        positions, _ = inner.get_rope_index(side["input_ids"], mm_token_type_ids=side["mm_token_type_ids"], **kwargs)
+        types = side["mm_token_type_ids"]
+        positions, _ = inner.get_rope_index(side["input_ids"], mm_token_type_ids=types, **kwargs)
         sides.append(positions)
     chosen_pos, rejected_pos = sides
     batch, width = packed.input_ids.shape

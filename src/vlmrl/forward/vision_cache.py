@@ -157,8 +157,8 @@ class VisionFeatureCache:
     def __init__(self, directory: str | Path, model, processor):
         if not vision_is_frozen(model):
             raise VlmrlError(
-                "data.cache_vision needs a frozen vision tower and merger (lora.vision=frozen, lora.merger=false): "
-                "a trained tower's outputs change every step"
+                "data.cache_vision needs a frozen vision tower and merger "
+                "(lora.vision=frozen, lora.merger=false): a trained tower's outputs change every step"
             )
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,14 @@ DistributedDataParallel wrapper) the step warns once and runs the plain path.
 Config keys it needs (the lead wires them into ``vlmrl.config``):
 
 - ``train.fast_path: bool = True`` — use this step instead of ``PreferenceStep`` (exact, so on);
-- ``data.cache_vision: bool = False`` — vision outputs on disk, in ``<output_dir>/../vision-cache``;
-  only with ``lora.vision=frozen`` and ``lora.merger=false`` (refused otherwise);
+- ``data.cache_vision: bool = True`` — vision outputs on disk, in ``<output_dir>/../vision-cache``
+  (bit-identical to recomputing them). Only for a frozen tower (``lora.vision=frozen``,
+  ``lora.merger=false``): a config validator should refuse ``cache_vision=true`` with a trained
+  tower, and ``VisionFeatureCache`` itself raises ``VlmrlError`` if it gets one;
 - ``train.precompute_ref: bool = True`` — reference log-probs computed before training into
-  ``<output_dir>/../ref-cache`` and reused across epochs and runs (needs unique record ids).
+  ``<output_dir>/../ref-cache`` and reused across epochs and runs (needs unique record ids; with
+  several processes compute it under ``accelerator.main_process_first()`` so the others read the
+  file the main process wrote).
 
 Construction, in the loop's setup, where ``PreferenceStep`` is built today::
 
@@ -33,7 +37,8 @@ Construction, in the loop's setup, where ``PreferenceStep`` is built today::
         ref = precompute_reference(unwrapped, processor, train_records, cfg.data.max_length,
                                    cache_dir=cfg.train.output_dir.parent / "ref-cache",
                                    batch_size=cfg.train.batch_size, reference=reference)
-    vision_dir = cfg.train.output_dir.parent / "vision-cache" if cfg.data.cache_vision else None
+    frozen = cfg.lora.vision == "frozen" and not cfg.lora.merger
+    vision_dir = cfg.train.output_dir.parent / "vision-cache" if cfg.data.cache_vision and frozen else None
     step = FastPreferenceStep(model, processor, cfg.data.max_length, cfg.loss, reference=reference,
                               unwrapped=unwrapped, vision_cache_dir=vision_dir, reference_logps=ref)
 
@@ -59,7 +64,12 @@ from vlmrl.forward.shared_prefix import (
     rope_positions,
     unsupported_reason,
 )
-from vlmrl.forward.vision_cache import EncodedRecordCache, VisionFeatureCache, encode_pairs_cached, vision_is_frozen
+from vlmrl.forward.vision_cache import (
+    EncodedRecordCache,
+    VisionFeatureCache,
+    encode_pairs_cached,
+    vision_is_frozen,
+)
 from vlmrl.losses.preference import preference_loss, preference_metrics
 from vlmrl.models.load import reference_mode
 from vlmrl.train.steps import PreferenceStep, _eval_mode
@@ -115,6 +125,8 @@ class FastPreferenceStep:
     def loss_and_metrics(self, batch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
         if not self.fast:
             return self.plain.loss_and_metrics(batch, model)
+        if model is not None and model is not self.model and not self._fast_supported(model):
+            return self.plain.loss_and_metrics(batch.pairs, model)  # e.g. a DistributedDataParallel wrapper
         features = self._frozen_features(batch)
         policy = packed_logps(model or self.model, batch, features, self.stats)
         ref_chosen = ref_rejected = None
@@ -139,8 +151,9 @@ class FastPreferenceStep:
         metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
         return loss, metrics
 
-    def _fast_supported(self) -> bool:
-        reasons = [unsupported_reason(m) for m in (self.model, self.reference) if m is not None]
+    def _fast_supported(self, *models) -> bool:
+        models = models or (self.model, self.reference)
+        reasons = [unsupported_reason(m) for m in models if m is not None]
         reason = next((r for r in reasons if r is not None), None)
         if reason is None:
             return True

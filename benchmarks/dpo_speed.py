@@ -1,0 +1,403 @@
+"""DPO step speed on CPU, side by side: TRL's DPOTrainer, our plain step, our fast step, the floor.
+
+    python benchmarks/dpo_speed.py                   # tiny and small Qwen2-VL, about 5 minutes on 2 cores
+    python benchmarks/dpo_speed.py --configs tiny    # one config
+
+Same weights, data, LoRA (rank 8 on the language model, seeded), batch and accumulation for every
+path, fp32, one torch thread per process (on a shared 2-core machine two threads mostly wait for
+each other). Each path runs in its own process, so its peak RSS is its own:
+
+(a) TRL 1.16 ``DPOTrainer``, its fastest valid settings for vision data: a pre-wrapped PeftModel
+    (reference = adapter off), gradient checkpointing off, no precomputed reference (TRL refuses it
+    for images), padding-free off (disabled in 1.16);
+(b) ``PreferenceStep``: the plain pair forward (chosen and rejected separately, reference live);
+(c) ``FastPreferenceStep`` in steady state: reference log-probs precomputed (time shown apart) and
+    vision outputs from the disk cache, measured on the second epoch; (c1) the same on the first
+    epoch without caches (images once per step, shared by policy and reference; reference live);
+(d) the floor: the bare LoRA model's forward + backward + AdamW over ``prompt|chosen|rejected``
+    as one plain causal sequence, batches encoded beforehand, nothing around it.
+
+Step time runs from the end of one optimizer step to the end of the next (data, forward, backward,
+optimizer), warm-up steps excluded.
+
+The first-step loss is log 2 on every path (LoRA's B starts at zero, so policy = reference; TRL
+1.16 given a PeftModel even makes its reference a copy of the initial adapter, so a randomised
+adapter would not compare). The first-step mean log-prob of the chosen answers checks that all
+paths score the same tokens: TRL's is lower by one token's worth, the newline the chat template
+writes after ``<|im_end|>``, which TRL scores and ``vlmrl.batch`` deliberately leaves out. Work per pair is counted by forward hooks on the vision tower
+(images encoded) and the token embedding (image tokens = prompt passes through the language model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {  # size: (image side, pairs per batch, warm-up steps, measured steps)
+    "tiny": (112, 4, 2, 10),
+    "small": (224, 2, 1, 4),
+}
+PATHS = ("trl", "plain", "fast1", "fast", "floor")
+LORA = dict(rank=8, alpha=16)
+LR = 1e-4
+MAX_LENGTH = 1024
+
+
+# --- worker: one path in its own process ------------------------------------------------------
+
+
+def worker(args) -> dict:
+    import torch
+
+    from vlmrl.data.formats import read_records
+    from vlmrl.models.load import add_lora, load_model
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model)
+    torch.manual_seed(0)
+    model = add_lora(model, **LORA)
+    records = read_records(args.data)
+    counter = WorkCounter(model, processor)
+    batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
+    run = {"trl": run_trl, "plain": run_plain, "fast1": run_fast, "fast": run_fast, "floor": run_floor}[args.path]
+    result = run(args, model, processor, batches, counter)
+    n_pairs = args.batch * args.steps
+    result.update(
+        pairs_per_s=n_pairs / result["cpu_seconds"],
+        step_s=result["cpu_seconds"] / args.steps,
+        wall_step_s=result["seconds"] / args.steps,
+        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **counter.per_pair(),
+    )
+    return result
+
+
+class WorkCounter:
+    """Images through the vision tower and image tokens through the language model (forward hooks)."""
+
+    def __init__(self, model, processor):
+        from vlmrl.forward.shared_prefix import unwrap
+
+        inner = unwrap(model).model
+        self.image_token = unwrap(model).config.image_token_id
+        self.images = self.image_tokens = self.tokens = 0
+        self.pairs = 0
+        self.pad = processor.tokenizer.pad_token_id
+        inner.visual.register_forward_pre_hook(self._vision, with_kwargs=True)
+        inner.language_model.embed_tokens.register_forward_hook(self._embed)
+        self.tokens_per_image = None
+
+    def _vision(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.images += len(grid)
+        self.tokens_per_image = int(grid[0].prod()) // 4
+
+    def _embed(self, module, args, output):
+        ids = args[0]
+        self.image_tokens += int((ids == self.image_token).sum())
+        self.tokens += int((ids != self.pad).sum())
+
+    def start(self, pairs: int):
+        self.images = self.image_tokens = self.tokens = 0
+        self.pairs = pairs
+
+    def per_pair(self) -> dict:
+        n = max(self.pairs, 1)
+        per_image = self.tokens_per_image or 1
+        return {
+            "vision_per_pair": self.images / n,
+            "prompt_passes_per_pair": self.image_tokens / per_image / n,
+            "lm_tokens_per_pair": self.tokens / n,
+        }
+
+
+def timed_loop(args, step_fn, batches, counter) -> dict:
+    """Warm-up steps, then measured steps; each step's batch cycles through ``batches``."""
+    first = None
+    for i in range(args.warmup):
+        out = step_fn(batches[i % len(batches)])
+        first = first or out
+    counter.start(args.batch * args.steps)
+    start = _now()
+    for i in range(args.steps):
+        out = step_fn(batches[(args.warmup + i) % len(batches)])
+        first = first or out
+    return {**_since(start), "first_loss": first[0], "first_logps_chosen": first[1]}
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> dict:
+    """Wall seconds and this process's CPU seconds (the figure that other load on the machine leaves alone)."""
+    wall, cpu = _now()
+    return {"seconds": wall - start[0], "cpu_seconds": cpu - start[1]}
+
+
+def optimizer_step(model):
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step(loss):
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def run_plain(args, model, processor, batches, counter) -> dict:
+    from vlmrl.config import LossConfig
+    from vlmrl.train.steps import PreferenceStep
+
+    step = PreferenceStep(model, processor, MAX_LENGTH, LossConfig(name="dpo"))
+    update = optimizer_step(model)
+
+    def one(records):
+        loss, metrics = step.loss_and_metrics(step.encode(records))
+        update(loss)
+        return loss.item(), metrics["logps/chosen"]
+
+    return timed_loop(args, one, batches, counter)
+
+
+def run_fast(args, model, processor, batches, counter) -> dict:
+    from vlmrl.config import LossConfig
+    from vlmrl.forward.ref_cache import precompute_reference
+    from vlmrl.train.fast_step import FastPreferenceStep
+
+    cached = args.path == "fast"
+    extra, ref_seconds = {}, None
+    if cached:
+        start = time.perf_counter()
+        records = [r for batch in batches for r in batch]
+        ref = precompute_reference(model, processor, records, MAX_LENGTH, cache_dir=Path(args.work) / "ref-cache",
+                                   batch_size=args.batch)
+        ref_seconds = time.perf_counter() - start
+        extra = dict(reference_logps=ref, vision_cache_dir=Path(args.work) / "vision-cache")
+    step = FastPreferenceStep(model, processor, MAX_LENGTH, LossConfig(name="dpo"), **extra)
+    update = optimizer_step(model)
+
+    def one(records):
+        loss, metrics = step.loss_and_metrics(step.encode(records))
+        update(loss)
+        return loss.item(), metrics["logps/chosen"]
+
+    if cached:  # steady state = a later epoch: the first epoch (images cached) is the warm-up
+        args.warmup = max(args.warmup, len(batches))
+    result = timed_loop(args, one, batches, counter)
+    result["ref_precompute_s"] = ref_seconds
+    return result
+
+
+def run_floor(args, model, processor, batches, counter) -> dict:
+    """The bare model over ``prompt|chosen|rejected`` as one causal sequence; answer-token CE loss."""
+    import torch
+
+    from vlmrl.batch import encode_pairs
+    from vlmrl.forward.shared_prefix import CHOSEN, REJECTED, pack_pairs
+
+    inputs = []
+    for records in batches:
+        pairs = encode_pairs(records, processor, MAX_LENGTH)
+        packed = pack_pairs(pairs, processor.tokenizer.pad_token_id)
+        answers = (packed.segments == CHOSEN) | (packed.segments == REJECTED)
+        mm_types = torch.zeros_like(packed.input_ids)
+        width = pairs.chosen["mm_token_type_ids"].shape[1]
+        mm_types[:, : min(width, mm_types.shape[1])] = pairs.chosen["mm_token_type_ids"][:, : mm_types.shape[1]]
+        inputs.append(
+            dict(
+                input_ids=packed.input_ids,
+                attention_mask=(packed.segments != 0).long(),
+                mm_token_type_ids=mm_types,
+                pixel_values=pairs.chosen["pixel_values"],
+                image_grid_thw=pairs.chosen["image_grid_thw"],
+                labels=packed.input_ids.masked_fill(~answers, -100),
+            )
+        )
+    update = optimizer_step(model)
+    model.train()
+
+    def one(batch):
+        loss = model(**batch, use_cache=False).loss  # cross-entropy on the answers: not a DPO loss
+        update(loss)
+        return loss.item(), None
+
+    return timed_loop(args, one, inputs, counter)
+
+
+def run_trl(args, model, processor, batches, counter) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from vlmrl.batch import load_images
+
+    records = [r for batch in batches for r in batch]
+    rows = {
+        "prompt": [r.prompt for r in records],
+        "chosen": [[{"role": "assistant", "content": [{"type": "text", "text": r.chosen}]}] for r in records],
+        "rejected": [[{"role": "assistant", "content": [{"type": "text", "text": r.rejected}]}] for r in records],
+        "images": [load_images(r) for r in records],
+    }
+    dataset = Dataset.from_dict(rows)
+    total = args.warmup + args.steps
+    config = DPOConfig(
+        output_dir=str(Path(args.work) / "trl"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=total,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        max_length=MAX_LENGTH,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        seed=0,
+        disable_tqdm=True,
+    )
+    clock = _step_clock(args.warmup, counter, args.batch * args.steps)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
+                         callbacks=[clock])
+    trainer.train()
+    return {**clock.times, "first_loss": clock.first_loss, "first_logps_chosen": clock.first_logps}
+
+
+def _step_clock(warmup: int, counter: WorkCounter, pairs: int):
+    """A TrainerCallback timing optimizer steps after the warm-up, and keeping the first logged loss."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        start = None
+        times = None
+        first_loss = None
+        first_logps = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                counter.start(pairs)
+                self.start = _now()
+            elif state.global_step > warmup:
+                self.times = _since(self.start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.first_loss is None and logs and "loss" in logs:
+                self.first_loss, self.first_logps = float(logs["loss"]), float(logs["logps/chosen"])
+
+    return StepClock()
+
+
+# --- driver: build models and data, run every path, print the table ---------------------------
+
+
+def build(work: Path, size: str, n_pairs: int) -> tuple[Path, Path]:
+    from vlmrl.data.synth import synth_pairs_file
+    from vlmrl.models.tiny import build_tiny
+
+    model = build_tiny("qwen2-vl", work / f"model-{size}", size=size, seed=0)
+    data = synth_pairs_file(work / f"data-{size}", n_images=n_pairs, seed=0, image_size=CONFIGS[size][0])
+    return model, data
+
+
+def run_path(path: str, size: str, model: Path, data: Path, work: Path, threads: int) -> dict:
+    import os
+
+    _, batch, warmup, steps = CONFIGS[size]
+    command = [sys.executable, __file__, "--worker", path, "--model", str(model), "--data", str(data),
+               "--work", str(work / f"{size}-{path}"), "--batch", str(batch), "--warmup", str(warmup),
+               "--steps", str(steps), "--threads", str(threads)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-3000:])
+        return {"error": f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_table(size: str, results: dict) -> None:
+    _, batch, warmup, steps = CONFIGS[size]
+    names = {"trl": "(a) TRL DPOTrainer", "plain": "(b) plain step", "fast1": "(c1) fast, epoch 1",
+             "fast": "(c) fast, cached", "floor": "(d) floor"}
+    print(f"\n{size}: batch {batch} pairs, accumulation 1, {warmup} warm-up + {steps} measured steps, fp32 CPU, "
+          "times in process CPU seconds (wall s beside them)")
+    header = (
+        f"{'path':<20} {'pairs/s':>8} {'step s':>8} {'wall s':>7} {'RSS MiB':>8} {'1st loss':>9} "
+        f"{'1st logp(c)':>11} {'vision/pair':>11} {'prompt passes/pair':>18} {'LM tokens/pair':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for path in PATHS:
+        r = results[path]
+        if "error" in r:
+            print(f"{names[path]:<20} {r['error']}")
+            continue
+        cells = [
+            f"{names[path]:<20}",
+            f"{r['pairs_per_s']:>8.2f}",
+            f"{r['step_s']:>8.3f}",
+            f"{r['wall_step_s']:>7.3f}",
+            f"{r['rss_mib']:>8.0f}",
+            f"{_num(r['first_loss'], path != 'floor'):>9}",
+            f"{_num(r['first_logps_chosen']):>11}",
+            f"{r['vision_per_pair']:>11.2f}",
+            f"{r['prompt_passes_per_pair']:>18.2f}",
+            f"{r['lm_tokens_per_pair']:>14.1f}",
+        ]
+        print(" ".join(cells))
+    if all("error" not in results[p] for p in PATHS):
+        fast, trl, plain, floor = (results[p] for p in ("fast", "trl", "plain", "floor"))
+        print(f"(c)/(a) speed {fast['pairs_per_s'] / trl['pairs_per_s']:.2f}x   "
+              f"(c)/(b) speed {fast['pairs_per_s'] / plain['pairs_per_s']:.2f}x   "
+              f"(c1)/(a) speed {results['fast1']['pairs_per_s'] / trl['pairs_per_s']:.2f}x   "
+              f"step time (c)/(d) {fast['step_s'] / floor['step_s']:.2f}   "
+              f"RSS (c)/(a) {fast['rss_mib'] / trl['rss_mib']:.2f}")
+        n = batch * steps
+        print(f"reference precompute for (c): {fast['ref_precompute_s']:.2f} s for {n} pairs, once "
+              "(reused across epochs and runs)")
+
+
+def _num(value, show: bool = True) -> str:
+    return f"{value:.4f}" if show and value is not None else "-"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    for name in ("--model", "--data", "--work"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    for name in ("--batch", "--warmup", "--steps"):
+        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.path = args.worker
+        print(json.dumps(worker(args)))
+        return
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dpo-speed-") as tmp:
+        work = Path(tmp)
+        for size in args.configs:
+            _, batch, _, steps = CONFIGS[size]
+            model, data = build(work, size, batch * steps)
+            results = {path: run_path(path, size, model, data, work, args.threads) for path in PATHS}
+            print_table(size, results)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
