@@ -246,7 +246,7 @@ def _shared_layout(base, batch: GroupBatch) -> _SharedLayout:
             # Token 0 is predicted by the prompt's last position, token t by the block's t-1.
             pred = torch.arange(start - 1, start - 1 + batch.completion_ids.shape[1], device=device)
             pred[0] = p - 1
-            predictors.append(pred.clamp(max=start + max(n, 1) - 1))
+            predictors.append(pred.clamp(max=max(start + n - 1, p - 1)))  # padding: any position of the row
             start += n
         rows.append(torch.cat(pieces))
         positions.append(torch.cat(piece_pos, dim=1))
