@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlmrl.errors import VlmrlError
+from vlmrl.train.grpo import GrpoConfig
 
 LossName = Literal["dpo", "dpop", "ipo", "hinge", "robust", "simpo"]
 
@@ -53,6 +54,8 @@ class DataConfig(_Section):
     format: str | None = None  # None: detected from the file
     max_length: int = Field(default=1024, gt=0)
     skip_bad: bool = False
+    # Vision outputs cached on disk per image across epochs (frozen vision tower and merger only).
+    cache_vision: bool = False
 
 
 class LossConfig(_Section):
@@ -78,7 +81,11 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    algo: Literal["sft", "dpo"] = "dpo"
+    algo: Literal["sft", "dpo", "grpo"] = "dpo"
+    # dpo: the fast pair forward (image once, shared prompt; exact, falls back where unsupported)
+    fast_path: bool = True
+    # dpo: reference log-probs computed once before training and cached (keyed by model + data)
+    precompute_ref: bool = False
     output_dir: Path = Path("runs/train")
     lr: float = Field(default=5e-6, gt=0)
     epochs: float = Field(default=1.0, gt=0)
@@ -107,6 +114,7 @@ class Config(_Section):
     data: DataConfig
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    grpo: GrpoConfig = GrpoConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

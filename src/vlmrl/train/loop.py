@@ -1,4 +1,4 @@
-"""The training loop of ``vlmrl train``: SFT and the DPO family on accelerate, one process or many.
+"""The training loop of ``vlmrl train``: SFT, the DPO family and GRPO on accelerate, one process or many.
 
     vlmrl train --algo dpo --config configs/demo-cpu.yaml                     # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml -m vlmrl train --algo dpo --config FILE
@@ -36,6 +36,9 @@ from vlmrl.train import checkpoint
 from vlmrl.train.metrics_log import MetricsLog
 from vlmrl.train.order import batches_per_epoch, micro_batch_indices
 from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
+from vlmrl.forward.ref_cache import precompute_reference
+from vlmrl.train.fast_step import FastPreferenceStep
+from vlmrl.train.grpo import GrpoStep
 from vlmrl.train.steps import PreferenceStep, SftStep
 
 
@@ -111,13 +114,31 @@ class Trainer:
         if reference is not None:
             reference = reference.to(self.accelerator.device)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        self.step_fn = self._make_step(reference, unwrapped)
+
+    def _make_step(self, reference, unwrapped):
+        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), or GRPO."""
+        c, t = self.config, self.config.train
+        max_length = c.data.max_length
         if t.algo == "sft":
-            self.step_fn = SftStep(self.model, self.processor, self.config.data.max_length)
-        else:
-            loss = self.config.loss
-            self.step_fn = PreferenceStep(
-                self.model, self.processor, self.config.data.max_length, loss, reference, unwrapped
+            return SftStep(self.model, self.processor, max_length)
+        if t.algo == "grpo":
+            return GrpoStep(self.model, self.processor, c.grpo, reference, unwrapped)
+        if not t.fast_path and not c.data.cache_vision and not t.precompute_ref:
+            return PreferenceStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
+        caches = self.out.parent
+        reference_logps = None
+        needs_reference = not c.loss.reference_free and c.loss.name != "simpo"
+        if t.precompute_ref and needs_reference:
+            reference_logps = precompute_reference(
+                unwrapped, self.processor, self.train_records, max_length, cache_dir=caches / "ref-cache",
+                batch_size=t.batch_size, reference=reference,
             )
+        return FastPreferenceStep(
+            self.model, self.processor, max_length, c.loss, reference=reference, unwrapped=unwrapped,
+            fast_path=t.fast_path, vision_cache_dir=caches / "vision-cache" if c.data.cache_vision else None,
+            reference_logps=reference_logps,
+        )
 
     def _check_geometry(self) -> None:
         t = self.config.train
@@ -237,6 +258,8 @@ class Trainer:
         model = acc.unwrap_model(self.model)  # no distributed wrapper: shards may differ in size
         model.eval()
         mine = self.eval_records[acc.process_index :: self.world]
+        if t.algo == "grpo":
+            return self._evaluate_exact_match(model, mine)
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, accuracy, pairs
         for start in range(0, len(mine), t.batch_size):
             records = mine[start : start + t.batch_size]
@@ -252,6 +275,27 @@ class Trainer:
         if t.algo == "dpo":
             result["eval/rewards/accuracies"] = (sums[1] / sums[2]).item()
         return result
+
+    def _evaluate_exact_match(self, model, records) -> dict[str, float]:
+        """GRPO's held-out check: greedy answers scored by the counting task.
+
+        ``eval/loss`` is ``1 - eval/exact_match`` so that early stopping reads it like a loss.
+        """
+        from vlmrl.generate import generate
+        from vlmrl.tasks.counting import CountingTask
+
+        acc = self.accelerator
+        answers = generate(model, self.processor, [(r.images, r.prompt) for r in records],
+                           self.config.grpo.max_new_tokens, batch_size=max(8, self.config.train.batch_size))
+        hits = 0.0
+        for record, answer in zip(records, answers):
+            gold = record.metadata["counts"]
+            task = CountingTask(tuple(gold))
+            hits += task.score(task.parse(answer), gold).exact
+        sums = acc.reduce(torch.tensor([hits, len(records)], dtype=torch.float64, device=acc.device), reduction="sum")
+        model.train()
+        em = (sums[0] / sums[1]).item()
+        return {"eval/exact_match": em, "eval/loss": 1.0 - em}
 
     def _early_stop(self, eval_loss: float) -> bool:
         best = self.state["best_eval_loss"]

@@ -38,7 +38,10 @@ def build_model(config: Config):
         return model, processor, None
     freeze_for_full_finetuning(model, lora.vision, lora.merger)
     loss = config.loss
-    needs_reference = config.train.algo == "dpo" and not loss.reference_free and loss.name != "simpo"
+    algo = config.train.algo
+    needs_reference = (algo == "dpo" and not loss.reference_free and loss.name != "simpo") or (
+        algo == "grpo" and config.grpo.beta > 0
+    )
     return model, processor, frozen_copy(model) if needs_reference else None
 
 
