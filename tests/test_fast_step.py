@@ -135,10 +135,22 @@ def test_training_curves_agree(tiny_qwen25_dir, synth_pairs_file):
 
 
 def test_bf16_within_documented_tolerance(tiny_model_dir, synth_pairs_file):
-    """bf16: 8 mantissa bits, so summed log-probs agree to about 1% (the fp32 softmax keeps it there)."""
+    """bf16 (8 mantissa bits): the two paths round differently (other shapes, other sums), so the
+    documented tolerance is 2e-2 on a summed answer log-prob (~-135 here; measured ~1e-3) and 1e-3
+    on the loss (measured ~4e-5); the softmax is fp32 on both paths, which keeps it that small."""
+    from vlmrl.batch import encode_pairs
+    from vlmrl.forward.plain import pair_logps
+    from vlmrl.forward.shared_prefix import pack_pairs, packed_logps
+
     model, processor = lora_model(tiny_model_dir, dtype="bfloat16")
     records = mixed_records(synth_pairs_file)
+    pairs = encode_pairs(records, processor, 512)
+    with torch.no_grad():
+        plain = pair_logps(model, pairs)
+        fast = packed_logps(model, pack_pairs(pairs, processor.tokenizer.pad_token_id))
+    torch.testing.assert_close(fast.chosen, plain.chosen, atol=2e-2, rtol=0)
+    torch.testing.assert_close(fast.rejected, plain.rejected, atol=2e-2, rtol=0)
     loss = LossConfig(name="dpo")
     plain_loss, _, _ = loss_and_grads(PreferenceStep(model, processor, 512, loss), records)
     fast_loss, _, _ = loss_and_grads(FastPreferenceStep(model, processor, 512, loss), records)
-    torch.testing.assert_close(fast_loss.float(), plain_loss.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast_loss.float(), plain_loss.float(), atol=1e-3, rtol=0)
