@@ -25,15 +25,6 @@ TRL_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
              "logps/chosen", "logps/rejected", "lr", "grad_norm", "step", "epoch", "pairs_per_s"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one state per process, fixed by the first Accelerator (mixed precision
-    included); each training run here stands for a new process, so the state is reset after it."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
 
 def raw_config(model_dir, data, out, **train) -> dict:
     return {

@@ -1,0 +1,68 @@
+"""`vlmrl train --algo grpo` through the real loop, and the fast and plain preference paths giving one curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from vlmrl.cli import main
+from vlmrl.config import validate_config
+from vlmrl.train.fast_step import FastPreferenceStep
+from vlmrl.train.loop import Trainer
+from vlmrl.train.steps import PreferenceStep
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_from_the_cli_logs_rewards_and_held_out_exact_match(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
+    run = tmp_path / "grpo"
+    args = ["train", "--algo", "grpo", "--config", str(CONFIGS / "demo-cpu.yaml"),
+            f"model.name_or_path={tiny_model_dir}", f"data.train={synth_pairs_file}",
+            f"data.eval={synth_pairs_file}", f"train.output_dir={run}", "train.max_steps=2",
+            "train.batch_size=2", "train.grad_accum=1", "train.eval_every=2", "train.save_every=2",
+            "train.progress=false", "grpo.group_size=4", "grpo.max_new_tokens=8", "grpo.beta=0.05"]
+    assert main(args) == 0
+    assert "final model" in capsys.readouterr().out
+    logged = rows(run)
+    train = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for name in ("reward", "em_rate", "kl", "clip_fraction", "completion_length", "entropy",
+                 "frac_zero_std_groups", "rewards/count_exact/mean", "rewards/count_format/mean"):
+        assert name in train[0], name
+        assert math.isfinite(train[-1][name]), name
+    evals = [r for r in logged if "eval/exact_match" in r]
+    assert len(evals) == 1 and 0.0 <= evals[0]["eval/exact_match"] <= 1.0
+    assert math.isclose(evals[0]["eval/loss"], 1.0 - evals[0]["eval/exact_match"])
+    assert (run / "final" / "adapter_config.json").is_file()
+
+
+def _run(model_dir, data, out, **train) -> list[dict]:
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {"train": str(data), "max_length": 128},
+        "loss": {"name": "dpop", "dpop_lambda": 5.0},
+        "train": {"output_dir": str(out), "lr": 1e-2, "max_steps": 3, "batch_size": 3, "schedule": "constant",
+                  "progress": False, **train},
+    }
+    trainer = Trainer(validate_config(raw))
+    expected = FastPreferenceStep if (train.get("fast_path", True) or train.get("precompute_ref")) else PreferenceStep
+    assert type(trainer.step_fn) is expected
+    trainer.train()
+    return [r for r in rows(Path(out)) if "loss" in r]
+
+
+def test_fast_path_and_cached_reference_give_the_plain_loss_curve(tiny_model_dir, synth_pairs_file, tmp_path):
+    plain = _run(tiny_model_dir, synth_pairs_file, tmp_path / "plain", fast_path=False)
+    fast = _run(tiny_model_dir, synth_pairs_file, tmp_path / "fast", fast_path=True)
+    cached = _run(tiny_model_dir, synth_pairs_file, tmp_path / "cached", fast_path=True, precompute_ref=True)
+    assert (tmp_path / "ref-cache").is_dir()
+    for other in (fast, cached):
+        for a, b in zip(plain, other):
+            for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+                assert math.isclose(a[name], b[name], rel_tol=1e-4, abs_tol=1e-5), (a["step"], name, a[name], b[name])
