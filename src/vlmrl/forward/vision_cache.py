@@ -88,6 +88,16 @@ def encode_pairs_cached(
     )
 
 
+def encode_sft_cached(
+    records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache
+) -> dict:
+    """``vlmrl.batch.encode_sft``, reading each record's processor output from ``cache``."""
+    _check_not_empty(records)
+    items = [cache.get(r, processor, max_length) for r in records]
+    prompts = [item.prompt for item in items]
+    return {**_collate(prompts, [i.chosen for i in items], processor, max_length), **_vision(prompts)}
+
+
 def _encode_record(record: PreferenceRecord, processor, max_length: int) -> _RecordEncoding:
     prompt = _encode_prompt(record, processor, max_length)
     n_bytes = sum(t.numel() * t.element_size() for t in prompt.vision.values())

@@ -17,9 +17,10 @@ import contextlib
 
 import torch
 
-from vlmrl.batch import encode_pairs, encode_sft
+from vlmrl.batch import encode_pairs
 from vlmrl.config import LossConfig
 from vlmrl.forward.plain import pair_logps, sequence_logps
+from vlmrl.forward.vision_cache import EncodedRecordCache, encode_sft_cached
 from vlmrl.losses.preference import nll, preference_loss, preference_metrics
 from vlmrl.models.load import reference_mode
 
@@ -27,13 +28,15 @@ from vlmrl.models.load import reference_mode
 class SftStep:
     """Supervised fine-tuning on the chosen answers."""
 
-    def __init__(self, model, processor, max_length: int):
+    def __init__(self, model, processor, max_length: int, encode_cache: EncodedRecordCache | None = None):
         self.model = model
         self.processor = processor
         self.max_length = max_length
+        # Each record's processor output is kept, so a record seen again is not decoded again.
+        self.encode_cache = encode_cache if encode_cache is not None else EncodedRecordCache()
 
     def encode(self, records, device="cpu") -> dict:
-        inputs = encode_sft(records, self.processor, self.max_length)
+        inputs = encode_sft_cached(records, self.processor, self.max_length, self.encode_cache)
         return {k: v.to(device) for k, v in inputs.items()}
 
     def loss_and_metrics(self, batch: dict, model=None) -> tuple[torch.Tensor, dict[str, float]]:
