@@ -154,3 +154,25 @@ def test_bf16_within_documented_tolerance(tiny_model_dir, synth_pairs_file):
     plain_loss, _, _ = loss_and_grads(PreferenceStep(model, processor, 512, loss), records)
     fast_loss, _, _ = loss_and_grads(FastPreferenceStep(model, processor, 512, loss), records)
     torch.testing.assert_close(fast_loss.float(), plain_loss.float(), atol=1e-3, rtol=0)
+
+
+def test_plain_forward_still_uses_precomputed_reference(setup):
+    model, processor, records = setup
+    loss = LossConfig(name="ipo")
+    ref = precompute_reference(model, processor, records, 512, batch_size=4)
+    step = FastPreferenceStep(model, processor, 512, loss, fast_path=False, reference_logps=ref)
+    plain_loss, _, plain_grads = loss_and_grads(PreferenceStep(model, processor, 512, loss), records)
+    step_loss, _, step_grads = loss_and_grads(step, records)
+    assert not step.fast and step.stats.passes == 2  # chosen and rejected policy passes, no reference pass
+    torch.testing.assert_close(step_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(step_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_vision_cache_refused_for_a_trained_tower(tiny_model_dir, tmp_path):
+    from vlmrl.errors import VlmrlError
+
+    model, processor = load_model(tiny_model_dir)
+    model = add_lora(model, rank=4, alpha=8, train_merger=True)
+    with pytest.raises(VlmrlError, match="frozen vision tower"):
+        FastPreferenceStep(model, processor, 512, LossConfig(name="dpo"), vision_cache_dir=tmp_path)

@@ -2,7 +2,7 @@
 
 ``FastPreferenceStep`` has the two methods of ``PreferenceStep`` (``encode(records)`` and
 ``loss_and_metrics(batch, model=None)``) and gives the same losses, metrics and gradients (fp32:
-within 1e-5, ``tests/test_fast_step.py``); it holds a ``PreferenceStep`` for what it does not change.
+within 1e-5, ``tests/test_fast_step.py``); the plain forward stays its fallback.
 Per pair and step, against the plain step's 4 vision passes and 4 prompt passes:
 
 - the vision tower runs once per image (shared by policy and reference when the tower is frozen),
@@ -54,7 +54,8 @@ from pathlib import Path
 import torch
 
 from vlmrl.config import LossConfig
-from vlmrl.forward.plain import ForwardStats, PairLogps
+from vlmrl.errors import VlmrlError
+from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
 from vlmrl.forward.ref_cache import ReferenceLogps
 from vlmrl.forward.shared_prefix import (
     PackedPairs,
@@ -72,13 +73,17 @@ from vlmrl.forward.vision_cache import (
 )
 from vlmrl.losses.preference import preference_loss, preference_metrics
 from vlmrl.models.load import reference_mode
-from vlmrl.train.steps import PreferenceStep, _eval_mode
+from vlmrl.train.steps import _eval_mode
 
 _warned: set[str] = set()
 
 
 class FastPreferenceStep:
-    """A DPO-family step on packed pairs; same constructor as ``PreferenceStep`` plus the caches."""
+    """A DPO-family step on packed pairs; same constructor as ``PreferenceStep`` plus the caches.
+
+    ``fast_path=False`` keeps the plain two-sided forward but still uses ``reference_logps`` and the
+    in-memory encoding cache; the vision cache needs the fast path (it is ignored, with a warning).
+    """
 
     def __init__(
         self,
@@ -94,24 +99,30 @@ class FastPreferenceStep:
         reference_logps: ReferenceLogps | None = None,
         encode_cache: EncodedRecordCache | None = None,
     ):
-        self.plain = PreferenceStep(model, processor, max_length, loss, reference=reference, unwrapped=unwrapped)
         self.model = model
         self.processor = processor
         self.max_length = max_length
         self.loss = loss
         self.reference = reference
-        self.unwrapped = self.plain.unwrapped
-        self.needs_reference = self.plain.needs_reference
+        self.unwrapped = unwrapped if unwrapped is not None else model
+        self.needs_reference = not loss.reference_free and loss.name != "simpo"
         self.reference_logps = reference_logps
         self.encode_cache = encode_cache or EncodedRecordCache()
         self.stats = ForwardStats()
-        self.fast = fast_path and self._fast_supported()
+        self.fast = fast_path and self._fast_supported(model, reference)
         # The policy's and the reference's vision outputs are the same function when nothing in the
         # tower trains and the reference is the policy with its adapter off.
         self.share_vision = self.fast and reference is None and vision_is_frozen(self.unwrapped)
         self.vision_cache = None
-        if self.fast and vision_cache_dir is not None:
+        if vision_cache_dir is not None and self.share_vision:
             self.vision_cache = VisionFeatureCache(vision_cache_dir, self.unwrapped, processor)
+        elif vision_cache_dir is not None and not self.fast:
+            _warn_once("the vision cache needs the fast pair forward; images are encoded every step")
+        elif vision_cache_dir is not None:
+            raise VlmrlError(
+                "data.cache_vision needs a frozen vision tower and merger and the reference to be the policy "
+                "with its adapter off (lora.vision=frozen, lora.merger=false, lora.enabled=true)"
+            )
 
     def encode(self, records, device="cpu"):
         pairs = encode_pairs_cached(records, self.processor, self.max_length, self.encode_cache)
@@ -123,12 +134,15 @@ class FastPreferenceStep:
         return packed.to(device)
 
     def loss_and_metrics(self, batch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
-        if not self.fast:
-            return self.plain.loss_and_metrics(batch, model)
-        if model is not None and model is not self.model and not self._fast_supported(model):
-            return self.plain.loss_and_metrics(batch.pairs, model)  # e.g. a DistributedDataParallel wrapper
-        features = self._frozen_features(batch)
-        policy = packed_logps(model or self.model, batch, features, self.stats)
+        model = model or self.model
+        if isinstance(batch, PackedPairs) and model is not self.model and not self._fast_supported(model):
+            batch = batch.pairs  # e.g. a DistributedDataParallel wrapper: the plain forward goes through it
+        features = None
+        if isinstance(batch, PackedPairs):
+            features = self._frozen_features(batch)
+            policy = packed_logps(model, batch, features, self.stats)
+        else:
+            policy = pair_logps(model, batch, self.stats)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref = self._reference_logps(batch, features)
@@ -152,15 +166,11 @@ class FastPreferenceStep:
         return loss, metrics
 
     def _fast_supported(self, *models) -> bool:
-        models = models or (self.model, self.reference)
         reasons = [unsupported_reason(m) for m in models if m is not None]
         reason = next((r for r in reasons if r is not None), None)
-        if reason is None:
-            return True
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"fast pair forward off, using the plain one: {reason}", stacklevel=3)
-        return False
+        if reason is not None:
+            _warn_once(f"fast pair forward off, using the plain one: {reason}")
+        return reason is None
 
     def _frozen_features(self, batch: PackedPairs):
         """Vision outputs computed once without gradients, for both policy and reference; or None."""
@@ -171,13 +181,22 @@ class FastPreferenceStep:
         with torch.no_grad():
             return encode_images(self.unwrapped, batch, self.stats)
 
-    def _reference_logps(self, batch: PackedPairs, features) -> PairLogps:
+    def _reference_logps(self, batch, features) -> PairLogps:
         cached = self.reference_logps
         if cached is not None and all(rid in cached for rid in batch.ids):
-            return cached.lookup(batch.ids, device=batch.input_ids.device)
+            device = batch.input_ids.device if isinstance(batch, PackedPairs) else batch.chosen["input_ids"].device
+            return cached.lookup(batch.ids, device=device)
         if self.reference is not None:
             context, model = torch.no_grad(), self.reference
         else:
             context, model = reference_mode(self.unwrapped), self.unwrapped
         with context, _eval_mode(model):
-            return packed_logps(model, batch, features if self.share_vision else None, self.stats)
+            if isinstance(batch, PackedPairs):
+                return packed_logps(model, batch, features if self.share_vision else None, self.stats)
+            return pair_logps(model, batch, self.stats)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
