@@ -101,3 +101,14 @@ def test_config_validate_command(tmp_path, capsys):
     assert "lr: 2.0e-05" in out and "valid" in out
     assert main(["config", "validate", str(path), "train.lrr=1"]) == 2
     assert "did you mean train.lr?" in capsys.readouterr().err
+
+
+def test_vision_cache_needs_a_frozen_tower():
+    from vlmrl.config import validate_config
+    from vlmrl.errors import VlmrlError
+
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", "cache_vision": True}}
+    assert validate_config(raw).data.cache_vision
+    for lora in ({"vision": "lora"}, {"merger": True}):
+        with pytest.raises(VlmrlError, match="cache_vision"):
+            validate_config({**raw, "lora": lora})

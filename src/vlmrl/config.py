@@ -124,6 +124,9 @@ class Config(_Section):
             raise ValueError(
                 "loss.reference_free cannot be used with dpop: its penalty is measured against the reference"
             )
+        if self.data.cache_vision and (self.lora.vision != "frozen" or self.lora.merger):
+            raise ValueError("data.cache_vision stores the vision tower's output, so it needs a frozen tower: "
+                             "set lora.vision=frozen and lora.merger=false, or data.cache_vision=false")
         if self.model.quantization == "4bit" and not self.lora.enabled:
             raise ValueError("model.quantization=4bit (QLoRA) trains LoRA adapters only: set lora.enabled=true")
         return self

@@ -130,10 +130,12 @@ class Trainer:
         reference_logps = None
         needs_reference = not c.loss.reference_free and c.loss.name != "simpo"
         if t.precompute_ref and needs_reference:
-            reference_logps = precompute_reference(
-                unwrapped, self.processor, self.train_records, max_length, cache_dir=caches / "ref-cache",
-                batch_size=t.batch_size, reference=reference,
-            )
+            # The main process writes the cache first; the others then read it instead of recomputing.
+            with self.accelerator.main_process_first():
+                reference_logps = precompute_reference(
+                    unwrapped, self.processor, self.train_records, max_length, cache_dir=caches / "ref-cache",
+                    batch_size=t.batch_size, reference=reference,
+                )
         return FastPreferenceStep(
             self.model, self.processor, max_length, c.loss, reference=reference, unwrapped=unwrapped,
             fast_path=t.fast_path, vision_cache_dir=caches / "vision-cache" if c.data.cache_vision else None,
