@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmrl.errors import VlmrlError
-from vlmrl.train.grpo import GrpoConfig
 
 LossName = Literal["dpo", "dpop", "ipo", "hinge", "robust", "simpo"]
 
@@ -106,6 +105,45 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(default=None, gt=0)  # evaluations without improvement
     resume: Literal["no", "auto"] = "no"
     progress: bool = True
+
+
+class RewardSpec(BaseModel):
+    """One reward function and its weight in the sum: a built-in name or ``package.module:function``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    weight: float = 1.0
+
+
+class GrpoConfig(BaseModel):
+    """The ``grpo:`` section (``--algo grpo``; see ``vlmrl.train.grpo``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    group_size: int = Field(default=8, ge=2)  # completions per prompt (G)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=48, gt=0)
+    beta: float = Field(default=0.0, ge=0)  # KL coefficient; 0: no reference pass
+    clip_eps: float = Field(default=0.2, gt=0)
+    clip_eps_high: float | None = Field(default=None, gt=0)  # DAPO's clip-higher; None: clip_eps
+    scale_rewards: Literal["std", "none"] = "std"  # none: Dr. GRPO
+    normalize: Literal["token", "sequence", "constant"] = "token"
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="count_exact"), RewardSpec(name="count_format", weight=0.1)],
+        min_length=1,
+    )
+    # One update per batch of samples; several would need the loop to replay a generation batch.
+    num_iterations: int = Field(default=1, ge=1, le=1)
+    shared_prompt: bool = True  # one prompt | c1 | ... | cG row per group (eager/sdpa attention)
+    backend: Literal["transformers", "vllm"] = "transformers"
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _names_as_specs(cls, value: Any) -> Any:
+        """``rewards: [count_exact, {name: count_format, weight: 0.1}]``: a bare name has weight 1."""
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class Config(_Section):

@@ -71,9 +71,8 @@ from vlmrl.forward.vision_cache import (
     encode_pairs_cached,
     vision_is_frozen,
 )
-from vlmrl.losses.preference import preference_loss, preference_metrics
 from vlmrl.models.load import reference_mode
-from vlmrl.train.steps import _eval_mode
+from vlmrl.train.steps import eval_mode, pair_loss
 
 _warned: set[str] = set()
 
@@ -147,23 +146,7 @@ class FastPreferenceStep:
         if self.needs_reference:
             ref = self._reference_logps(batch, features)
             ref_chosen, ref_rejected = ref.chosen, ref.rejected
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            self.loss.name,
-            policy.chosen,
-            policy.rejected,
-            ref_chosen,
-            ref_rejected,
-            chosen_lengths=policy.chosen_tokens,
-            rejected_lengths=policy.rejected_tokens,
-            beta=self.loss.beta,
-            reference_free=self.loss.reference_free,
-            rpo_alpha=self.loss.sft_weight,
-            **self.loss.loss_params(),
-        )
-        loss = losses.mean()
-        metrics = {"loss": loss.item()}
-        metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
-        return loss, metrics
+        return pair_loss(self.loss, policy, ref_chosen, ref_rejected)
 
     def _fast_supported(self, *models) -> bool:
         reasons = [unsupported_reason(m) for m in models if m is not None]
@@ -190,7 +173,7 @@ class FastPreferenceStep:
             context, model = torch.no_grad(), self.reference
         else:
             context, model = reference_mode(self.unwrapped), self.unwrapped
-        with context, _eval_mode(model):
+        with context, eval_mode(model):
             if isinstance(batch, PackedPairs):
                 return packed_logps(model, batch, features if self.share_vision else None, self.stats)
             return pair_logps(model, batch, self.stats)

@@ -56,65 +56,26 @@ Records need ``metadata["counts"]`` (every class, zeros included), as the pair b
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vlmrl.config import GrpoConfig, RewardSpec  # noqa: F401  (RewardSpec: part of this module's API)
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.group import GroupBatch, build_group_batch, group_logps
 from vlmrl.generate import encode_prompts, vision_token_ids
 from vlmrl.losses.policy import grpo_objective, group_advantages
 from vlmrl.rewards import count_exact_reward, count_format_reward, count_partial_reward
+from vlmrl.train.steps import eval_mode
 
 BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
     "count_exact": count_exact_reward,
     "count_partial": count_partial_reward,
     "count_format": count_format_reward,
 }
-
-
-class RewardSpec(BaseModel):
-    """One reward function and its weight in the sum: a built-in name or ``package.module:function``."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    weight: float = 1.0
-
-
-class GrpoConfig(BaseModel):
-    """The ``grpo:`` section of the training config."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    group_size: int = Field(default=8, ge=2)  # completions per prompt (G)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_new_tokens: int = Field(default=48, gt=0)
-    beta: float = Field(default=0.0, ge=0)  # KL coefficient; 0: no reference pass
-    clip_eps: float = Field(default=0.2, gt=0)
-    clip_eps_high: float | None = Field(default=None, gt=0)  # DAPO's clip-higher; None: clip_eps
-    scale_rewards: Literal["std", "none"] = "std"  # none: Dr. GRPO
-    normalize: Literal["token", "sequence", "constant"] = "token"
-    rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="count_exact"), RewardSpec(name="count_format", weight=0.1)],
-        min_length=1,
-    )
-    # One update per batch of samples; several would need the loop to replay a generation batch.
-    num_iterations: int = Field(default=1, ge=1, le=1)
-    shared_prompt: bool = True  # one prompt | c1 | ... | cG row per group (eager/sdpa attention)
-    backend: Literal["transformers", "vllm"] = "transformers"
-
-    @field_validator("rewards", mode="before")
-    @classmethod
-    def _names_as_specs(cls, value: Any) -> Any:
-        """``rewards: [count_exact, {name: count_format, weight: 0.1}]``: a bare name has weight 1."""
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
 
 
 # ----------------------------------------------------------------------------------- rewards
@@ -283,7 +244,7 @@ class GrpoStep:
             context, model = torch.no_grad(), self.reference
         else:
             context, model = reference_mode(self.unwrapped), self.unwrapped
-        with context, _eval_mode(model):
+        with context, eval_mode(model):
             logps, _ = group_logps(model, group, self.config.temperature, self.config.shared_prompt)
         return logps
 
@@ -343,13 +304,3 @@ def _sampling_metrics(total, per_function, texts, counts, group: GroupBatch, gro
         metrics[f"rewards/{label}/std"] = values.std().item() if len(values) > 1 else 0.0
     return metrics
 
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """The reference is a fixed function: no dropout, whatever mode the policy is in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

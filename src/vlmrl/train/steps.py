@@ -72,35 +72,40 @@ class PreferenceStep:
         if self.needs_reference:
             ref = self._reference_logps(batch)
             ref_chosen, ref_rejected = ref.chosen, ref.rejected
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            self.loss.name,
-            policy.chosen,
-            policy.rejected,
-            ref_chosen,
-            ref_rejected,
-            chosen_lengths=policy.chosen_tokens,
-            rejected_lengths=policy.rejected_tokens,
-            beta=self.loss.beta,
-            reference_free=self.loss.reference_free,
-            rpo_alpha=self.loss.sft_weight,
-            **self.loss.loss_params(),
-        )
-        loss = losses.mean()
-        metrics = {"loss": loss.item()}
-        metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
-        return loss, metrics
+        return pair_loss(self.loss, policy, ref_chosen, ref_rejected)
 
     def _reference_logps(self, batch):
         if self.reference is not None:
             context, model = torch.no_grad(), self.reference
         else:
             context, model = reference_mode(self.unwrapped), self.unwrapped
-        with context, _eval_mode(model):
+        with context, eval_mode(model):
             return pair_logps(model, batch)
 
 
+def pair_loss(loss: LossConfig, policy, ref_chosen, ref_rejected) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured preference loss of a batch of pair log-probs: its mean and TRL's metrics."""
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        loss.name,
+        policy.chosen,
+        policy.rejected,
+        ref_chosen,
+        ref_rejected,
+        chosen_lengths=policy.chosen_tokens,
+        rejected_lengths=policy.rejected_tokens,
+        beta=loss.beta,
+        reference_free=loss.reference_free,
+        rpo_alpha=loss.sft_weight,
+        **loss.loss_params(),
+    )
+    mean = losses.mean()
+    metrics = {"loss": mean.item()}
+    metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
+    return mean, metrics
+
+
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     """The reference is a fixed function: no dropout, whatever mode the policy is in."""
     was_training = model.training
     model.eval()
