@@ -242,7 +242,7 @@ def test_llava_bench_with_a_judge_server(llava_dir, judge_server, tiny_model_dir
     assert first["model"] == "judge-x"
     user = first["messages"][1]["content"]
     assert "[Context]\nA red square." in user
-    assert f"[Assistant 1]\nreference answer 0\n\n[End of Assistant 1]" in user
+    assert "[Assistant 1]\nreference answer 0\n\n[End of Assistant 1]" in user
     assert f"[Assistant 2]\n{samples[0]['answer']}\n\n[End of Assistant 2]" in user
 
 

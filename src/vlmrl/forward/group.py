@@ -139,8 +139,6 @@ def repeated_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
 
 def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
     """One sequence ``prompt | c1 | ... | cG`` per prompt with a block mask; see the module docstring."""
-    import torch
-
     base = _base_model(model)
     attn = base.config._attn_implementation
     if attn not in ("eager", "sdpa"):

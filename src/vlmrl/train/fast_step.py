@@ -15,32 +15,15 @@ Where the fast forward cannot run a model exactly (a family other than Qwen2-VL,
 Qwen3-VL, an attention implementation without 4D masks such as flash-attention, a
 DistributedDataParallel wrapper) the step warns once and runs the plain path.
 
-Config keys it needs (the lead wires them into ``vlmrl.config``):
+Config keys (``vlmrl.config``; ``Trainer._make_step`` builds this step from them):
 
-- ``train.fast_path: bool = True`` — use this step instead of ``PreferenceStep`` (exact, so on);
-- ``data.cache_vision: bool = True`` — vision outputs on disk, in ``<output_dir>/../vision-cache``
-  (bit-identical to recomputing them). Only for a frozen tower (``lora.vision=frozen``,
-  ``lora.merger=false``): a config validator should refuse ``cache_vision=true`` with a trained
-  tower, and ``VisionFeatureCache`` itself raises ``VlmrlError`` if it gets one;
-- ``train.precompute_ref: bool = True`` — reference log-probs computed before training into
-  ``<output_dir>/../ref-cache`` and reused across epochs and runs (needs unique record ids; with
-  several processes compute it under ``accelerator.main_process_first()`` so the others read the
-  file the main process wrote).
-
-Construction, in the loop's setup, where ``PreferenceStep`` is built today::
-
-    from vlmrl.forward.ref_cache import precompute_reference
-    from vlmrl.train.fast_step import FastPreferenceStep
-
-    ref = None
-    if cfg.train.precompute_ref and step_needs_reference:   # not loss.reference_free, not simpo
-        ref = precompute_reference(unwrapped, processor, train_records, cfg.data.max_length,
-                                   cache_dir=cfg.train.output_dir.parent / "ref-cache",
-                                   batch_size=cfg.train.batch_size, reference=reference)
-    frozen = cfg.lora.vision == "frozen" and not cfg.lora.merger
-    vision_dir = cfg.train.output_dir.parent / "vision-cache" if cfg.data.cache_vision and frozen else None
-    step = FastPreferenceStep(model, processor, cfg.data.max_length, cfg.loss, reference=reference,
-                              unwrapped=unwrapped, vision_cache_dir=vision_dir, reference_logps=ref)
+- ``train.fast_path`` (default true) — this step instead of ``PreferenceStep`` (exact, so on);
+- ``data.cache_vision`` (default false) — vision outputs on disk, in ``<output_dir>/../vision-cache``
+  (bit-identical to recomputing them); only for a frozen tower (``lora.vision=frozen``,
+  ``lora.merger=false``), which the config validator enforces;
+- ``train.precompute_ref`` (default false) — reference log-probs computed before training into
+  ``<output_dir>/../ref-cache`` and reused across epochs and runs (needs unique record ids; the
+  main process computes it first, the others read its file).
 
 Eval records not in ``train_records`` are scored with the live reference (lookup falls back
 when an id is missing from ``reference_logps``).

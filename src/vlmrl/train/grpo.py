@@ -32,22 +32,11 @@ by the sampling temperature (TRL does the same); top-p's truncation is not appli
 With gradient accumulation each micro-batch is normalised by its own token count and the loop
 averages the micro-batches.
 
-Wiring into ``vlmrl train`` (nothing here reads the global config; four small edits elsewhere):
+Run it with ``vlmrl train --algo grpo``: the ``grpo:`` section of the config (``GrpoConfig``
+in ``vlmrl.config``) holds its settings; ``Trainer`` builds this step for ``train.algo: grpo``
+and evaluates held-out records by greedy exact match (``eval/exact_match``).
 
-- ``config.py``: ``from vlmrl.train.grpo import GrpoConfig``; ``TrainConfig.algo:
-  Literal["sft", "dpo", "grpo"]``; ``Config.grpo: GrpoConfig = GrpoConfig()``.
-- ``train/loop.py``, ``Trainer._setup_model``, before the ``else:`` that builds ``PreferenceStep``::
-
-      elif t.algo == "grpo":
-          self.step_fn = GrpoStep(self.model, self.processor, self.config.grpo, reference, unwrapped)
-
-  and in ``evaluate`` report ``metrics["reward"]`` / ``metrics["em_rate"]`` for GRPO (its loss,
-  with a ratio of 1, says little).
-- ``train/setup.py``, ``build_model``: full fine-tuning needs a frozen copy when
-  ``config.train.algo == "grpo" and config.grpo.beta > 0``.
-- ``cli/train.py``: ``--algo`` choices ``("sft", "dpo", "grpo")``.
-
-Then ``vlmrl train --algo grpo --config FILE grpo.group_size=8 grpo.beta=0.04``. ``train.batch_size``
+For example ``vlmrl train --algo grpo --config FILE grpo.group_size=8 grpo.beta=0.04``. ``train.batch_size``
 counts prompts (each gives ``group_size`` completions); ``data.max_length`` is not used (the prompt
 is never cut; ``max_new_tokens`` bounds the answer).
 
@@ -59,11 +48,11 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Callable
 
 import torch
 
-from vlmrl.config import GrpoConfig, RewardSpec  # noqa: F401  (RewardSpec: part of this module's API)
+from vlmrl.config import GrpoConfig
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.group import GroupBatch, build_group_batch, group_logps
 from vlmrl.generate import encode_prompts, vision_token_ids
