@@ -211,3 +211,34 @@ def test_unsupported_attention_is_named(tiny_model_dir):
     assert unsupported_reason(model) is None
     model.model.language_model.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in unsupported_reason(model)
+
+
+def test_answers_common_first_tokens_run_once(tiny_model_dir, synth_pairs_file):
+    """Equal answers, one answer a prefix of the other, none in common: plain's log-probs, shorter rows."""
+    model, processor = load_model(tiny_model_dir)
+    model.eval()
+    base = read_records(synth_pairs_file)[0]
+    records = [
+        dataclasses.replace(base, id="same", chosen="There are 2 cars.", rejected="There are 2 cars."),
+        dataclasses.replace(base, id="prefix", chosen="There are 2 cars, 1 bus.", rejected="There are 2 cars"),
+        dataclasses.replace(base, id="longer", chosen="There are 2", rejected="There are 2 cars, 1 bus."),
+        dataclasses.replace(base, id="none", chosen="Two cars.", rejected="There are 2 cars."),
+    ]
+    pairs = encode_pairs(records, processor, max_length=512)
+    packed = pack_pairs(pairs, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = pair_logps(model, pairs)
+        fast = packed_logps(model, packed)
+    torch.testing.assert_close(fast.chosen, plain.chosen, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(fast.rejected, plain.rejected, atol=1e-5, rtol=1e-6)
+    assert torch.equal(fast.rejected_tokens, plain.rejected_tokens)
+    # Each row holds the prompt, the common first tokens once, then what differs, less each answer's
+    # last token (it predicts nothing and nothing kept attends to it).
+    prompt = torch.tensor(pairs.prompt_lengths)
+    chosen = pairs.chosen["attention_mask"].sum(1) - prompt
+    rejected = pairs.rejected["attention_mask"].sum(1) - prompt
+    common = torch.tensor(packed.shared_lengths) - prompt
+    own = (chosen - common - 1).clamp(min=0) + (rejected - common - 1).clamp(min=0)
+    assert torch.equal((packed.segments != PAD).sum(1), prompt + common + own)
+    assert common.tolist()[0] == chosen[0] and common[1] > 0 and common[3] == 0
+    assert (packed.segments[0] == REJECTED).sum() == 0

@@ -4,24 +4,31 @@ The plain forward (``vlmrl.forward.plain``) runs the chosen and the rejected seq
 so the prompt (mostly image tokens) goes through the language model twice and the images through
 the vision encoder twice. Here each pair is one row:
 
-    [ prompt (P tokens) | chosen answer (C) | rejected answer (R) | padding ]
+    [ prompt (P) + the answers' common first tokens (M) | chosen (C - M) | rejected (R - M) | padding ]
 
 and a 4D attention mask makes the row compute exactly what the two separate rows compute:
 
-- prompt and chosen tokens attend causally to the prompt and chosen tokens before them;
-- rejected tokens attend to the prompt and causally to the rejected tokens, never to chosen ones;
+- shared and chosen tokens attend causally to the shared and chosen tokens before them;
+- rejected tokens attend to the shared part and causally to the rejected tokens, never to chosen ones;
 - padding attends only to itself (a row with nothing to attend to would give NaN under sdpa).
 
-Positions are the ones each side would get on its own (M-RoPE, three rows for Qwen-VL): the model's
-``get_rope_index`` is run on ``prompt + chosen`` and on ``prompt + rejected`` and the rejected
-answer's positions are copied after the chosen ones, so both answers continue from the prompt's
-last position. ``position_ids`` of shape ``(3, B, L)`` are passed explicitly, which keeps
-transformers off its packed-sequence path (that one takes a fourth row of text positions).
+The answers' common first tokens (``M``: "There are 2 cars, " when only a later count differs)
+have the same hidden states in both answers (same tokens, same positions, causal attention), so
+they run once, as part of the shared segment; their log-probabilities are gathered for both sides,
+and their gradients add up as they would from two copies. On counting answers this is ~6% of the
+tokens of a pair.
 
-The first token of each answer is predicted by the last prompt position, shared by both answers.
-Logits are computed only at the positions that predict answer tokens: the language model runs to
-its hidden states, those rows are gathered and only they go through ``lm_head``; with a vocabulary
-of 150k this is most of the memory of the plain path.
+Positions are the ones each side would get on its own (M-RoPE, three rows for Qwen-VL): the model's
+``get_rope_index`` is run on ``prompt + chosen`` and on ``prompt + rejected`` and the rest of the
+rejected answer's positions is copied after the chosen ones, so both continue from the shared part.
+``position_ids`` of shape ``(3, B, L)`` are passed explicitly, which keeps transformers off its
+packed-sequence path (that one takes a fourth row of text positions).
+
+The first token of each answer is predicted by the last prompt position, shared by both answers;
+the first token after the common part by the last shared position, for both answers. Logits are
+computed only at the positions that predict answer tokens: the language model runs to its hidden
+states, those rows are gathered and only they go through ``lm_head``; with a vocabulary of 150k
+this is most of the memory of the plain path.
 
 Images: the vision tower runs once per image per call (``encode_images``), or not at all when the
 caller passes features computed earlier (shared between policy and reference, or read from the
@@ -52,7 +59,8 @@ PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 class PackedPairs:
     """A batch of pairs packed as ``prompt | chosen | rejected`` rows, plus what the forward needs.
 
-    ``segments`` marks each token (``PAD``, ``PROMPT``, ``CHOSEN``, ``REJECTED``). For each side,
+    ``segments`` marks each token (``PAD``, ``PROMPT``, ``CHOSEN``, ``REJECTED``); ``PROMPT`` covers
+    the shared part, the prompt and the answers' common first tokens (``shared_lengths`` per row). For each side,
     ``*_source`` are flat indices into ``B * L`` of the positions whose hidden state predicts an
     answer token, ``*_targets`` those tokens and ``*_rows`` the pair they belong to. ``pairs`` is
     the plain two-sided batch it was made from (kept for the rope index and for the plain path).
@@ -67,6 +75,7 @@ class PackedPairs:
     rejected_targets: torch.Tensor
     rejected_rows: torch.Tensor
     pairs: PairBatch
+    shared_lengths: list[int] = field(default_factory=list)  # per row: prompt + the answers' common first tokens
     position_ids: torch.Tensor | None = None
     images_per_pair: list[int] = field(default_factory=list)
     image_paths: list[str] = field(default_factory=list)  # in pixel_values order; for the vision cache
@@ -102,27 +111,24 @@ def pack_pairs(pairs: PairBatch, pad_id: int, image_paths: list[str] | None = No
     """
     import torch
 
-    rows, segments = [], []
+    rows, segments, shared_lengths = [], [], []
     sources, targets, pair_rows = ({CHOSEN: [], REJECTED: []} for _ in range(3))
-    pieces = []
+    packed = []
     for i, prompt_len in enumerate(pairs.prompt_lengths):
-        chosen = _answer(pairs.chosen, i, prompt_len)
-        rejected = _answer(pairs.rejected, i, prompt_len)
         prompt = pairs.chosen["input_ids"][i, :prompt_len].tolist()
-        pieces.append((prompt, chosen, rejected))
-    width = max(len(p) + len(c) + len(r) for p, c, r in pieces)
-    for i, (prompt, chosen, rejected) in enumerate(pieces):
-        p, c = len(prompt), len(chosen)
-        ids = prompt + chosen + rejected
-        rows.append(ids + [pad_id] * (width - len(ids)))
-        segments.append([PROMPT] * p + [CHOSEN] * c + [REJECTED] * len(rejected) + [PAD] * (width - len(ids)))
-        base = i * width
-        # Token k of an answer is predicted by the position before it; the first by the prompt's last.
-        for side, start, answer in ((CHOSEN, p, chosen), (REJECTED, p + c, rejected)):
-            for k, token in enumerate(answer):
-                sources[side].append(base + (p - 1 if k == 0 else start + k - 1))
-                targets[side].append(token)
-                pair_rows[side].append(i)
+        answers = {side: _answer(pairs.chosen if side == CHOSEN else pairs.rejected, i, prompt_len)
+                   for side in (CHOSEN, REJECTED)}
+        packed.append((answers, *_row(prompt, answers[CHOSEN], answers[REJECTED])))
+    width = max(len(ids) for _, ids, _, _, _ in packed)
+    for i, (answers, ids, marks, shared, positions) in enumerate(packed):
+        pad = width - len(ids)
+        rows.append(ids + [pad_id] * pad)
+        segments.append(marks + [PAD] * pad)
+        shared_lengths.append(shared)
+        for side in (CHOSEN, REJECTED):
+            sources[side] += [i * width + position for position in positions[side]]
+            targets[side] += answers[side]
+            pair_rows[side] += [i] * len(answers[side])
     long = dict(dtype=torch.long)
     return PackedPairs(
         input_ids=torch.tensor(rows, **long),
@@ -134,6 +140,7 @@ def pack_pairs(pairs: PairBatch, pad_id: int, image_paths: list[str] | None = No
         rejected_targets=torch.tensor(targets[REJECTED], **long),
         rejected_rows=torch.tensor(pair_rows[REJECTED], **long),
         pairs=pairs,
+        shared_lengths=shared_lengths,
         images_per_pair=_images_per_pair(pairs),
         image_paths=list(image_paths or []),
     )
@@ -143,6 +150,37 @@ def _answer(side: dict, row: int, prompt_len: int) -> list[int]:
     labels = side["labels"][row]
     answer = labels[prompt_len:]
     return answer[answer != IGNORE_INDEX].tolist()
+
+
+def _row(prompt: list[int], chosen: list[int], rejected: list[int]):
+    """One pair's tokens, their segment marks, the shared length, and per side the positions that predict its answer.
+
+    The answers' common first tokens join the prompt. An answer's last token predicts nothing and no
+    other token sees it (rejected tokens never see chosen ones), so it is left out of its own segment.
+    """
+    p, m = len(prompt), _common_prefix(chosen, rejected)
+    own = {CHOSEN: chosen[m:-1], REJECTED: rejected[m:-1]}
+    ids = prompt + chosen[:m] + own[CHOSEN] + own[REJECTED]
+    marks = [PROMPT] * (p + m) + [CHOSEN] * len(own[CHOSEN]) + [REJECTED] * len(own[REJECTED])
+    starts = {CHOSEN: p + m, REJECTED: p + m + len(own[CHOSEN])}
+    answers = {CHOSEN: chosen, REJECTED: rejected}
+    # Token k is predicted by the position of token k - 1 (the prompt's last for k = 0): a shared
+    # one for k <= m, else one of the side's own segment.
+    positions = {
+        side: [p + k - 1 if k <= m else starts[side] + k - 1 - m for k in range(len(answer))]
+        for side, answer in answers.items()
+    }
+    return ids, marks, p + m, positions
+
+
+def _common_prefix(chosen: list[int], rejected: list[int]) -> int:
+    """How many first tokens the two answers have in common."""
+    m = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        m += 1
+    return m
 
 
 def _images_per_pair(pairs: PairBatch) -> list[int]:
@@ -198,11 +236,11 @@ def rope_positions(model, packed: PackedPairs):
     chosen_pos, rejected_pos = sides
     batch, width = packed.input_ids.shape
     out = torch.zeros(3, batch, width, dtype=torch.long, device=packed.input_ids.device)
-    for i, p in enumerate(pairs.prompt_lengths):
+    for i, s in enumerate(packed.shared_lengths):
         c = int((packed.segments[i] == CHOSEN).sum())
         r = int((packed.segments[i] == REJECTED).sum())
-        out[:, i, : p + c] = chosen_pos[:, i, : p + c]
-        out[:, i, p + c : p + c + r] = rejected_pos[:, i, p : p + r]
+        out[:, i, : s + c] = chosen_pos[:, i, : s + c]
+        out[:, i, s + c : s + c + r] = rejected_pos[:, i, s : s + r]
     return out
 
 
@@ -284,6 +322,6 @@ def _counts(rows, batch: int):
 def _count(stats: ForwardStats | None, packed: PackedPairs) -> None:
     if stats is None:
         return
-    stats.prompt_tokens += int((packed.segments == PROMPT).sum())
+    stats.prompt_tokens += sum(packed.pairs.prompt_lengths)
     stats.answer_tokens += len(packed.chosen_targets) + len(packed.rejected_targets)
     stats.passes += 1
