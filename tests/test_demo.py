@@ -7,7 +7,7 @@ import math
 import random
 
 from vlmrl.cli import main
-from vlmrl.demo import rater_choice, results_table, total_error, verdict
+from vlmrl.demo import BEST, CONTROL, METHODS, rater_choice, results_table, total_error, verdict
 from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
 
 TASK = CountingTask(DEFAULT_CLASSES)
@@ -67,12 +67,24 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert stage in printed
     assert "| method | EM test |" in printed and "report:" in printed
+    best = BEST.name
     for path in ("model/config.json", "runs/warmup/final", "data/pref_pairs.jsonl", "results.json",
                  "results.md", "report/report.html", "eval/warmup/test/metrics.json",
-                 "eval/dpop/test/metrics.json", "eval/sft-on-chosen/ood/samples.jsonl",
-                 "runs/dpop/metrics.jsonl", "runs/dpop/final/adapter_config.json"):
+                 f"eval/{best}/test/metrics.json", "eval/sft-on-chosen/ood/samples.jsonl",
+                 f"runs/{best}/metrics.jsonl", f"runs/{best}/final/adapter_config.json"):
         assert (out / path).exists(), path
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["warm-up (before)", "sft-on-chosen", "dpop"]
+    assert [r["method"] for r in rows] == ["warm-up (before)", CONTROL.name, best]
+    pairs = [json.loads(line) for line in (out / "data" / "pref_pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
     html = (out / "report" / "report.html").read_text()
-    assert "dpop" in html and "sft-on-chosen" in html and "<svg" in html
+    assert best in html and CONTROL.name in html and "<svg" in html
+
+
+def test_full_comparison_has_every_method_and_the_best_is_one_of_them():
+    names = [m.name for m in METHODS]
+    assert names[0] == CONTROL.name and CONTROL.algo == "sft"
+    assert {"dpo", "dpop", "rpo", "ipo", "grpo"} <= set(names)
+    assert BEST in METHODS and BEST.algo != "sft"
+    grpo = next(m for m in METHODS if m.algo == "grpo")
+    assert grpo.grpo["beta"] > 0 and grpo.grpo["group_size"] >= 2

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The preference-stage set-ups measured for docs/learning.md, in the order they were run, one at a
+# time (2 shared CPU cores). Every setting is spelled out, so the lines do not depend on the demo's
+# current defaults. Results: experiments/pref_sweep.jsonl (its "settings" field lists the settings
+# that differed from the defaults of that time: warm-up 150 steps, 4 samples per image,
+# 60 preference steps at lr 1e-3, LoRA rank 16 on the language model only).
+set -e
+cd "$(dirname "$0")/.."
+P=".venv/bin/python experiments/pref_sweep.py"
+OLD="--set samples_per_image=4 --set pref_steps=60 --set pref_lr=1e-3 --set lora_vision=frozen"
+C='{"name":"sft-on-chosen","algo":"sft"}'
+D='{"name":"dpop","algo":"dpo","loss":{"name":"dpop","beta":0.1,"dpop_lambda":50.0}}'
+R='{"name":"rpo","algo":"dpo","loss":{"name":"dpo","beta":0.1,"sft_weight":1.0}}'
+G='{"name":"grpo","algo":"grpo","steps":40,"batch_size":8,"grpo":{"group_size":8,"temperature":1.0,"max_new_tokens":32,"beta":0.04,"rewards":[{"name":"count_exact"},{"name":"count_partial"},{"name":"count_format","weight":0.1}]}}'
+
+# warm-up length (the 150-step warm-up is the one of demo_default_w150.log)
+$P --name control $OLD --set warmup_steps=300 --method "$C"
+$P --name control $OLD --set warmup_steps=600 --method "$C"
+$P --name dpop $OLD --set warmup_steps=600 --method "$D"
+# LoRA in the vision tower, lr 3e-3
+V="$OLD --set warmup_steps=600 --set lora_vision=lora --set pref_lr=3e-3"
+$P --name dpop-vis-lr3e-3 $V --method "$D"
+$P --name control-vis-lr3e-3 $V --method "$C"
+$P --name dpop-vis-lr3e-3-k8 $V --set samples_per_image=8 --method "$D"
+$P --name rpo-vis-lr3e-3 $V --method "$R"
+# longer preference stage
+$P --name dpop-vis-lr3e-3-s200 $V --set pref_steps=200 --method "$D"
+$P --name control-vis-lr3e-3-s200 $V --set pref_steps=200 --method "$C"
+$P --name dpop-vis-lr3e-3-s400 $V --set pref_steps=400 --method "$D"
+# two answers per image (a pairwise rater)
+$P --name dpop-vis-lr3e-3-s200-k2 $V --set pref_steps=200 --set samples_per_image=2 --method "$D"
+$P --name control-vis-lr3e-3-s200-k2 $V --set pref_steps=200 --set samples_per_image=2 --method "$C"
+# GRPO on every preference image, reward = exact + partial + 0.1 format, KL beta 0.04
+$P --name grpo-vis-lr3e-3-s40-b0.04 $V --method "$G"
