@@ -29,19 +29,18 @@ adapter would not compare). The first-step mean log-prob of the chosen answers c
 paths score the same tokens: TRL's is lower by one token's worth, the newline the chat template
 writes after ``<|im_end|>``, which TRL scores and ``vlmrl.batch`` deliberately leaves out.
 
-Where the time goes (torch.profiler and stage timers, "small", fast step ~0.33 s): forward and
-backward of the language model about equal (~165 ms each), everything else (encoding, vision
-cache, loss, AdamW) ~10 ms; within the model, matmuls run at the machine's single-core speed
-(~2.5 ms for a 300x512x1408 one, as in isolation), the rest is peft's LoRA adds and scales, the
-MLP's elementwise ops, attention (~8%; the 4D mask costs ~1% of it against a plain causal one,
-bool or additive alike). The saving against TRL is bounded by the work per pair: TRL runs four
-vision passes and ~4 x 127 tokens forward, 2 x 127 backward; the fast step ~138 tokens forward
-and backward (prompt and the answers' common first tokens once, each answer's last token left
-out), none of the vision tower. What is left would need the last decoder layer to skip the
-prompt rows (their keys and values are needed, their outputs are not; ~8% of the step), which
-means rewriting the decoder layer per family; not done. Work per pair is counted by forward hooks
-on the vision tower (images encoded) and the token embedding (image tokens = prompt passes
-through the language model).
+Where the time goes (torch.profiler and stage timers, "small", fast step ~0.33 s): language-model
+forward ~155 ms and backward ~155 ms; encoding, vision cache, loss and AdamW together ~10 ms. By
+operator: matmuls ~58% (``aten::mm`` + ``addmm``), elementwise ~20% (peft's LoRA scale and add,
+SwiGLU, RMSNorm, rope), attention ~8% (the 4D mask costs ~1% of it against a plain causal one, bool
+or additive alike). No gradient reaches the embeddings or the cached image features. The saving
+against TRL is bounded by the work per pair: TRL runs four vision passes and ~4 x 127 tokens
+forward, 2 x 127 backward; the fast step ~138 tokens forward and backward (prompt and the answers'
+common first tokens once, each answer's last token left out) and no vision pass. What is left
+would need the last decoder layer to skip the prompt rows (their keys and values are needed,
+their outputs are not; ~8% of the step), which means rewriting the decoder layer per family; not
+done. Work per pair is counted by forward hooks on the vision tower (images encoded) and the
+token embedding (image tokens = prompt passes through the language model).
 """
 
 from __future__ import annotations
