@@ -101,7 +101,7 @@ def main() -> None:
 
     line = {
         "name": a.name, "settings": overrides, "method": asdict(method), "warmup_dir": root.name,
-        "pairs": stats, "warmup_wall_s": round(warm_wall), "wall_s": round(wall),
+        "pairs": stats, "warmup_wall_s": round(warm_wall, 1), "wall_s": round(wall, 1),
         "em_val_before": em(before, "val"), "em_val_after": em(after, "val"),
         "em_ood_before": em(before, "ood"), "em_ood_after": em(after, "ood"),
         "parse_fail_after": round(100 * metric(after["val"], "parse_failure")["value"], 1),

@@ -32,3 +32,14 @@ $P --name dpop-vis-lr3e-3-s200-k2 $V --set pref_steps=200 --set samples_per_imag
 $P --name control-vis-lr3e-3-s200-k2 $V --set pref_steps=200 --set samples_per_image=2 --method "$C"
 # GRPO on every preference image, reward = exact + partial + 0.1 format, KL beta 0.04
 $P --name grpo-vis-lr3e-3-s40-b0.04 $V --method "$G"
+# after the thread fix (OMP_NUM_THREADS=1 on the shared cores), on the same warm-up
+export OMP_NUM_THREADS=1
+K="--set warmup_steps=600 --set lora_vision=lora --set pref_steps=200 --set samples_per_image=2"
+$P --name dpop-k2-merger $K --set pref_lr=3e-3 --set lora_merger=true --method "$D"
+$P --name control-k2-merger $K --set pref_lr=3e-3 --set lora_merger=true --method "$C"
+$P --name dpop-k2-lr1e-2 $K --set pref_lr=1e-2 --method "$D"
+$P --name control-k2-lr1e-2 $K --set pref_lr=1e-2 --method "$C"
+$P --name grpo-s200-b0.04 $K --set pref_lr=3e-3 --method "${G/\"steps\":40/\"steps\":200}"
+# the shipped set-up on a second seed (other scenes, other warm-up)
+$P --name dpop-k2-seed1 --set seed=1 $K --set pref_lr=3e-3 --method "$D"
+$P --name control-k2-seed1 --set seed=1 $K --set pref_lr=3e-3 --method "$C"

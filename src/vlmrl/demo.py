@@ -73,6 +73,7 @@ class DemoSettings:
     pref_batch_size: int = 16
     lora_rank: int = 16
     lora_vision: str = "lora"  # adapters in the vision tower too: the counts need new visual features
+    lora_merger: bool = False  # also train the vision-to-language projector in the preference stage
     max_new_tokens: int = 32
     eval_split: str = "test"  # "val": a separate split of held-out scenes, for choosing set-ups
     methods: tuple[Method, ...] = ()
@@ -208,7 +209,7 @@ def train_config(s: DemoSettings, model_dir: Path, data: Path, out: Path, algo: 
         "model": {"name_or_path": str(model_dir)},
         # The warm-up (full fine-tuning) trains the language model only; the vision tower stays as built.
         "lora": {"enabled": lora, "rank": s.lora_rank, "alpha": 2 * s.lora_rank,
-                 "vision": s.lora_vision if lora else "frozen"},
+                 "vision": s.lora_vision if lora else "frozen", "merger": s.lora_merger and lora},
         "data": {"train": str(data), "max_length": 256, **({"eval": str(eval_data)} if eval_data else {})},
         "loss": loss or {},
         "grpo": grpo or {},
@@ -230,8 +231,8 @@ def train_run(config) -> tuple[Path, float]:
 
     out = Path(config.train.output_dir)
     final, wall_path = out / "final", out / "wall_s.json"
-    if final.is_dir() and wall_path.exists():
-        return final, json.loads(wall_path.read_text())["wall_s"]
+    if final.is_dir():
+        return final, json.loads(wall_path.read_text())["wall_s"] if wall_path.exists() else math.nan
     final, wall = timed(train, config)
     wall_path.write_text(json.dumps({"wall_s": wall}))
     return final, wall
