@@ -24,11 +24,14 @@ browser:
 	  echo "installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# The tiny demo model's matrices are too small to split across threads; one thread per process
+# also keeps it from thrashing when other jobs share the cores. Override: make demo OMP_NUM_THREADS=4
+OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
-	$(BIN)/vlmrl demo
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo
 
 demo-full: $(STAMP)
-	$(BIN)/vlmrl demo --full
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo --full
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -24,7 +24,7 @@ from vlmrl.demo import (DemoSettings, Method, evaluate_run, make_data, metric, r
                         train_run)
 
 WARMUP_KEYS = ("seed", "family", "image_size", "layout", "count_range", "ood_count_range", "n_sft", "n_pref",
-               "n_test", "n_ood", "warmup_steps", "warmup_lr", "batch_size")
+               "n_test", "n_ood", "warmup_steps", "warmup_lr", "batch_size", "warmup_vision")
 PAIR_KEYS = ("samples_per_image", "temperature", "rater_noise", "max_new_tokens")
 
 

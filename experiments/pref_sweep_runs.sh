@@ -43,3 +43,6 @@ $P --name grpo-s200-b0.04 $K --set pref_lr=3e-3 --method "${G/\"steps\":40/\"ste
 # the shipped set-up on a second seed (other scenes, other warm-up)
 $P --name dpop-k2-seed1 --set seed=1 $K --set pref_lr=3e-3 --method "$D"
 $P --name control-k2-seed1 --set seed=1 $K --set pref_lr=3e-3 --method "$C"
+# the warm-up also trains the vision tower and merger (full fine-tuning), fewer warm-up steps
+$P --name dpop-k2-wvis400 $K --set warmup_vision=true --set warmup_steps=400 --set pref_lr=3e-3 --method "$D"
+$P --name control-k2-wvis400 $K --set warmup_vision=true --set warmup_steps=400 --set pref_lr=3e-3 --method "$C"

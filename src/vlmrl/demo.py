@@ -64,6 +64,7 @@ class DemoSettings:
     n_ood: int = 200
     warmup_steps: int = 600  # EM ~20%: cars and buses learned, motorcycles half, bicycles not
     warmup_lr: float = 3e-3
+    warmup_vision: bool = False  # the warm-up also trains the vision tower and merger (full fine-tuning)
     batch_size: int = 32
     samples_per_image: int = 2  # the rater compares two answers, as a human rater would
     temperature: float = 1.0
@@ -207,9 +208,10 @@ def train_config(s: DemoSettings, model_dir: Path, data: Path, out: Path, algo: 
 
     raw = {
         "model": {"name_or_path": str(model_dir)},
-        # The warm-up (full fine-tuning) trains the language model only; the vision tower stays as built.
+        # The warm-up (full fine-tuning) trains the language model, and the vision tower if warmup_vision.
         "lora": {"enabled": lora, "rank": s.lora_rank, "alpha": 2 * s.lora_rank,
-                 "vision": s.lora_vision if lora else "frozen", "merger": s.lora_merger and lora},
+                 "vision": s.lora_vision if lora else ("full" if s.warmup_vision else "frozen"),
+                 "merger": s.lora_merger if lora else s.warmup_vision},
         "data": {"train": str(data), "max_length": 256, **({"eval": str(eval_data)} if eval_data else {})},
         "loss": loss or {},
         "grpo": grpo or {},
