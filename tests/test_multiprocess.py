@@ -64,4 +64,6 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_model_dir, s
     adapter_one = load_file(one / "final" / "adapter_model.safetensors")
     assert adapter_two.keys() == adapter_one.keys()
     for name in adapter_one:
-        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-5, atol=1e-5)
+        # Loose enough for Adam's sign-like first steps on near-zero gradients (see test_train's
+        # accumulation test); the loss, margins and grad_norm above are compared at 1e-5.
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-3, atol=1e-4)

