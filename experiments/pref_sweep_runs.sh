@@ -46,3 +46,6 @@ $P --name control-k2-seed1 --set seed=1 $K --set pref_lr=3e-3 --method "$C"
 # the warm-up also trains the vision tower and merger (full fine-tuning), fewer warm-up steps
 $P --name dpop-k2-wvis400 $K --set warmup_vision=true --set warmup_steps=400 --set pref_lr=3e-3 --method "$D"
 $P --name control-k2-wvis400 $K --set warmup_vision=true --set warmup_steps=400 --set pref_lr=3e-3 --method "$C"
+# GRPO: larger groups and hotter sampling; Dr. GRPO (no std scaling, no KL) with the partial reward only
+$P --name grpo-s200-g16-t1.2 $K --set pref_lr=3e-3 --method '{"name":"grpo","algo":"grpo","steps":200,"batch_size":8,"grpo":{"group_size":16,"temperature":1.2,"max_new_tokens":32,"beta":0.04,"rewards":[{"name":"count_exact"},{"name":"count_partial"},{"name":"count_format","weight":0.1}]}}'
+$P --name grpo-s200-drgrpo-partial $K --set pref_lr=3e-3 --method '{"name":"grpo","algo":"grpo","steps":200,"batch_size":8,"grpo":{"group_size":8,"temperature":1.0,"max_new_tokens":32,"beta":0.0,"scale_rewards":"none","rewards":[{"name":"count_partial"}]}}'
