@@ -57,3 +57,23 @@ def fresh_accelerate_state():
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def vision_biased_model(tiny_model_dir):
+    """The tiny model with its output layer biased so ``<|image_pad|>`` wins every step, then the
+    other vision tokens: ``(model, processor, banned_ids, image_pad_id)``."""
+    import torch
+
+    from vlmrl.generate import VISION_TOKENS, vision_token_ids
+    from vlmrl.models.load import load_model
+
+    model, processor = load_model(tiny_model_dir)
+    banned = vision_token_ids(model, processor)
+    assert set(banned) == {processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    bias = torch.zeros(model.lm_head.out_features)
+    for rank, token_id in enumerate([image_pad] + [i for i in banned if i != image_pad]):
+        bias[token_id] = 100.0 - rank
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    return model, processor, banned, image_pad
