@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from vlmrl.errors import VlmrlError
+from vlmrl.forward import last_layer
 
 if TYPE_CHECKING:
     import torch
@@ -139,6 +140,8 @@ def repeated_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
 
 def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
     """One sequence ``prompt | c1 | ... | cG`` per prompt with a block mask; see the module docstring."""
+    import torch
+
     base = _base_model(model)
     attn = base.config._attn_implementation
     if attn not in ("eager", "sdpa"):
@@ -151,9 +154,13 @@ def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
     if batch.pixel_values is not None:
         order = list(range(len(batch.image_grid_thw)))
         inputs["mm_encoder_outputs"] = {"image": image_features(model, batch, order)}
-    # Logits only from the first position that predicts a completion token on (the rest is prompt).
+    # Logits only from the first position that predicts a completion token on (the rest is prompt);
+    # the last decoder layer runs only there too (``vlmrl.forward.last_layer``), exactly.
     first = int(layout.predictor.min())
-    logits = model(**inputs, logits_to_keep=layout.input_ids.shape[1] - first, use_cache=False).logits
+    n_rows, width = layout.input_ids.shape
+    read = torch.arange(first, width, device=layout.input_ids.device).expand(n_rows, -1)
+    with last_layer.rows_only(base.model.language_model, read):
+        logits = model(**inputs, logits_to_keep=width - first, use_cache=False).logits
     rows = layout.row_of_completion.unsqueeze(1).expand_as(layout.predictor)
     return completion_token_logps(
         logits[rows, layout.predictor - first], batch.completion_ids, temperature, batch.completion_mask

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from vlmrl.batch import IGNORE_INDEX, PairBatch
 from vlmrl.errors import VlmrlError
+from vlmrl.forward import last_layer
 from vlmrl.forward.plain import ForwardStats, PairLogps
 
 if TYPE_CHECKING:
@@ -292,25 +293,48 @@ def packed_logps(model, packed: PackedPairs, image_features=None, stats: Forward
     embed_dtype = inner.get_input_embeddings().weight.dtype
     mask = attention_mask_4d(packed.segments, inner.language_model.config._attn_implementation, embed_dtype)
     encoder_outputs = {"image": image_features} if image_features is not None else None
-    hidden = inner(
-        input_ids=packed.input_ids,
-        attention_mask=mask,
-        position_ids=packed.position_ids,
-        mm_encoder_outputs=encoder_outputs,
-        use_cache=False,
-    ).last_hidden_state
-    _count(stats, packed)
-    flat = hidden.reshape(-1, hidden.shape[-1])
     n_chosen = len(packed.chosen_source)
     source = torch.cat([packed.chosen_source, packed.rejected_source])
+    rows = torch.cat([packed.chosen_rows, packed.rejected_rows])
+    index, read_source = read_positions(source, rows, packed.input_ids.shape)
+    with last_layer.rows_only(inner.language_model, index) as cut:
+        hidden = inner(
+            input_ids=packed.input_ids,
+            attention_mask=mask,
+            position_ids=packed.position_ids,
+            mm_encoder_outputs=encoder_outputs,
+            use_cache=False,
+        ).last_hidden_state
+    _count(stats, packed)
+    flat = hidden.reshape(-1, hidden.shape[-1])
     targets = torch.cat([packed.chosen_targets, packed.rejected_targets])
-    logits = net.lm_head(flat[source])
+    logits = net.lm_head(flat[read_source if cut else source])
     token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     batch = len(packed)
     zeros = torch.zeros(batch, dtype=torch.float32, device=flat.device)
     chosen = zeros.index_add(0, packed.chosen_rows, token_logps[:n_chosen])
     rejected = zeros.index_add(0, packed.rejected_rows, token_logps[n_chosen:])
     return PairLogps(chosen, rejected, _counts(packed.chosen_rows, batch), _counts(packed.rejected_rows, batch))
+
+
+def read_positions(source, rows, shape):
+    """The window of positions each row's answers are read from, and the sources re-indexed into it.
+
+    ``source``: flat indices into ``B * L`` of the positions that predict answer tokens, ``rows``
+    their batch rows. Returns ``index`` ``(B, Q)``: row ``b``'s positions ``start_b .. start_b + Q - 1``
+    (from its first read position; past the row's end clamped to its last position, read by no one),
+    and the flat indices of ``source`` into ``B * Q``.
+    """
+    import torch
+
+    batch, width = shape
+    positions = source % width
+    start = torch.full((batch,), width - 1, dtype=torch.long, device=source.device)
+    start = start.scatter_reduce(0, rows, positions, reduce="amin")
+    offset = positions - start[rows]
+    span = int(offset.max()) + 1 if len(offset) else 1
+    index = (start.unsqueeze(1) + torch.arange(span, device=source.device)).clamp(max=width - 1)
+    return index, rows * span + offset
 
 
 def _counts(rows, batch: int):
