@@ -29,6 +29,9 @@ the first token after the common part by the last shared position, for both answ
 computed only at the positions that predict answer tokens: the language model runs to its hidden
 states, those rows are gathered and only they go through ``lm_head``; with a vocabulary of 150k
 this is most of the memory of the plain path.
+The last decoder layer itself runs only at those positions
+(``vlmrl.forward.last_layer``): its keys and values are computed everywhere, its queries, MLP and
+norms only where they are read.
 
 Images: the vision tower runs once per image per call (``encode_images``), or not at all when the
 caller passes features computed earlier (shared between policy and reference, or read from the
