@@ -176,3 +176,27 @@ def test_vision_cache_refused_for_a_trained_tower(tiny_model_dir, tmp_path):
     model = add_lora(model, rank=4, alpha=8, train_merger=True)
     with pytest.raises(VlmrlError, match="frozen vision tower"):
         FastPreferenceStep(model, processor, 512, LossConfig(name="dpo"), vision_cache_dir=tmp_path)
+
+
+def test_trained_vision_tower_gets_the_plain_gradients(tiny_model_dir, synth_pairs_file):
+    """LoRA in the vision tower and a trained merger: the pixels go through the packed forward once
+    per image, and the tower's gradients equal the plain step's (which encodes each image twice)."""
+    torch.manual_seed(0)
+    model, processor = load_model(tiny_model_dir)
+    model = add_lora(model, rank=4, alpha=8, train_vision="lora", train_merger=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    records = mixed_records(synth_pairs_file)
+    loss = LossConfig(name="dpo")
+    fast = FastPreferenceStep(model, processor, 512, loss)
+    assert fast.fast and not fast.share_vision
+    plain_loss, _, plain_grads = loss_and_grads(PreferenceStep(model, processor, 512, loss), records)
+    fast_loss, _, fast_grads = loss_and_grads(fast, records)
+    torch.testing.assert_close(fast_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    visual = [name for name in plain_grads if ".visual." in name]
+    assert visual and any(plain_grads[name].abs().sum() > 0 for name in visual)
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    # 5 images, each encoded once by the policy and once by the reference (adapter off).
+    assert fast.stats.images_encoded == 10

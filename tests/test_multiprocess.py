@@ -1,4 +1,7 @@
-"""Two processes (accelerate launch, gloo on CPU) x batch b train exactly like one process x batch 2b."""
+"""Two processes (accelerate launch, gloo on CPU) x batch b train exactly like one process x batch 2b.
+
+Both on the fast pair forward: under DistributedDataParallel it runs through the wrapper.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_model_dir, s
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "fast pair forward off" not in done.stderr  # the fast forward runs through the DDP wrapper
 
     one = tmp_path / "one"
     Trainer(validate_config(config(tiny_model_dir, synth_pairs_file, one, batch_size=4))).train()

@@ -197,22 +197,20 @@ def _images_per_pair(pairs: PairBatch) -> list[int]:
 
 
 def unwrap(model):
-    """The ``...ForConditionalGeneration`` inside ``model`` (a peft wrapper or the model itself).
+    """The ``...ForConditionalGeneration`` inside ``model`` (distributed and peft wrappers removed).
 
-    With peft the adapters are injected in place, so calling this object's ``model`` and
-    ``lm_head`` runs them (or not, inside ``disable_adapter``).
+    With peft the adapters are injected in place, so calling this object's ``model`` runs them (or
+    not, inside ``disable_adapter``). Only read from it: the forward itself goes through ``model``.
     """
+    from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
 
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def unsupported_reason(model) -> str | None:
     """Why the fast forward cannot run ``model`` exactly, or None when it can."""
-    import torch
-
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return "the model is wrapped for distributed training (its forward hooks would be bypassed)"
     net = unwrap(model)
     model_type = getattr(net.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -280,41 +278,49 @@ def packed_logps(model, packed: PackedPairs, image_features=None, stats: Forward
     """Chosen and rejected answers' summed log-probabilities from one packed forward pass.
 
     ``image_features``: the vision tower's output for the batch's images (``encode_images`` or the
-    vision cache); None runs the tower here, inside this call's grad context.
+    vision cache); None passes the pixels to the model, which runs the tower once per image inside
+    this call's grad context. The call goes through ``model`` itself (peft, a DistributedDataParallel
+    wrapper: their hooks run), asking it for logits only at the read positions (transformers'
+    ``logits_to_keep`` as a boolean mask).
     """
     import torch
 
     reason = unsupported_reason(model)
     if reason is not None:
         raise VlmrlError(f"the fast pair forward cannot run this model: {reason}; use the plain forward")
-    net = unwrap(model)
-    inner = net.model
-    if image_features is None:
-        image_features = encode_images(model, packed, stats)
+    inner = unwrap(model).model
     if packed.position_ids is None:
         packed.position_ids = rope_positions(model, packed)
     embed_dtype = inner.get_input_embeddings().weight.dtype
-    mask = attention_mask_4d(packed.segments, inner.language_model.config._attn_implementation, embed_dtype)
-    encoder_outputs = {"image": image_features} if image_features is not None else None
+    inputs = dict(
+        input_ids=packed.input_ids,
+        attention_mask=attention_mask_4d(packed.segments, inner.language_model.config._attn_implementation, embed_dtype),
+        position_ids=packed.position_ids,
+        use_cache=False,
+    )
+    if image_features is not None:
+        inputs["mm_encoder_outputs"] = {"image": image_features}
+    elif packed.pixel_values is not None:
+        inputs.update(pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw)
+        if stats is not None:
+            stats.images_encoded += len(packed.image_grid_thw)
     n_chosen = len(packed.chosen_source)
     source = torch.cat([packed.chosen_source, packed.rejected_source])
     rows = torch.cat([packed.chosen_rows, packed.rejected_rows])
-    index, read_source = read_positions(source, rows, packed.input_ids.shape)
+    index, window_source = read_positions(source, rows, packed.input_ids.shape)
     with last_layer.rows_only(inner.language_model, index) as cut:
-        hidden = inner(
-            input_ids=packed.input_ids,
-            attention_mask=mask,
-            position_ids=packed.position_ids,
-            mm_encoder_outputs=encoder_outputs,
-            use_cache=False,
-        ).last_hidden_state
+        # The read positions of the hidden states the model returns: the windows, or the full rows.
+        read = window_source if cut else source
+        keep = torch.zeros(index.numel() if cut else packed.input_ids.numel(), dtype=torch.bool, device=source.device)
+        keep[read] = True
+        logits = model(**inputs, logits_to_keep=keep.view(len(packed), -1)).logits  # (read positions, V)
     _count(stats, packed)
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    # Positions read by both answers (the prompt's last, the common first tokens) have one logits row.
+    row_of = keep.cumsum(0) - 1
     targets = torch.cat([packed.chosen_targets, packed.rejected_targets])
-    logits = net.lm_head(flat[read_source if cut else source])
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    token_logps = torch.log_softmax(logits[row_of[read]].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     batch = len(packed)
-    zeros = torch.zeros(batch, dtype=torch.float32, device=flat.device)
+    zeros = torch.zeros(batch, dtype=torch.float32, device=source.device)
     chosen = zeros.index_add(0, packed.chosen_rows, token_logps[:n_chosen])
     rejected = zeros.index_add(0, packed.rejected_rows, token_logps[n_chosen:])
     return PairLogps(chosen, rejected, _counts(packed.chosen_rows, batch), _counts(packed.rejected_rows, batch))

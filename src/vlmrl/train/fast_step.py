@@ -12,8 +12,9 @@ Per pair and step, against the plain step's 4 vision passes and 4 prompt passes:
 - each record's processor output is kept in memory (``EncodedRecordCache``).
 
 Where the fast forward cannot run a model exactly (a family other than Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL, an attention implementation without 4D masks such as flash-attention, a
-DistributedDataParallel wrapper) the step warns once and runs the plain path.
+Qwen3-VL, an attention implementation without 4D masks such as flash-attention) the step warns
+once and runs the plain path. Under DistributedDataParallel the packed forward goes through the
+wrapper, so gradients are reduced as usual (``tests/test_multiprocess.py``).
 
 Config keys (``vlmrl.config``; ``Trainer._make_step`` builds this step from them):
 
@@ -118,7 +119,7 @@ class FastPreferenceStep:
     def loss_and_metrics(self, batch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
         model = model or self.model
         if isinstance(batch, PackedPairs) and model is not self.model and not self._fast_supported(model):
-            batch = batch.pairs  # e.g. a DistributedDataParallel wrapper: the plain forward goes through it
+            batch = batch.pairs  # a model the fast forward cannot run: the plain forward
         features = None
         if isinstance(batch, PackedPairs):
             features = self._frozen_features(batch)
