@@ -1,6 +1,6 @@
 """DPO step speed on CPU, side by side: TRL's DPOTrainer, our plain step, our fast step, the floor.
 
-    python benchmarks/dpo_speed.py                   # tiny and small Qwen2-VL, best of 2, about 3 minutes
+    python benchmarks/dpo_speed.py                   # tiny and small Qwen2-VL, best of 3, about 4 minutes
     python benchmarks/dpo_speed.py --configs tiny    # one config
 
 Same weights, data, LoRA (rank 8 on the language model, seeded), batch and accumulation for every
@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,7 +60,7 @@ from pathlib import Path
 
 CONFIGS = {  # size: (image side, pairs per batch, warm-up steps, measured steps)
     "tiny": (112, 4, 2, 10),
-    "small": (224, 2, 1, 8),
+    "small": (224, 2, 2, 16),
 }
 PATHS = ("trl", "plain", "fast1", "fast", "floor")
 LORA = dict(rank=8, alpha=16)
@@ -347,20 +348,25 @@ def run_path(path: str, size: str, model: Path, data: Path, work: Path, threads:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def best_runs(size: str, model: Path, data: Path, work: Path, args) -> dict:
+def best_runs(size: str, model: Path, data: Path, work: Path, args) -> tuple[dict, list[float]]:
     """Every path ``args.repeats`` times, in turn (so load from other work falls on all paths alike); per
-    path the run with the least CPU time per step: other load only ever adds time."""
-    best = {}
+    path the run with the least CPU time per step: other load only ever adds time. Also each round's
+    own (c)/(a) ratio: the two ran minutes apart under the same load."""
+    best, rounds = {}, []
     for repeat in range(args.repeats):
+        this_round = {}
         for path in PATHS:  # a fresh work folder: no run reads the caches an earlier one wrote
             result = run_path(path, size, model, data, work / f"run-{repeat}", args.threads)
+            this_round[path] = result
             kept = best.get(path)
             if kept is None or "error" in kept or ("error" not in result and result["step_s"] < kept["step_s"]):
                 best[path] = result
-    return best
+        if "error" not in this_round["trl"] and "error" not in this_round["fast"]:
+            rounds.append(this_round["trl"]["step_s"] / this_round["fast"]["step_s"])
+    return best, rounds
 
 
-def print_table(size: str, results: dict, repeats: int) -> None:
+def print_table(size: str, results: dict, repeats: int, rounds: list[float]) -> None:
     _, batch, warmup, steps = CONFIGS[size]
     names = {"trl": "(a) TRL DPOTrainer", "plain": "(b) plain step", "fast1": "(c1) fast, epoch 1",
              "fast": "(c) fast, cached", "floor": "(d) floor"}
@@ -397,6 +403,9 @@ def print_table(size: str, results: dict, repeats: int) -> None:
               f"(c1)/(a) speed {results['fast1']['pairs_per_s'] / trl['pairs_per_s']:.2f}x   "
               f"step time (c)/(d) {fast['step_s'] / floor['step_s']:.2f}   "
               f"RSS (c)/(a) {fast['rss_mib'] / trl['rss_mib']:.2f}")
+        if rounds:
+            print(f"(c)/(a) within each round: {'  '.join(f'{r:.2f}x' for r in rounds)}   "
+                  f"median {statistics.median(rounds):.2f}x")
         n = batch * steps
         print(f"reference precompute for (c): {fast['ref_precompute_s']:.2f} s for {n} pairs, once "
               "(reused across epochs and runs)")
@@ -410,7 +419,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per path, in turn; the fastest is shown")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per path, in turn; the fastest is shown")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     for name in ("--model", "--data", "--work"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -427,8 +436,8 @@ def main(argv=None) -> None:
         for size in args.configs:
             _, batch, _, steps = CONFIGS[size]
             model, data = build(work, size, batch * steps)
-            results = best_runs(size, model, data, work, args)
-            print_table(size, results, args.repeats)
+            results, rounds = best_runs(size, model, data, work, args)
+            print_table(size, results, args.repeats, rounds)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
