@@ -56,6 +56,15 @@ def read_index(segments):
     return read_positions(torch.tensor(sources), torch.tensor(rows), segments.shape), torch.tensor(sources)
 
 
+def case(model_dir, attention="sdpa"):
+    """A LoRA language model, two packed rows, their mask and the positions read from them."""
+    model, language_model = lora_language_model(model_dir, attention)
+    embeds, positions, segments = packed_inputs(language_model)
+    mask = attention_mask_4d(segments, attention, torch.float32)
+    (index, read_source), source = read_index(segments)
+    return model, language_model, embeds, positions, mask, index, read_source, source
+
+
 def run(model, language_model, embeds, positions, mask, index=None):
     kwargs = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     if index is None:
@@ -69,10 +78,9 @@ def run(model, language_model, embeds, positions, mask, index=None):
     [("tiny_model_dir", "sdpa"), ("tiny_model_dir", "eager"), ("tiny_qwen25_dir", "sdpa"), ("qwen3_dir", "sdpa")],
 )
 def test_rows_equal_full_layer_and_gradients(fixture, attention, request):
-    model, language_model = lora_language_model(request.getfixturevalue(fixture), attention)
-    embeds, positions, segments = packed_inputs(language_model)
-    mask = attention_mask_4d(segments, attention, torch.float32)
-    (index, read_source), source = read_index(segments)
+    model, language_model, embeds, positions, mask, index, read_source, source = case(
+        request.getfixturevalue(fixture), attention
+    )
     weight = torch.randn(len(source), language_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
 
     full, _ = run(model, language_model, embeds, positions, mask)
@@ -99,7 +107,6 @@ def test_no_mask_is_plain_causal(tiny_model_dir):
     """With no mask the layer is causal; the restricted queries must be too (not causal from the top left)."""
     model, language_model = lora_language_model(tiny_model_dir)
     embeds, positions, _ = packed_inputs(language_model)
-    batch, width, _ = embeds.shape
     index = torch.tensor([[3, 4, 5, 6], [10, 11, 12, 13]])
     full, _ = run(model, language_model, embeds, positions, None)
     cut_out, cut = run(model, language_model, embeds, positions, None, index)
@@ -109,10 +116,7 @@ def test_no_mask_is_plain_causal(tiny_model_dir):
 
 
 def test_gradient_checkpointing_keeps_gradients(tiny_model_dir):
-    model, language_model = lora_language_model(tiny_model_dir)
-    embeds, positions, segments = packed_inputs(language_model)
-    mask = attention_mask_4d(segments, "sdpa", torch.float32)
-    (index, read_source), source = read_index(segments)
+    model, language_model, embeds, positions, mask, index, read_source, source = case(tiny_model_dir)
     full, _ = run(model, language_model, embeds, positions, mask)
     grads_full = torch.autograd.grad(full.reshape(-1, full.shape[-1])[source].sum(), trainable(model))
 
@@ -127,10 +131,7 @@ def test_gradient_checkpointing_keeps_gradients(tiny_model_dir):
 
 def test_hooked_layer_runs_unchanged(tiny_model_dir):
     """A layer whose forward was replaced (accelerate's placement hooks do this) is left alone."""
-    model, language_model = lora_language_model(tiny_model_dir)
-    embeds, positions, segments = packed_inputs(language_model)
-    mask = attention_mask_4d(segments, "sdpa", torch.float32)
-    (index, _), _ = read_index(segments)
+    model, language_model, embeds, positions, mask, index, _, _ = case(tiny_model_dir)
     layer = language_model.layers[-1]
     layer.forward = layer.forward  # an instance attribute, as a hook leaves it
     out, cut = run(model, language_model, embeds, positions, mask, index)
