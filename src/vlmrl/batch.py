@@ -54,7 +54,7 @@ class PairBatch:
 
 
 @dataclass
-class _Encoded:
+class EncodedPrompt:
     """One record's prompt, encoded once and shared by its answers."""
 
     record_id: str
@@ -63,27 +63,58 @@ class _Encoded:
     vision: dict  # pixel_values and image_grid_thw of this record's images (empty without images)
 
 
+@dataclass
+class RecordEncoding:
+    """What the processor and tokenizer make of one record: its prompt and both answers' ids."""
+
+    prompt: EncodedPrompt
+    chosen: list[int]
+    rejected: list[int]
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes of its image tensors (the bulk of it)."""
+        return sum(t.numel() * t.element_size() for t in self.prompt.vision.values())
+
+
 def encode_pairs(records: Sequence[PreferenceRecord], processor, max_length: int) -> PairBatch:
     """Encode records into a chosen side and a rejected side, labels on the answers only."""
-    _check_not_empty(records)
-    prompts = [_encode_prompt(r, processor, max_length) for r in records]
-    chosen = [_answer_ids(r, r.chosen, processor) for r in records]
-    rejected = [_answer_ids(r, r.rejected, processor) for r in records]
+    check_not_empty(records)
+    return collate_pairs(records, [encode_record(r, processor, max_length) for r in records], processor, max_length)
+
+
+def encode_sft(records: Sequence[PreferenceRecord], processor, max_length: int) -> dict:
+    """Encode records for supervised fine-tuning on the chosen answers, labels on the answers only."""
+    check_not_empty(records)
+    return collate_sft([encode_record(r, processor, max_length) for r in records], processor, max_length)
+
+
+def encode_record(record: PreferenceRecord, processor, max_length: int) -> RecordEncoding:
+    """One record through the processor (images, chat template) and the tokenizer (answers)."""
+    return RecordEncoding(
+        _encode_prompt(record, processor, max_length),
+        _answer_ids(record, record.chosen, processor),
+        _answer_ids(record, record.rejected, processor),
+    )
+
+
+def collate_pairs(records: Sequence[PreferenceRecord], encodings: Sequence[RecordEncoding], processor,
+                  max_length: int) -> PairBatch:
+    """The two-sided batch of ``records`` from their encodings (``encode_record``, or a cache of them)."""
+    prompts = [e.prompt for e in encodings]
     vision = _vision(prompts)  # one tensor, shared by both sides
     return PairBatch(
-        chosen={**_collate(prompts, chosen, processor, max_length), **vision},
-        rejected={**_collate(prompts, rejected, processor, max_length), **vision},
+        chosen={**_collate(prompts, [e.chosen for e in encodings], processor, max_length), **vision},
+        rejected={**_collate(prompts, [e.rejected for e in encodings], processor, max_length), **vision},
         ids=[r.id for r in records],
         prompt_lengths=[len(p.prompt_ids) for p in prompts],
     )
 
 
-def encode_sft(records: Sequence[PreferenceRecord], processor, max_length: int) -> dict:
-    """Encode records for supervised fine-tuning on the chosen answers, labels on the answers only."""
-    _check_not_empty(records)
-    prompts = [_encode_prompt(r, processor, max_length) for r in records]
-    answers = [_answer_ids(r, r.chosen, processor) for r in records]
-    return {**_collate(prompts, answers, processor, max_length), **_vision(prompts)}
+def collate_sft(encodings: Sequence[RecordEncoding], processor, max_length: int) -> dict:
+    """The supervised batch (chosen answers) from encodings."""
+    prompts = [e.prompt for e in encodings]
+    return {**_collate(prompts, [e.chosen for e in encodings], processor, max_length), **_vision(prompts)}
 
 
 def prompt_text(record: PreferenceRecord, processor) -> str:
@@ -125,12 +156,12 @@ def load_images(record: PreferenceRecord) -> list:
     return images
 
 
-def _check_not_empty(records: Sequence[PreferenceRecord]) -> None:
+def check_not_empty(records: Sequence[PreferenceRecord]) -> None:
     if not records:
         raise VlmrlError("no records to encode: the batch is empty")
 
 
-def _encode_prompt(record: PreferenceRecord, processor, max_length: int) -> _Encoded:
+def _encode_prompt(record: PreferenceRecord, processor, max_length: int) -> EncodedPrompt:
     images = load_images(record)
     text = prompt_text(record, processor)
     encoded = processor(text=[text], images=images or None, return_tensors="pt")
@@ -141,7 +172,7 @@ def _encode_prompt(record: PreferenceRecord, processor, max_length: int) -> _Enc
         mm_types = [0] * len(prompt_ids)
     _check_prompt_fits(record.id, prompt_ids, mm_types, max_length)
     vision = {k: encoded[k] for k in ("pixel_values", "image_grid_thw") if k in encoded}
-    return _Encoded(record.id, prompt_ids, mm_types, vision)
+    return EncodedPrompt(record.id, prompt_ids, mm_types, vision)
 
 
 def _check_prompt_fits(record_id: str, prompt_ids: list[int], mm_types: list[int], max_length: int) -> None:
@@ -165,7 +196,7 @@ def _answer_ids(record: PreferenceRecord, answer: str, processor) -> list[int]:
     return processor.tokenizer.encode(answer_text(record, answer, processor), add_special_tokens=False)
 
 
-def _collate(prompts: list[_Encoded], answers: list[list[int]], processor, max_length: int) -> dict:
+def _collate(prompts: list[EncodedPrompt], answers: list[list[int]], processor, max_length: int) -> dict:
     """Join prompt and answer ids, cut answers to ``max_length``, pad on the right, stack the text inputs."""
     import torch
 
@@ -187,7 +218,7 @@ def _collate(prompts: list[_Encoded], answers: list[list[int]], processor, max_l
     return batch
 
 
-def _vision(prompts: list[_Encoded]) -> dict:
+def _vision(prompts: list[EncodedPrompt]) -> dict:
     """The batch's image patches and grids, concatenated in record order (the model's layout)."""
     import torch
 

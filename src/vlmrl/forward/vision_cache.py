@@ -20,11 +20,10 @@ import json
 import os
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from vlmrl.batch import PairBatch, _answer_ids, _check_not_empty, _collate, _encode_prompt, _Encoded, _vision
+from vlmrl.batch import PairBatch, RecordEncoding, check_not_empty, collate_pairs, collate_sft, encode_record
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.plain import ForwardStats
@@ -37,14 +36,6 @@ if TYPE_CHECKING:
 # --- processor outputs, in memory -------------------------------------------------------------
 
 
-@dataclass
-class _RecordEncoding:
-    prompt: _Encoded
-    chosen: list[int]
-    rejected: list[int]
-    n_bytes: int
-
-
 class EncodedRecordCache:
     """LRU of per-record encodings, at most ``max_bytes`` of pixel values (default 512 MiB)."""
 
@@ -53,9 +44,9 @@ class EncodedRecordCache:
         self.n_bytes = 0
         self.hits = 0
         self.misses = 0
-        self._items: OrderedDict[str, _RecordEncoding] = OrderedDict()
+        self._items: OrderedDict[str, RecordEncoding] = OrderedDict()
 
-    def get(self, record: PreferenceRecord, processor, max_length: int) -> _RecordEncoding:
+    def get(self, record: PreferenceRecord, processor, max_length: int) -> RecordEncoding:
         key = _record_key(record, max_length)
         item = self._items.get(key)
         if item is not None:
@@ -63,7 +54,7 @@ class EncodedRecordCache:
             self._items.move_to_end(key)
             return item
         self.misses += 1
-        item = _encode_record(record, processor, max_length)
+        item = encode_record(record, processor, max_length)
         self._items[key] = item
         self.n_bytes += item.n_bytes
         while self.n_bytes > self.max_bytes and len(self._items) > 1:
@@ -76,34 +67,16 @@ def encode_pairs_cached(
     records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache
 ) -> PairBatch:
     """``vlmrl.batch.encode_pairs``, reading each record's processor output from ``cache``."""
-    _check_not_empty(records)
-    items = [cache.get(r, processor, max_length) for r in records]
-    prompts = [item.prompt for item in items]
-    vision = _vision(prompts)
-    return PairBatch(
-        chosen={**_collate(prompts, [i.chosen for i in items], processor, max_length), **vision},
-        rejected={**_collate(prompts, [i.rejected for i in items], processor, max_length), **vision},
-        ids=[r.id for r in records],
-        prompt_lengths=[len(p.prompt_ids) for p in prompts],
-    )
+    check_not_empty(records)
+    return collate_pairs(records, [cache.get(r, processor, max_length) for r in records], processor, max_length)
 
 
 def encode_sft_cached(
     records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache
 ) -> dict:
     """``vlmrl.batch.encode_sft``, reading each record's processor output from ``cache``."""
-    _check_not_empty(records)
-    items = [cache.get(r, processor, max_length) for r in records]
-    prompts = [item.prompt for item in items]
-    return {**_collate(prompts, [i.chosen for i in items], processor, max_length), **_vision(prompts)}
-
-
-def _encode_record(record: PreferenceRecord, processor, max_length: int) -> _RecordEncoding:
-    prompt = _encode_prompt(record, processor, max_length)
-    n_bytes = sum(t.numel() * t.element_size() for t in prompt.vision.values())
-    chosen = _answer_ids(record, record.chosen, processor)
-    rejected = _answer_ids(record, record.rejected, processor)
-    return _RecordEncoding(prompt, chosen, rejected, n_bytes)
+    check_not_empty(records)
+    return collate_sft([cache.get(r, processor, max_length) for r in records], processor, max_length)
 
 
 def _record_key(record: PreferenceRecord, max_length: int) -> str:
