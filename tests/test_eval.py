@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vlmrl.cli import main
-from vlmrl.data.formats import read_records, write_records
+from vlmrl.data.formats import read_records
+from vlmrl.data.writers import write_records
 from vlmrl.errors import VlmrlError
 from vlmrl.eval import metrics as M
 from vlmrl.eval.run import base_sample, evaluate, load_for_eval, score_counts

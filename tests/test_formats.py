@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from vlmrl.cli import main
-from vlmrl.data.formats import FORMATS, detect_format, iter_records, read_records, write_records
+from vlmrl.data.formats import FORMATS, detect_format, iter_records, read_records
+from vlmrl.data.writers import write_records
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 

@@ -318,7 +318,8 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
     import torch
 
     from vlmrl.cli import main
-    from vlmrl.data.formats import read_records, write_records
+    from vlmrl.data.formats import read_records
+    from vlmrl.data.writers import write_records
     from vlmrl.models.load import add_lora, load_model
 
     torch.manual_seed(0)

@@ -102,7 +102,7 @@ BEST = METHODS[2]
 # ----------------------------------------------------------------------------- data
 def make_data(s: DemoSettings) -> dict[str, Path]:
     """Scenes and record files: ``sft``, ``pref_prompts``, ``test``, ``ood`` (canonical JSONL)."""
-    from vlmrl.data.formats import write_records
+    from vlmrl.data.writers import write_records
     from vlmrl.data.synth import generate_scenes, scene_items
 
     task = CountingTask(DEFAULT_CLASSES)
@@ -173,7 +173,8 @@ def rater_pairs(model_dir: Path, prompts_path: Path, out_path: Path, s: DemoSett
     """Sample answers from the warm-up model and turn the rater's picks into preference records."""
     import random
 
-    from vlmrl.data.formats import read_records, write_records
+    from vlmrl.data.formats import read_records
+    from vlmrl.data.writers import write_records
     from vlmrl.eval.run import load_for_eval
     from vlmrl.generate import generate
 

@@ -84,7 +84,8 @@ def _print_report(report) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from vlmrl.data.formats import detect_format, iter_records, write_records
+    from vlmrl.data.formats import detect_format, iter_records
+    from vlmrl.data.writers import write_records
 
     source = args.from_format or detect_format(args.input)
     # Read everything first, so a bad record stops the command before a half-written output.

@@ -181,7 +181,7 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from vlmrl.data.formats import write_records
+    from vlmrl.data.writers import write_records
     from vlmrl.study import db
     from vlmrl.study.export import export_pairs
 

@@ -1,4 +1,4 @@
-"""Read and write preference data in the formats of the field, all through `PreferenceRecord`.
+"""Read preference data in the formats of the field, all through `PreferenceRecord` (writers: ``vlmrl.data.writers``).
 
 Formats (names as given to ``--from`` / ``--to``):
 
@@ -37,7 +37,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,7 +287,7 @@ def _parse_swift(row: dict, base: str, default_id: str) -> PreferenceRecord:
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
             or messages[-1].get("role") != "assistant":
         raise _RecordProblem("bad-value", "'messages' must end with the chosen assistant turn")
-    chosen = _parts_text(_parts(messages[-1].get("content"), tags=False), "")
+    chosen = parts_text(_parts(messages[-1].get("content"), tags=False), "")
     images = _images(row.get("images"), base)
     prompt = _place_images(_messages(messages[:-1], tags=True), len(images))
     return _record(_id(row, default_id), images, prompt, chosen,
@@ -328,7 +328,7 @@ def text_to_parts(text: str) -> list[dict[str, Any]]:
     return parts
 
 
-def _parts_text(parts: list[dict[str, Any]], sep: str) -> str:
+def parts_text(parts: list[dict[str, Any]], sep: str) -> str:
     return sep.join(IMAGE_TAG if p["type"] == "image" else p["text"] for p in parts)
 
 
@@ -413,7 +413,7 @@ def _answer(row: dict, key: str) -> str:
             and value[0].get("role") == "assistant"):
         raise _RecordProblem("bad-value", f"'{key}' must be one assistant message, "
                              '[{"role": "assistant", "content": ...}]')
-    return _parts_text(_parts(value[0].get("content"), tags=False), "")
+    return parts_text(_parts(value[0].get("content"), tags=False), "")
 
 
 def _sharegpt_answer(row: dict, key: str) -> str:
@@ -430,100 +430,3 @@ def _record(id_: Any, images: list[str], prompt: list[Message], chosen: str, rej
     if metadata is not None and not isinstance(metadata, dict):
         raise _RecordProblem("bad-value", f"'metadata' must be an object, got {type(metadata).__name__}")
     return PreferenceRecord(str(id_), images, prompt, chosen, rejected, dict(metadata or {}))
-
-
-# ---------------------------------------------------------------- writing
-
-
-def write_records(records: Iterable[PreferenceRecord], path: str | Path, fmt: str) -> Path:
-    """Write records in ``fmt``; JSON formats choose a ``.json`` array or ``.jsonl`` lines by suffix,
-    ``hf`` a ``.parquet`` file or (any other name) a ``save_to_disk`` folder."""
-    path = Path(path)
-    if fmt not in FORMATS:
-        raise VlmrlError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    base = os.path.dirname(os.path.abspath(path))
-    if fmt == "hf":
-        return _write_hf(records, path, base)
-    rows = (_WRITERS[fmt](r, [_relative(p, base) for p in r.images]) for r in records)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(list(rows), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    elif path.suffix in (".jsonl", ".ndjson"):
-        with open(path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
-        raise VlmrlError(f"{path}: name the output .json (one array) or .jsonl (one record a line)")
-    return path
-
-
-def _relative(image: str, base: str) -> str:
-    rel = os.path.relpath(image, base)
-    return Path(rel).as_posix() if not rel.startswith("..") else image
-
-
-def _tagged_prompt(messages: list[Message]) -> str:
-    turns = [f"<|{m['role']}|>\n{_parts_text(m['content'], ' ')}\n" for m in messages]
-    return "".join(turns) + "<|assistant|>\n"
-
-
-def _write_vlmrl(r: PreferenceRecord, images: list[str]) -> dict:
-    return {**r.to_dict(), "images": images}
-
-
-def _write_seed(r: PreferenceRecord, images: list[str]) -> dict:
-    return {"id": r.id, "image_path": images[0] if len(images) == 1 else images,
-            "prompt": _tagged_prompt(r.prompt), "chosen": r.chosen, "rejected": r.rejected,
-            "metadata": r.metadata}
-
-
-def _write_trl(r: PreferenceRecord, images: list[str]) -> dict:
-    def answer(text: str) -> list[Message]:
-        return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
-
-    return {"id": r.id, "images": images, "prompt": r.prompt, "chosen": answer(r.chosen),
-            "rejected": answer(r.rejected), "metadata": r.metadata}
-
-
-def _write_llamafactory(r: PreferenceRecord, images: list[str]) -> dict:
-    messages, row = r.prompt, {"id": r.id}
-    if messages and messages[0]["role"] == "system":
-        row["system"] = _parts_text(messages[0]["content"], "")
-        messages = messages[1:]
-    speaker = {"user": "human", "assistant": "gpt", "system": "system"}
-    row["conversations"] = [{"from": speaker[m["role"]], "value": _parts_text(m["content"], "")}
-                            for m in messages]
-    row.update(chosen={"from": "gpt", "value": r.chosen}, rejected={"from": "gpt", "value": r.rejected},
-               images=images, metadata=r.metadata)
-    return row
-
-
-def _write_swift(r: PreferenceRecord, images: list[str]) -> dict:
-    messages = [{"role": m["role"], "content": _parts_text(m["content"], "")} for m in r.prompt]
-    messages.append({"role": "assistant", "content": r.chosen})
-    return {"id": r.id, "messages": messages, "rejected_response": r.rejected, "images": images,
-            "metadata": r.metadata}
-
-
-_WRITERS = {"vlmrl": _write_vlmrl, "seed": _write_seed, "trl": _write_trl,
-            "llamafactory": _write_llamafactory, "swift": _write_swift}
-
-
-def _write_hf(records: Iterable[PreferenceRecord], path: Path, base: str) -> Path:
-    import datasets
-
-    features = datasets.Features({
-        "id": datasets.Value("string"), "images": datasets.List(datasets.Value("string")),
-        "prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
-        "rejected": datasets.Value("string"), "metadata": datasets.Value("string"),
-    })
-    rows = [{"id": r.id, "images": [_relative(p, base) for p in r.images],
-             "prompt": json.dumps(r.prompt, ensure_ascii=False), "chosen": r.chosen,
-             "rejected": r.rejected, "metadata": json.dumps(r.metadata, ensure_ascii=False)}
-            for r in records]
-    ds = datasets.Dataset.from_list(rows, features=features)
-    if path.suffix == ".parquet":
-        ds.to_parquet(str(path))
-    else:
-        ds.save_to_disk(str(path))
-    return path

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from vlmrl.data.detections import ImageCounts
-from vlmrl.data.formats import FORMATS, write_records
+from vlmrl.data.formats import FORMATS
+from vlmrl.data.writers import write_records
 from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
 from vlmrl.tasks.counting import CountingTask, plural
