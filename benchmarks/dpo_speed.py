@@ -41,7 +41,15 @@ no vision pass. Of those 138 only ~40 positions are read (they predict answer to
 decoder layer runs its queries, attention output, MLP and norms only there and its keys and values
 everywhere (``vlmrl.forward.last_layer``): the step went from ~0.33 s to ~0.29 s on "small" (1 of
 8 layers, ~70% of its rows) and ~0.015 s to ~0.012 s on tiny (1 of 2 layers). Everything left is
-work the floor does too.
+work the floor does too: the big matmuls run at ~140 GFLOP/s on one core (near its peak) and the
+rest is mostly peft's LoRA scale-and-add (an ``addmm``-fused LoRA forward measured 4-7% faster; it
+is peft's code, shared by every path here, and was not adopted). Running the prompt's first
+tokens (the chat template's system turn, 17 tokens, the same in every row) once per batch as a
+cache was tried and made the step ~10% slower: a 17-row matmul costs a fifth of a 250-row one,
+since reading the weights dominates at that size.
+
+TRL's best run varies more between invocations than ours on this shared machine (0.69-0.78 s
+against 0.275-0.29 s on "small"), so each round's own (a)/(c) ratio is printed too.
 Work per pair is counted by forward hooks on the vision tower (images encoded) and the
 token embedding (image tokens = prompt passes through the language model).
 """
