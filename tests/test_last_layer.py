@@ -69,7 +69,7 @@ def run(model, language_model, embeds, positions, mask, index=None):
     kwargs = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
     if index is None:
         return language_model(**kwargs).last_hidden_state, False
-    with last_layer.rows_only(language_model, index) as cut:
+    with last_layer.rows_only(model.get_base_model().model, index) as cut:
         return language_model(**kwargs).last_hidden_state, cut
 
 
@@ -147,3 +147,12 @@ def test_read_positions_hand_worked():
     index, read = read_positions(source, rows, (2, 6))
     assert index.tolist() == [[2, 3, 4], [1, 2, 3]]
     assert read.tolist() == [0, 1, 2, 3, 5]
+
+
+def test_deepstack_after_the_last_layer_is_not_cut(qwen3_dir):
+    """Qwen3-VL adds deepstack features after its first layers; if that reaches the last one, no cut."""
+    model, _ = lora_language_model(qwen3_dir)
+    inner = model.get_base_model().model
+    assert last_layer.supported(inner)  # 1 deepstack layer, 2 decoder layers
+    inner.config.vision_config.deepstack_visual_indexes = [0, 1]
+    assert not last_layer.supported(inner)

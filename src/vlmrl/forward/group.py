@@ -159,7 +159,7 @@ def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
     first = int(layout.predictor.min())
     n_rows, width = layout.input_ids.shape
     read = torch.arange(first, width, device=layout.input_ids.device).expand(n_rows, -1)
-    with last_layer.rows_only(base.model.language_model, read):
+    with last_layer.rows_only(base.model, read):
         logits = model(**inputs, logits_to_keep=width - first, use_cache=False).logits
     rows = layout.row_of_completion.unsqueeze(1).expand_as(layout.predictor)
     return completion_token_logps(

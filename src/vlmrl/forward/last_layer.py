@@ -7,7 +7,8 @@ never read: there its keys and values are needed at every position, its queries,
 MLP and norms only at the read ones. On counting pairs the prompt is ~70% of a row, so this
 saves ~70% of one layer, forward and backward.
 
-``rows_only(language_model, index)`` makes the last layer compute, for each batch row ``b``, only
+``rows_only(model, index)`` (``model``: the ``...VLModel`` holding ``language_model``) makes the
+last layer compute, for each batch row ``b``, only
 the positions ``index[b]`` (a ``(B, Q)`` tensor), and return ``(B, Q, hidden)``; the model's
 final norm then runs on those rows alone. It is exact: each query's attention is a softmax over
 its own row of the mask, so dropping other queries changes nothing, and everything after attention
@@ -21,7 +22,7 @@ The layer is rebuilt from its own modules (so LoRA adapters in them run, or not 
 
 Anything else -- another layer class, a layer whose ``forward`` was replaced by a hook (accelerate's
 device placement), Qwen3-VL with deepstack features added after its last layer -- gets no change:
-``rows_only`` yields False and the caller gathers the rows from the full output.
+``rows_only`` yields False and the model returns full-length rows.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ SUPPORTED_LAYERS = ("Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3VLTex
 
 
 @contextmanager
-def rows_only(language_model, index: torch.Tensor):
-    """Within the block, the last decoder layer computes only positions ``index`` (``(B, Q)``).
+def rows_only(model, index: torch.Tensor):
+    """Within the block, ``model``'s last decoder layer computes only positions ``index`` (``(B, Q)``).
 
     Yields whether it does; when False the model runs unchanged (full-length output).
     """
-    layer = language_model.layers[-1]
-    if not supported(language_model):
+    layer = model.language_model.layers[-1]
+    if not supported(model):
         yield False
         return
     layer.forward = partial(_checkpointed, layer, index)
@@ -54,16 +55,17 @@ def rows_only(language_model, index: torch.Tensor):
         del layer.forward
 
 
-def supported(language_model) -> bool:
-    """Whether ``rows_only`` can restrict this language model's last layer."""
-    layer = language_model.layers[-1]
+def supported(model) -> bool:
+    """Whether ``rows_only`` can restrict the last layer of ``model`` (a ``...VLModel``)."""
+    layers = model.language_model.layers
+    layer = layers[-1]
     if type(layer).__name__ not in SUPPORTED_LAYERS:
         return False
     if "forward" in vars(layer) or hasattr(layer, "_hf_hook"):  # a hook already owns its forward
         return False
-    deepstack = getattr(getattr(language_model.config, "vision_config", None), "deepstack_visual_indexes", None)
+    deepstack = getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", None)
     # Qwen3-VL adds deepstack features after layers 0 .. n - 1; only on the last one would they meet cut rows.
-    return len(deepstack or ()) < len(language_model.layers)
+    return len(deepstack or ()) < len(layers)
 
 
 def _checkpointed(layer, index, hidden_states, *args, **kwargs):

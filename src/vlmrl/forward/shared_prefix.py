@@ -308,7 +308,7 @@ def packed_logps(model, packed: PackedPairs, image_features=None, stats: Forward
     source = torch.cat([packed.chosen_source, packed.rejected_source])
     rows = torch.cat([packed.chosen_rows, packed.rejected_rows])
     index, window_source = read_positions(source, rows, packed.input_ids.shape)
-    with last_layer.rows_only(inner.language_model, index) as cut:
+    with last_layer.rows_only(inner, index) as cut:
         # The read positions of the hidden states the model returns: the windows, or the full rows.
         read = window_source if cut else source
         keep = torch.zeros(index.numel() if cut else packed.input_ids.numel(), dtype=torch.bool, device=source.device)
