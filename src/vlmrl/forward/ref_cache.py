@@ -143,28 +143,22 @@ def _reference_state(model) -> dict:
 def _compute(net, processor, records, max_length, batch_size, encode_cache, separate, stats) -> ReferenceLogps:
     import torch
 
-    from vlmrl.models.load import reference_mode
+    from vlmrl.models.load import reference_forward
 
     cache = encode_cache or EncodedRecordCache()
     fast = unsupported_reason(net) is None
     pad_id = processor.tokenizer.pad_token_id
     device = next(net.parameters()).device
     parts = []
-    context = torch.no_grad() if separate else reference_mode(net)
-    was_training = net.training
-    net.eval()
-    try:
-        with context:
-            for start in range(0, len(records), batch_size):
-                chunk = records[start : start + batch_size]
-                pairs = encode_pairs_cached(chunk, processor, max_length, cache)
-                if fast:
-                    out = packed_logps(net, pack_pairs(pairs, pad_id).to(device), stats=stats)
-                else:
-                    out = pair_logps(net, pairs.to(device), stats)
-                parts.append(out)
-    finally:
-        net.train(was_training)
+    with reference_forward(net if separate else None, net) as net:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            pairs = encode_pairs_cached(chunk, processor, max_length, cache)
+            if fast:
+                out = packed_logps(net, pack_pairs(pairs, pad_id).to(device), stats=stats)
+            else:
+                out = pair_logps(net, pairs.to(device), stats)
+            parts.append(out)
     columns = [torch.cat([getattr(p, name).detach().cpu() for p in parts]) for name in _COLUMNS]
     return ReferenceLogps([r.id for r in records], *columns)
 

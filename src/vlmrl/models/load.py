@@ -136,6 +136,31 @@ def reference_mode(model) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def reference_forward(reference, policy) -> Iterator:
+    """The model to run as the reference, without gradients and in eval mode: ``reference`` (a
+    separate frozen model) when given, else ``policy`` (unwrapped) with its adapter switched off."""
+    import torch
+
+    if reference is not None:
+        context, model = torch.no_grad(), reference
+    else:
+        context, model = reference_mode(policy), policy
+    with context, eval_mode(model):
+        yield model
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """The reference is a fixed function: no dropout, whatever mode the policy is in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def frozen_copy(model):
     """A separate frozen copy of ``model`` in eval mode: the reference for full fine-tuning."""
     reference = copy.deepcopy(model)

@@ -55,14 +55,14 @@ from vlmrl.forward.vision_cache import (
     encode_pairs_cached,
     vision_is_frozen,
 )
-from vlmrl.models.load import reference_mode
-from vlmrl.train.steps import eval_mode, pair_loss
+from vlmrl.models.load import reference_forward
+from vlmrl.train.steps import PreferenceStep, pair_loss
 
 _warned: set[str] = set()
 
 
-class FastPreferenceStep:
-    """A DPO-family step on packed pairs; same constructor as ``PreferenceStep`` plus the caches.
+class FastPreferenceStep(PreferenceStep):
+    """A DPO-family step on packed pairs; ``PreferenceStep``'s constructor plus the caches.
 
     ``fast_path=False`` keeps the plain two-sided forward but still uses ``reference_logps`` and the
     in-memory encoding cache; the vision cache needs the fast path (it is ignored, with a warning).
@@ -82,13 +82,7 @@ class FastPreferenceStep:
         reference_logps: ReferenceLogps | None = None,
         encode_cache: EncodedRecordCache | None = None,
     ):
-        self.model = model
-        self.processor = processor
-        self.max_length = max_length
-        self.loss = loss
-        self.reference = reference
-        self.unwrapped = unwrapped if unwrapped is not None else model
-        self.needs_reference = not loss.reference_free and loss.name != "simpo"
+        super().__init__(model, processor, max_length, loss, reference, unwrapped)
         self.reference_logps = reference_logps
         self.encode_cache = encode_cache or EncodedRecordCache()
         self.stats = ForwardStats()
@@ -148,16 +142,12 @@ class FastPreferenceStep:
         with torch.no_grad():
             return encode_images(self.unwrapped, batch, self.stats)
 
-    def _reference_logps(self, batch, features) -> PairLogps:
+    def _reference_logps(self, batch, features=None) -> PairLogps:
         cached = self.reference_logps
         if cached is not None and all(rid in cached for rid in batch.ids):
             device = batch.input_ids.device if isinstance(batch, PackedPairs) else batch.chosen["input_ids"].device
             return cached.lookup(batch.ids, device=device)
-        if self.reference is not None:
-            context, model = torch.no_grad(), self.reference
-        else:
-            context, model = reference_mode(self.unwrapped), self.unwrapped
-        with context, eval_mode(model):
+        with reference_forward(self.reference, self.unwrapped) as model:
             if isinstance(batch, PackedPairs):
                 return packed_logps(model, batch, features if self.share_vision else None, self.stats)
             return pair_logps(model, batch, self.stats)

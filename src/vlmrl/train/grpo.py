@@ -58,7 +58,7 @@ from vlmrl.forward.group import GroupBatch, build_group_batch, group_logps
 from vlmrl.generate import encode_prompts, vision_token_ids
 from vlmrl.losses.policy import grpo_objective, group_advantages
 from vlmrl.rewards import count_exact_reward, count_format_reward, count_partial_reward
-from vlmrl.train.steps import eval_mode
+from vlmrl.models.load import reference_forward
 
 BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
     "count_exact": count_exact_reward,
@@ -227,13 +227,7 @@ class GrpoStep:
         return loss, metrics
 
     def _reference_logps(self, group: GroupBatch) -> torch.Tensor:
-        from vlmrl.models.load import reference_mode
-
-        if self.reference is not None:
-            context, model = torch.no_grad(), self.reference
-        else:
-            context, model = reference_mode(self.unwrapped), self.unwrapped
-        with context, eval_mode(model):
+        with reference_forward(self.reference, self.unwrapped) as model:
             logps, _ = group_logps(model, group, self.config.temperature, self.config.shared_prompt)
         return logps
 

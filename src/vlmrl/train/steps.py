@@ -13,7 +13,6 @@ sequence by its length differently in a batch of 8 than in 8 batches of 1.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -22,7 +21,7 @@ from vlmrl.config import LossConfig
 from vlmrl.forward.plain import pair_logps, sequence_logps
 from vlmrl.forward.vision_cache import EncodedRecordCache, encode_sft_cached
 from vlmrl.losses.preference import nll, preference_loss, preference_metrics
-from vlmrl.models.load import reference_mode
+from vlmrl.models.load import reference_forward
 
 
 class SftStep:
@@ -75,11 +74,7 @@ class PreferenceStep:
         return pair_loss(self.loss, policy, ref_chosen, ref_rejected)
 
     def _reference_logps(self, batch):
-        if self.reference is not None:
-            context, model = torch.no_grad(), self.reference
-        else:
-            context, model = reference_mode(self.unwrapped), self.unwrapped
-        with context, eval_mode(model):
+        with reference_forward(self.reference, self.unwrapped) as model:
             return pair_logps(model, batch)
 
 
@@ -102,14 +97,3 @@ def pair_loss(loss: LossConfig, policy, ref_chosen, ref_rejected) -> tuple[torch
     metrics = {"loss": mean.item()}
     metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
     return mean, metrics
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """The reference is a fixed function: no dropout, whatever mode the policy is in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
