@@ -246,30 +246,23 @@ def _config(family: str, dims: TinySize, tokenizer):
             patch_size=patch,
         )
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
-    if family == "qwen2.5-vl":
-        vision = dict(
-            depth=dims.vision_depth,
-            hidden_size=dims.vision_hidden,
-            intermediate_size=dims.vision_intermediate,
-            num_heads=dims.vision_heads,
-            out_hidden_size=dims.text_hidden,
-            patch_size=patch,
-            window_size=patch * 2 * 4,  # windows of 4x4 merged tokens, as in the real 112 px / 14 px
-            fullatt_block_indexes=[dims.vision_depth - 1],
-        )
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
-    text["rope_parameters"]["mrope_interleaved"] = True
-    text["head_dim"] = head_dim
-    vision = dict(
+    vision = dict(  # Qwen2.5-VL's and Qwen3-VL's vision configs share these names
         depth=dims.vision_depth,
         hidden_size=dims.vision_hidden,
         intermediate_size=dims.vision_intermediate,
         num_heads=dims.vision_heads,
         out_hidden_size=dims.text_hidden,
         patch_size=patch,
-        num_position_embeddings=dims.image_patches**2,
-        deepstack_visual_indexes=[0],
     )
+    if family == "qwen2.5-vl":
+        vision.update(
+            window_size=patch * 2 * 4,  # windows of 4x4 merged tokens, as in the real 112 px / 14 px
+            fullatt_block_indexes=[dims.vision_depth - 1],
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
+    text["rope_parameters"]["mrope_interleaved"] = True
+    text["head_dim"] = head_dim
+    vision.update(num_position_embeddings=dims.image_patches**2, deepstack_visual_indexes=[0])
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
 
 
