@@ -77,3 +77,14 @@ def vision_biased_model(tiny_model_dir):
         bias[token_id] = 100.0 - rank
     model.lm_head.bias = torch.nn.Parameter(bias)
     return model, processor, banned, image_pad
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads wait on each other ~40x longer."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from vlmrl.train.steps import PreferenceStep
 
 from test_forward_fast import mixed_records
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads wait on each other ~40x longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LOSSES = [

@@ -27,13 +27,7 @@ from vlmrl.forward.vision_cache import EncodedRecordCache, VisionFeatureCache, e
 from vlmrl.models.load import add_lora, load_model, reference_mode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads wait on each other ~40x longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed_records(synth_pairs_file) -> list[PreferenceRecord]:
