@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import closing
 import ipaddress
 import json
 import sys
@@ -128,11 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _raters_add(args: argparse.Namespace) -> int:
     from vlmrl.study import db
 
-    conn = db.connect(args.db)
-    try:
+    with closing(db.connect(args.db)) as conn:
         rater = db.add_rater(conn, args.name)
-    finally:
-        conn.close()
     print(f"{rater.name}: {args.base_url.rstrip('/')}/r/{rater.token}")
     return 0
 
@@ -140,24 +138,18 @@ def _raters_add(args: argparse.Namespace) -> int:
 def _raters_list(args: argparse.Namespace) -> int:
     from vlmrl.study import db
 
-    conn = db.connect(args.db)
-    try:
+    with closing(db.connect(args.db)) as conn:
         counts = dict(conn.execute("SELECT rater_id, COUNT(*) FROM votes GROUP BY rater_id").fetchall())
         for rater in db.list_raters(conn):
             print(f"{rater.name}: {counts.get(rater.id, 0)} votes  {args.base_url.rstrip('/')}/r/{rater.token}")
-    finally:
-        conn.close()
     return 0
 
 
 def _admin_link(args: argparse.Namespace) -> int:
     from vlmrl.study import db
 
-    conn = db.connect(args.db)
-    try:
+    with closing(db.connect(args.db)) as conn:
         token = db.study_info(conn)["admin_token"]
-    finally:
-        conn.close()
     print(f"{args.base_url.rstrip('/')}/admin/{token}")
     return 0
 
@@ -166,12 +158,9 @@ def _results(args: argparse.Namespace) -> int:
     from vlmrl.study import db
     from vlmrl.study.results import format_results, results_dict, summarize
 
-    conn = db.connect(args.db)
-    try:
+    with closing(db.connect(args.db)) as conn:
         info = db.study_info(conn)
         results = summarize(db.load_votes(conn), int(info["raters_per_item"]))
-    finally:
-        conn.close()
     if args.json:
         print(json.dumps(results_dict(results), indent=2))
     else:
@@ -185,11 +174,8 @@ def _export(args: argparse.Namespace) -> int:
     from vlmrl.study import db
     from vlmrl.study.export import export_pairs
 
-    conn = db.connect(args.db)
-    try:
+    with closing(db.connect(args.db)) as conn:
         records, summary = export_pairs(conn, per_vote=args.per_vote)
-    finally:
-        conn.close()
     write_records(records, args.out, args.format)
     print(f"{summary.describe()}; wrote {args.out}")
     return 0
