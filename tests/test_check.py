@@ -1,4 +1,4 @@
-"""Every bad-input rule of `vlmrl data check`, on real bad files, plus load_clean and the CLI."""
+"""Every bad-input rule of `vlmrl data check`, on real bad files, plus load_records and the CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vlmrl.cli import main
-from vlmrl.data.check import check_records, image_error, load_clean
+from vlmrl.data.check import check_records, image_error
+from vlmrl.data.load import load_records
 from vlmrl.errors import VlmrlError
 
 
@@ -188,34 +189,34 @@ def test_image_error_accepts_a_png_and_names_a_missing_file(tmp_path):
     assert "not found" in image_error(str(tmp_path / "zz.png"))
 
 
-# ---------------------------------------------------------------- load_clean
+# ---------------------------------------------------------------- load_records
 
 
-def test_load_clean_raises_with_the_problems(folder):
+def test_load_records_raises_with_the_problems(folder):
     path = jsonl(folder / "d.jsonl", [row(0), row(1, chosen="")])
     with pytest.raises(VlmrlError, match=r"1 problem\(s\) in 1 of 2 records:\n.*d.jsonl:2: empty-answer"):
-        load_clean(path)
+        load_records(path)
 
 
-def test_load_clean_skip_bad_keeps_good_records_and_says_why(folder, capsys):
+def test_load_records_skip_bad_keeps_good_records_and_says_why(folder, capsys):
     path = jsonl(folder / "d.jsonl", [row(0), row(1, chosen=""), row(2), row(3, id="r0")])
-    records = load_clean(path, skip_bad=True)
+    records = load_records(path, skip_bad=True)
     assert [r.id for r in records] == ["r0", "r2"]
     err = capsys.readouterr().err
     assert "skipped 2 of 4 records" in err and "empty-answer" in err and "duplicate-id" in err
 
 
-def test_load_clean_lists_twenty_problems_then_a_count(folder):
+def test_load_records_lists_twenty_problems_then_a_count(folder):
     path = jsonl(folder / "d.jsonl", [row(i, chosen="") for i in range(25)])
     with pytest.raises(VlmrlError) as e:
-        load_clean(path)
+        load_records(path)
     assert str(e.value).count("empty-answer") == 20 and "... and 5 more" in str(e.value)
 
 
-def test_load_clean_cannot_skip_an_unreadable_file(folder):
+def test_load_records_cannot_skip_an_unreadable_file(folder):
     path = jsonl(folder / "d.jsonl", [{"question": "q"}])
     with pytest.raises(VlmrlError, match="cannot tell the data format"):
-        load_clean(path, skip_bad=True)
+        load_records(path, skip_bad=True)
 
 
 # ---------------------------------------------------------------- CLI

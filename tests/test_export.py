@@ -8,7 +8,7 @@ import torch
 from vlmrl.batch import encode_pairs
 from vlmrl.cli import main
 from vlmrl.config import validate_config
-from vlmrl.data.check import load_clean
+from vlmrl.data.load import load_records
 from vlmrl.errors import VlmrlError
 from vlmrl.train.export import export_run
 from vlmrl.train.loop import Trainer
@@ -39,7 +39,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_run, tiny_mo
     processor = AutoProcessor.from_pretrained(merged_dir)
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     with_adapter = PeftModel.from_pretrained(base, trained_run / "final").eval()
-    inputs = encode_pairs(load_clean(synth_pairs_file)[:2], processor, 128).chosen
+    inputs = encode_pairs(load_records(synth_pairs_file)[:2], processor, 128).chosen
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     with torch.no_grad():
         expected = with_adapter(**inputs).logits

@@ -18,7 +18,7 @@ from PIL import Image
 from vlmrl.errors import VlmrlError
 from vlmrl.report.deltas import metric_deltas, outcomes, verdict
 from vlmrl.report.html import summary_line, write_report
-from vlmrl.report.results import RunResult, load_run
+from vlmrl.report.inputs import RunResult, load_run
 from vlmrl.tasks.counting import CountingTask
 
 CLASSES = ("car", "motorcycle", "bus", "bicycle")

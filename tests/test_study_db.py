@@ -14,10 +14,10 @@ from PIL import Image
 from vlmrl.cli import main
 from vlmrl.data.formats import read_records
 from vlmrl.errors import VlmrlError
-from vlmrl.study import assign, db
+from vlmrl.study import db, voting
 from vlmrl.study.create import build_study, is_answers_file
 from vlmrl.study.export import export_pairs
-from vlmrl.study.results import summarize
+from vlmrl.study.summary import summarize
 
 
 def make_inputs(folder: Path, n: int, categories=("grid", "free")) -> tuple[Path, Path, Path]:
@@ -65,8 +65,8 @@ def test_create_stores_items_answers_and_wal(study):
 def test_schema_refuses_a_second_vote_on_the_same_assignment(study):
     conn = db.connect(study)
     rater = db.add_rater(conn, "ann")
-    got = assign.next_assignment(conn, rater.id, 2)
-    assign.record_vote(conn, rater.id, got.item_id, "left")
+    got = voting.next_assignment(conn, rater.id, 2)
+    voting.record_vote(conn, rater.id, got.item_id, "left")
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute(
             "INSERT INTO votes (assignment_id, rater_id, item_id, choice, winner, created_at) "
@@ -83,7 +83,7 @@ def test_balanced_assignment_fills_every_item_to_n_without_repeats(study):
     active = list(raters)
     while active:
         for rater in list(active):
-            got = assign.next_assignment(conn, rater.id, 2)
+            got = voting.next_assignment(conn, rater.id, 2)
             if got is None:
                 active.remove(rater)
                 continue
@@ -91,7 +91,7 @@ def test_balanced_assignment_fills_every_item_to_n_without_repeats(study):
             counts = Counter(r[0] for r in conn.execute("SELECT item_id FROM assignments"))
             assert max(counts.values()) - min(counts.get(i, 0) for i in range(1, 7)) <= 2
             seen[rater.id].append(got.item_id)
-            assign.record_vote(conn, rater.id, got.item_id, "right")
+            voting.record_vote(conn, rater.id, got.item_id, "right")
     per_item = Counter(i for items in seen.values() for i in items)
     assert per_item == {i: 2 for i in range(1, 7)}
     assert all(len(items) == len(set(items)) for items in seen.values())
@@ -101,8 +101,8 @@ def test_balanced_assignment_fills_every_item_to_n_without_repeats(study):
 def test_pending_item_comes_back_with_the_same_sides(study):
     conn = db.connect(study)
     rater = db.add_rater(conn, "ann")
-    first = assign.next_assignment(conn, rater.id, 2)
-    again = assign.next_assignment(conn, rater.id, 2)
+    first = voting.next_assignment(conn, rater.id, 2)
+    again = voting.next_assignment(conn, rater.id, 2)
     assert again == first
     assert conn.execute("SELECT COUNT(*) FROM assignments").fetchone()[0] == 1
 
@@ -110,20 +110,20 @@ def test_pending_item_comes_back_with_the_same_sides(study):
 def test_bad_votes_write_nothing(study):
     conn = db.connect(study)
     ann, bob = db.add_rater(conn, "ann"), db.add_rater(conn, "bob")
-    got = assign.next_assignment(conn, ann.id, 2)
+    got = voting.next_assignment(conn, ann.id, 2)
     cases = [
         (bob.id, got.item_id, "left", 409, "not assigned"),
         (ann.id, 999, "left", 404, "no item"),
         (ann.id, got.item_id, "middle", 400, "choice must be"),
     ]
     for rater_id, item, choice, status, text in cases:
-        with pytest.raises(assign.VoteRejected, match=text) as e:
-            assign.record_vote(conn, rater_id, item, choice)
+        with pytest.raises(voting.VoteRejected, match=text) as e:
+            voting.record_vote(conn, rater_id, item, choice)
         assert e.value.status == status
     assert conn.execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 0
-    assign.record_vote(conn, ann.id, got.item_id, "tie", "  close call ")
-    with pytest.raises(assign.VoteRejected, match="already voted") as e:
-        assign.record_vote(conn, ann.id, got.item_id, "left")
+    voting.record_vote(conn, ann.id, got.item_id, "tie", "  close call ")
+    with pytest.raises(voting.VoteRejected, match="already voted") as e:
+        voting.record_vote(conn, ann.id, got.item_id, "left")
     assert e.value.status == 409
     stored = [tuple(r) for r in conn.execute("SELECT choice, winner, comment FROM votes")]
     assert stored == [("tie", "tie", "close call")]
@@ -175,13 +175,13 @@ def simulate(conn: sqlite3.Connection, raters: list[db.Rater], n: int, p_b: floa
     active = list(raters)
     while active:
         for rater in list(active):
-            got = assign.next_assignment(conn, rater.id, n)
+            got = voting.next_assignment(conn, rater.id, n)
             if got is None:
                 active.remove(rater)
                 continue
             winner = truth[got.item_id] if rng.random() < 0.8 else rng.choice(labels)
             side = {"A": "left", "B": "right"} if got.a_on_left else {"A": "right", "B": "left"}
-            assign.record_vote(conn, rater.id, got.item_id, side.get(winner, winner))
+            voting.record_vote(conn, rater.id, got.item_id, side.get(winner, winner))
 
 
 def test_simulated_study_results_and_export(tmp_path):
@@ -227,8 +227,8 @@ def test_cli_flow_create_raters_results_export(tmp_path, capsys):
     conn = db.connect(dbp)
     ann = db.rater_by_token(conn, link.rsplit("/", 1)[1])
     for _ in range(4):
-        got = assign.next_assignment(conn, ann.id, 1)
-        assign.record_vote(conn, ann.id, got.item_id, "left" if not got.a_on_left else "right")  # always B
+        got = voting.next_assignment(conn, ann.id, 1)
+        voting.record_vote(conn, ann.id, got.item_id, "left" if not got.a_on_left else "right")  # always B
     assert main(["study", "results", "--db", dbp]) == 0
     out = capsys.readouterr().out
     assert "B wins 4" in out and "100.0%" in out

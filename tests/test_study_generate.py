@@ -11,7 +11,7 @@ from PIL import Image
 from vlmrl.cli import main
 from vlmrl.data.formats import read_records
 from vlmrl.errors import VlmrlError
-from vlmrl.study import assign, db
+from vlmrl.study import db, voting
 from vlmrl.study.create import build_study
 
 
@@ -50,8 +50,8 @@ def test_create_generates_with_the_tiny_model_and_exports_pairs(tmp_path, inputs
     assert {r[0] for r in conn.execute("SELECT category FROM items")} == {"drop", "swap"}
 
     rater = db.add_rater(conn, "ann")
-    while (got := assign.next_assignment(conn, rater.id, 1)) is not None:
-        assign.record_vote(conn, rater.id, got.item_id, "right" if got.a_on_left else "left")  # B each time
+    while (got := voting.next_assignment(conn, rater.id, 1)) is not None:
+        voting.record_vote(conn, rater.id, got.item_id, "right" if got.a_on_left else "left")  # B each time
     out = tmp_path / "human.jsonl"
     assert main(["study", "export", "--db", dbp, "--out", str(out), "--per-vote"]) == 0
     exported = read_records(out)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vlmrl.study.assign import winner_of
+from vlmrl.study.voting import winner_of
 from vlmrl.study.export import majority
 from vlmrl.study.stats import cohen_kappa, fleiss_kappa, wilson_interval, win_rate
 

@@ -361,7 +361,7 @@ QUICK = dict(n_sft=320, n_pref=64, n_test=24, n_ood=16, warmup_steps=40, warmup_
 
 def main(out: Path, full: bool = False, quick: bool = False, seed: int = 0) -> int:
     from vlmrl.report.html import write_report
-    from vlmrl.report.results import RunResult
+    from vlmrl.report.inputs import RunResult
 
     s = DemoSettings(out=Path(out), seed=seed, **(QUICK if quick else {}))
     methods = METHODS if full else (CONTROL, BEST)

@@ -42,12 +42,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from vlmrl.data.check import load_clean
+    from vlmrl.data.load import load_records
     from vlmrl.report.html import write_report
 
     names = model_names(args.tuned, args.names)
     tuned = [resolve_run(Path(r)) for r in args.tuned]
-    records = load_clean(args.data, skip_bad=args.skip_bad)
+    records = load_records(args.data, skip_bad=args.skip_bad)
     if not records:
         raise VlmrlError(f"{args.data}: no records to evaluate")
     out = Path(args.out)
@@ -110,7 +110,7 @@ def _evaluate_one(name, model_path, adapter, log, records, out: Path, args):
     import gc
 
     from vlmrl.eval.run import evaluate, load_for_eval
-    from vlmrl.report.results import RunResult
+    from vlmrl.report.inputs import RunResult
 
     what = f"{model_path}" + (f" + adapter {adapter}" if adapter else "")
     print(f"evaluating {name}: {what} on {len(records)} records", file=sys.stderr)

@@ -155,13 +155,13 @@ def run_eval(args: argparse.Namespace) -> int:
         raise VlmrlError(f"{args.data}: no records to evaluate")
     model, processor = _load(args)
     if args.mme:
-        from vlmrl.eval.benchmark_run import evaluate_mme
+        from vlmrl.eval.suite_run import evaluate_mme
 
         metrics = evaluate_mme(model, processor, args.mme, args.out, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens or 16, seed=args.seed,
                                skip_bad=args.skip_bad)
     elif args.llava_bench:
-        from vlmrl.eval.benchmark_run import evaluate_llava_bench
+        from vlmrl.eval.suite_run import evaluate_llava_bench
 
         metrics = evaluate_llava_bench(model, processor, args.llava_bench, args.out, _judge(args),
                                        reference_answers=args.reference_answers, batch_size=args.batch_size,
@@ -185,9 +185,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _read(args: argparse.Namespace):
-    from vlmrl.data.check import load_clean
+    from vlmrl.data.load import load_records
 
-    return load_clean(args.data, fmt=args.fmt, skip_bad=args.skip_bad)
+    return load_records(args.data, fmt=args.fmt, skip_bad=args.skip_bad)
 
 
 def _judge(args: argparse.Namespace):

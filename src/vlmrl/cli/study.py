@@ -156,7 +156,7 @@ def _admin_link(args: argparse.Namespace) -> int:
 
 def _results(args: argparse.Namespace) -> int:
     from vlmrl.study import db
-    from vlmrl.study.results import format_results, results_dict, summarize
+    from vlmrl.study.summary import format_results, results_dict, summarize
 
     with closing(db.connect(args.db)) as conn:
         info = db.study_info(conn)

@@ -1,8 +1,8 @@
 """Every rule a preference record must pass, with the message that says what to do.
 
 `check_records` reads a whole file and reports *all* problems in one pass (``vlmrl data check``);
-`load_clean` is what training and evaluation call: the same rules, then either an error listing
-the problems or, with ``skip_bad``, the good records and a note on stderr of what was skipped.
+`scan` is the pass itself, which ``data.load.load_records`` (what training and evaluation call)
+runs keeping the good records.
 
 Image files are decoded in a pool of worker processes while the records stream by. A truncated
 JPEG is only caught by decoding it, so each image is loaded, JPEGs at 1/8 scale (``draft``),
@@ -12,7 +12,6 @@ which reads every byte of the file at a fraction of the cost of a full decode.
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -77,25 +76,8 @@ class CheckReport:
 def check_records(path: str | Path, fmt: str | None = None, max_chars: int = DEFAULT_MAX_CHARS,
                   check_images: bool = True, workers: int = 2) -> CheckReport:
     """Read every record of ``path`` and report all problems (see PROBLEM_KINDS)."""
-    report, _, _ = _scan(path, fmt, max_chars, check_images, workers, keep=False)
+    report, _, _ = scan(path, fmt, max_chars, check_images, workers, keep=False)
     return report
-
-
-def load_clean(path: str | Path, fmt: str | None = None, skip_bad: bool = False,
-               max_chars: int = DEFAULT_MAX_CHARS, check_images: bool = True,
-               workers: int = 2) -> list[PreferenceRecord]:
-    """The records of ``path`` that pass every check. Raises VlmrlError naming the problems unless
-    ``skip_bad``; then it prints what it skipped and why to stderr."""
-    report, records, whole_file = _scan(path, fmt, max_chars, check_images, workers, keep=True)
-    if report.ok:
-        return records
-    if not skip_bad or whole_file:
-        raise VlmrlError(f"{path}: {len(report.problems)} problem(s) in {report.bad_records} of "
-                         f"{report.records_read} records:\n{problem_lines(report.problems)}\n"
-                         f"Fix them (`vlmrl data check {path}` lists them all) or pass --skip-bad.")
-    print(f"{path}: skipped {report.bad_records} of {report.records_read} records:\n"
-          f"{problem_lines(report.problems)}", file=sys.stderr)
-    return records
 
 
 def problem_lines(problems: list[Problem], shown: int = _SHOWN) -> str:
@@ -165,8 +147,8 @@ class _ImageChecker:
         return [(pos, err) for image, err in results if err for pos in self.users[image]]
 
 
-def _scan(path: str | Path, fmt: str | None, max_chars: int, check_images: bool, workers: int,
-          keep: bool) -> tuple[CheckReport, list[PreferenceRecord], bool]:
+def scan(path: str | Path, fmt: str | None, max_chars: int, check_images: bool, workers: int,
+         keep: bool) -> tuple[CheckReport, list[PreferenceRecord], bool]:
     """The report, the clean records (when ``keep``), and whether the whole file is unreadable."""
     if not Path(path).exists():
         raise VlmrlError(f"{path}: no such file or folder; check the path")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vlmrl.report.results import EvalResult, Sample
+from vlmrl.report.inputs import EvalResult, Sample
 
 # A metric whose name holds one of these is better when lower.
 LOWER_IS_BETTER = ("error", "mae", "rmse", "failure", "loss")

@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 
 from vlmrl.report.deltas import outcomes
-from vlmrl.report.results import EvalResult, Sample
+from vlmrl.report.inputs import EvalResult, Sample
 from vlmrl.tasks.counting import CountingTask
 
 THUMBNAIL_SIZE = 224

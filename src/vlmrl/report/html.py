@@ -18,7 +18,7 @@ from vlmrl.errors import VlmrlError
 from vlmrl.report import gallery, plots
 from vlmrl.report.assets import CSS, JS
 from vlmrl.report.deltas import NO_DIRECTION, MetricDelta, lower_is_better, metric_deltas
-from vlmrl.report.results import EvalResult, RunResult, load_run
+from vlmrl.report.inputs import EvalResult, RunResult, load_run
 
 HEADLINE_METRICS = ("exact_match", "rewards/accuracies", "logps/accuracy")
 LABELS = {

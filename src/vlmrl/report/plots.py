@@ -10,7 +10,7 @@ import io
 import re
 from collections import Counter
 
-from vlmrl.report.results import EvalResult
+from vlmrl.report.inputs import EvalResult
 
 # Training-log keys drawn as curves, with their titles; only those a log holds are drawn.
 CURVES = (

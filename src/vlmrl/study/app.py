@@ -11,7 +11,7 @@ Routes (every one needs a token in the path; nothing is shown without one):
 Safety: images are looked up by item id in the database and must resolve (symlinks followed)
 inside the data set's folder, so no client-supplied path is ever opened. A POST must carry the
 rater's CSRF token and an Origin (or Referer) of this host. A vote is stored once (see
-``assign.record_vote``); refused requests write nothing. No cookies are used.
+``voting.record_vote``); refused requests write nothing. No cookies are used.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from vlmrl.study import assign, db, pages
-from vlmrl.study.results import format_results, results_dict, summarize
+from vlmrl.study import db, pages, voting
+from vlmrl.study.summary import format_results, results_dict, summarize
 
 
 class HttpError(Exception):
@@ -51,7 +51,7 @@ def create_app(db_path: str | Path) -> FastAPI:
             response = fn(conn, nonce, *args)
         except HttpError as e:
             response = HTMLResponse(pages.message_page(f"Error {e.status}", e.message, nonce), status_code=e.status)
-        except assign.VoteRejected as e:
+        except voting.VoteRejected as e:
             response = HTMLResponse(pages.message_page(f"Error {e.status}", str(e), nonce), status_code=e.status)
         finally:
             conn.close()
@@ -118,8 +118,8 @@ def _rater(conn: sqlite3.Connection, token: str) -> db.Rater:
 def _rater_page(conn: sqlite3.Connection, nonce: str, token: str) -> Response:
     rater = _rater(conn, token)
     info = db.study_info(conn)
-    assignment = assign.next_assignment(conn, rater.id, int(info["raters_per_item"]))
-    done, total = assign.progress(conn, rater.id)
+    assignment = voting.next_assignment(conn, rater.id, int(info["raters_per_item"]))
+    done, total = voting.progress(conn, rater.id)
     if assignment is None:
         return HTMLResponse(pages.done_page(study=info["name"], rater=rater.name, done=done, total=total, nonce=nonce))
     record = db.load_record(conn, assignment.item_id)
@@ -150,7 +150,7 @@ def _vote(conn: sqlite3.Connection, nonce: str, token: str, same_origin: bool, f
     choice, comment = fields["choice"], fields["comment"] or ""
     if not isinstance(choice, str) or not isinstance(comment, str):
         raise HttpError(400, "choice and comment must be text fields")
-    assign.record_vote(conn, rater.id, int(item), choice, comment)
+    voting.record_vote(conn, rater.id, int(item), choice, comment)
     return RedirectResponse(f"/r/{rater.token}", status_code=303)
 
 
@@ -159,7 +159,7 @@ def _image(conn: sqlite3.Connection, nonce: str, token: str, item: str, index: s
     not_found = HttpError(404, "No such image.")
     if rater is None or not item.isdigit() or not index.isdigit():
         raise not_found
-    if assign.find_assignment(conn, rater.id, int(item)) is None:
+    if voting.find_assignment(conn, rater.id, int(item)) is None:
         raise not_found
     record = db.load_record(conn, int(item))
     if record is None or int(index) >= len(record.images):
@@ -201,7 +201,7 @@ def _admin_page(conn: sqlite3.Connection, nonce: str, token: str) -> Response:
         )
     ]
     html = pages.admin_page(
-        study=info["name"], info=info, progress=assign.study_progress(conn, n), raters=raters,
+        study=info["name"], info=info, progress=voting.study_progress(conn, n), raters=raters,
         results=results, report=format_results(results, info["name"]), nonce=nonce,
     )
     return HTMLResponse(html)
@@ -211,7 +211,7 @@ def _admin_json(conn: sqlite3.Connection, nonce: str, token: str) -> Response:
     info = _admin_check(conn, token)
     n = int(info["raters_per_item"])
     body = results_dict(summarize(db.load_votes(conn), n))
-    body["progress"] = assign.study_progress(conn, n)
+    body["progress"] = voting.study_progress(conn, n)
     return JSONResponse(body)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from vlmrl.study.results import Results
+from vlmrl.study.summary import Results
 from vlmrl.study.stats import WinRate
 
 STYLE = """

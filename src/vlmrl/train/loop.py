@@ -86,11 +86,11 @@ class Trainer:
         return latest
 
     def _setup_data(self) -> None:
-        from vlmrl.data.check import load_clean
+        from vlmrl.data.load import load_records
 
         data = self.config.data
-        self.train_records = load_clean(data.train, data.format, skip_bad=data.skip_bad)
-        self.eval_records = load_clean(data.eval, data.format, skip_bad=data.skip_bad) if data.eval else []
+        self.train_records = load_records(data.train, data.format, skip_bad=data.skip_bad)
+        self.eval_records = load_records(data.eval, data.format, skip_bad=data.skip_bad) if data.eval else []
         t = self.config.train
         self.world = self.accelerator.num_processes
         per_epoch = batches_per_epoch(len(self.train_records), t.batch_size, self.world)

@@ -5,7 +5,7 @@
     evaluate_llava_bench(model, processor, root, out_dir, judge, *, reference_answers=None,
                          batch_size=16, max_new_tokens=512, seed=0, skip_bad=False) -> dict
 
-Reading and scoring live in :mod:`vlmrl.eval.benchmarks`; the judges in :mod:`vlmrl.eval.judge`.
+Reading and scoring live in :mod:`vlmrl.eval.suites`; the judges in :mod:`vlmrl.eval.judge`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 
 from vlmrl.data.records import user_prompt
 from vlmrl.errors import VlmrlError
-from vlmrl.eval.benchmarks import (
+from vlmrl.eval.suites import (
     llava_scores,
     mme_parse_answer,
     mme_scores,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlmrl.cli import main
 from vlmrl.errors import VlmrlError
-from vlmrl.eval.benchmarks import mme_parse_answer, mme_scores, read_llava_bench, read_mme
+from vlmrl.eval.suites import mme_parse_answer, mme_scores, read_llava_bench, read_mme
 from vlmrl.eval.judge import HttpJudge, judge_messages, parse_judge_scores
 
 
