@@ -13,6 +13,7 @@ import sys
 
 from vlmrl import __version__
 from vlmrl.errors import VlmrlError
+from vlmrl.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Quiet the noisy but harmless warnings of the libraries below before they are imported.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

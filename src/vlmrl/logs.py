@@ -1,0 +1,37 @@
+"""Where the library's messages go: the ``vlmrl`` logger, which the command line shows on stderr.
+
+Library modules log through ``logging.getLogger(__name__)`` and never print to stderr themselves,
+so a program that imports vlmrl decides what it sees, and ``accelerate launch`` with several
+processes does not print every message once per process: ``setup_logging`` (called by the CLI's
+``main``) shows messages as plain lines from the main process and only errors from the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a message is logged, so redirected stderr sees it too."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the property wins
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show the ``vlmrl`` logger's messages on stderr, once per process; idempotent."""
+    logger = logging.getLogger("vlmrl")
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    # The launcher's rank: accelerate / torchrun set RANK for every process they start.
+    main_process = os.environ.get("RANK", "0") in ("", "0")
+    logger.setLevel(level if main_process else logging.ERROR)
