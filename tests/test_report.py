@@ -277,7 +277,7 @@ def test_metric_reported_by_one_model_only_gets_a_row(tmp_path):
 # ----------------------------------------------------------------------------- the command
 def test_compare_names_and_runs_are_checked(tmp_path, capsys):
     from vlmrl.cli import main
-    from vlmrl.cli.compare import model_names, resolve_run
+    from vlmrl.eval.compare import TunedRun, model_names, resolve_run
 
     assert model_names(["runs/dpo", "other/dpo"], None) == ["base", "dpo", "dpo-2"]
     assert model_names(["runs/dpo"], "before, after") == ["before", "after"]
@@ -287,11 +287,11 @@ def test_compare_names_and_runs_are_checked(tmp_path, capsys):
         model_names(["a"], "x,x")
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
-    assert resolve_run(run) == (None, run, None)
+    assert resolve_run(run) == TunedRun(None, run, None)
     export = tmp_path / "export"
     export.mkdir()
     (export / "config.json").write_text("{}")
-    assert resolve_run(export) == (export, None, None)
+    assert resolve_run(export) == TunedRun(export, None, None)
     code = main(["compare", "--base", "b", "--tuned", str(tmp_path / "nothing"),
                  "--data", "d.jsonl", "--out", str(tmp_path / "out")])
     assert code == 2 and "no such folder" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def test_create_rejects_bad_input_with_clear_messages(tmp_path):
         build_study(tmp_path / "y.sqlite", "t", data, str(a), str(b))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(a.read_text() + '{"id": "r9"}\n')
-    with pytest.raises(VlmrlError, match=r"broken.jsonl:4: an answers row needs"):
+    with pytest.raises(VlmrlError, match=r"broken.jsonl, line 4: an answers row needs"):
         build_study(tmp_path / "z.sqlite", "t", data, str(broken), str(b))
     assert not (tmp_path / "x.sqlite").exists() and not (tmp_path / "z.sqlite").exists()
 

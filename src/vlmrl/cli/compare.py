@@ -9,11 +9,6 @@ Each model is evaluated into ``OUT/<name>/`` (metrics.json, samples.jsonl), one 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
-
-from vlmrl.errors import VlmrlError
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -42,82 +37,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from vlmrl.data.load import load_records
-    from vlmrl.report.html import write_report
+    from vlmrl.eval.compare import compare_models
 
-    names = model_names(args.tuned, args.names)
-    tuned = [resolve_run(Path(r)) for r in args.tuned]
-    records = load_records(args.data, skip_bad=args.skip_bad)
-    if not records:
-        raise VlmrlError(f"{args.data}: no records to evaluate")
-    out = Path(args.out)
-    runs = [_evaluate_one(names[0], args.base, None, None, records, out, args)]
-    for name, (model_path, adapter, log) in zip(names[1:], tuned):
-        runs.append(_evaluate_one(name, model_path or args.base, adapter, log, records, out, args))
-    max_gallery = args.max_gallery if args.max_gallery > 0 else None
-    report = write_report(out, runs, title=args.title, max_gallery=max_gallery, seed=args.seed)
-    summary = json.loads((out / "comparison.json").read_text())
-    for model in summary["models"].values():
-        print(model["summary"])
-    print(f"report: {report.resolve().as_uri()}")
+    result = compare_models(args.base, args.tuned, args.data, args.out, names=args.names,
+                            skip_bad=args.skip_bad, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
+                            max_gallery=args.max_gallery, title=args.title)
+    for line in result.summaries:
+        print(line)
+    print(f"report: {result.report.resolve().as_uri()}")
     return 0
-
-
-def model_names(tuned: list[str], names: str | None) -> list[str]:
-    """Labels, base first: ``--names`` split on commas, or ``base`` and each run's folder name."""
-    if names:
-        out = [n.strip() for n in names.split(",")]
-        if len(out) != 1 + len(tuned) or not all(out):
-            raise VlmrlError(
-                f"--names needs {1 + len(tuned)} non-empty labels (base first), got {names!r}"
-            )
-    else:
-        out = ["base"]
-        for run in tuned:
-            name, k = Path(run).resolve().name, 2
-            while f"{name}" in out:
-                name, k = f"{Path(run).resolve().name}-{k}", k + 1
-            out.append(name)
-    if len(set(out)) != len(out):
-        raise VlmrlError(f"--names must differ from each other, got {out}")
-    for n in out:
-        if n in (".", "..") or "/" in n or "\\" in n:
-            raise VlmrlError(f"--names: {n!r} is used as a folder name; pick one without slashes")
-    return out
-
-
-def resolve_run(run: Path) -> tuple[Path | None, Path | None, Path | None]:
-    """``(model_path, adapter, train_log)`` for a ``--tuned`` folder.
-
-    A training run (``final/`` inside) or an adapter folder (``adapter_config.json``) goes on top
-    of ``--base`` (``model_path`` None); a merged export (``config.json``) is loaded as is.
-    """
-    if not run.is_dir():
-        raise VlmrlError(f"--tuned {run}: no such folder")
-    log = run / "metrics.jsonl"
-    log = log if log.is_file() else None
-    if (run / "final").is_dir() or (run / "adapter_config.json").is_file():
-        return None, run, log
-    if (run / "config.json").is_file():
-        return run, None, log
-    raise VlmrlError(
-        f"--tuned {run}: not a training run (no final/), an adapter (no adapter_config.json) "
-        "or a merged export (no config.json)"
-    )
-
-
-def _evaluate_one(name, model_path, adapter, log, records, out: Path, args):
-    import gc
-
-    from vlmrl.eval.run import evaluate, load_for_eval
-    from vlmrl.report.inputs import RunResult
-
-    what = f"{model_path}" + (f" + adapter {adapter}" if adapter else "")
-    print(f"evaluating {name}: {what} on {len(records)} records", file=sys.stderr)
-    model, processor = load_for_eval(str(model_path), adapter=str(adapter) if adapter else None, dtype=args.dtype)
-    eval_dir = out / name
-    evaluate(model, processor, records, eval_dir, batch_size=args.batch_size,
-             max_new_tokens=args.max_new_tokens, seed=args.seed)
-    del model, processor
-    gc.collect()
-    return RunResult(name=name, eval_dir=eval_dir, train_log=log)

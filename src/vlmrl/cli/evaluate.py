@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 from pathlib import Path
 
 from vlmrl.errors import VlmrlError
+
+log = logging.getLogger(__name__)
 
 INFER_EXAMPLES = """examples:
   vlmrl infer --model runs/tiny-model --image photo.jpg --prompt "Count the vehicles."
@@ -104,6 +106,7 @@ def _load(args: argparse.Namespace):
 
 def run_infer(args: argparse.Namespace) -> int:
     from vlmrl.data.records import user_prompt
+    from vlmrl.eval.answers import answer_line, answer_rows, write_answers
     from vlmrl.generate import generate
 
     if bool(args.data) == bool(args.prompt):
@@ -123,28 +126,13 @@ def run_infer(args: argparse.Namespace) -> int:
         for answer in answers:
             print(answer)
         return 0
-    rows = infer_rows(records, answers, args.num_samples)
+    rows = answer_rows(records, answers, args.num_samples)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+        n = write_answers(rows, args.out)
+        log.info("wrote %d answers to %s", n, args.out)
     else:
-        sys.stdout.writelines(json.dumps(row) + "\n" for row in rows)
+        sys.stdout.writelines(answer_line(row) for row in rows)
     return 0
-
-
-def infer_rows(records, answers: list[str], num_samples: int) -> list[dict]:
-    """``{"id", "images", "prompt", "answer", "metadata"}`` rows; samples of a record share its id."""
-    rows = []
-    for i, answer in enumerate(answers):
-        record = records[i // num_samples]
-        metadata = dict(record.metadata)
-        if num_samples > 1:
-            metadata["sample"] = i % num_samples
-        rows.append({"id": record.id, "images": record.images, "prompt": record.prompt,
-                     "answer": answer, "metadata": metadata})
-    return rows
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -180,7 +168,7 @@ def run_eval(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 64,
                            max_length=args.max_length, beta=args.beta, seed=args.seed)
     print(metrics_table(metrics))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'samples.jsonl'}", file=sys.stderr)
+    log.info("wrote %s and %s", Path(args.out) / "metrics.json", Path(args.out) / "samples.jsonl")
     return 0
 
 

@@ -17,9 +17,7 @@ mean(model) / mean(reference) * 100 (LLaVA's ``summarize_gpt_review.py``).
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +26,7 @@ import numpy as np
 
 from vlmrl.errors import VlmrlError
 from vlmrl.eval.metrics import bootstrap_statistic_ci, resample_indices, with_ci
+from vlmrl.jsonl import read_jsonl, stop_or_skip
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -53,7 +52,7 @@ def read_mme(root: str | Path, skip_bad: bool = False) -> list[MMEQuestion]:
     """Every question of every subtask folder under ``root`` (sorted, so the order is stable).
 
     A bad question file stops the reading unless ``skip_bad``, which skips the whole file (both
-    questions of its image, so acc+ stays defined) and says so on stderr.
+    questions of its image, so acc+ stays defined) and logs a warning that names it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -69,7 +68,7 @@ def read_mme(root: str | Path, skip_bad: bool = False) -> list[MMEQuestion]:
             try:
                 questions.extend(_read_mme_file(subtask_dir.name, txt, image_dir))
             except VlmrlError as e:
-                _bad(str(e), skip_bad)
+                stop_or_skip(str(e), skip_bad)
     if not questions:
         raise VlmrlError(
             f"{root}: no MME questions found; expected subtask folders with <image>.txt files of "
@@ -173,7 +172,7 @@ def read_llava_bench(root: str | Path, reference: str | Path | None = None,
     """Questions joined with their reference answers (and captions when ``context.jsonl`` exists).
 
     A bad line (or a question without its image or reference) stops the reading unless
-    ``skip_bad``, which skips it and says so on stderr.
+    ``skip_bad``, which skips it and logs a warning that names it.
     """
     root = Path(root)
     questions_file = root / "questions.jsonl"
@@ -182,20 +181,20 @@ def read_llava_bench(root: str | Path, reference: str | Path | None = None,
             f"{questions_file} is missing; a LLaVA-Bench folder holds questions.jsonl, images/ and reference answers"
         )
     ref_file = Path(reference) if reference else _find_reference(root)
-    refs = {str(r["question_id"]): str(r["text"]) for _, r in _read_jsonl(ref_file, ("question_id", "text"), skip_bad)}
+    refs = {str(r["question_id"]): str(r["text"]) for _, r in read_jsonl(ref_file, ("question_id", "text"), skip_bad)}
     contexts = {}
     if (root / "context.jsonl").is_file():
-        for _, row in _read_jsonl(root / "context.jsonl", ("image",), skip_bad):
+        for _, row in read_jsonl(root / "context.jsonl", ("image",), skip_bad):
             contexts[str(row["image"])] = str(row.get("caption", ""))
     out = []
-    for line_no, row in _read_jsonl(questions_file, ("question_id", "image", "text"), skip_bad):
+    for line_no, row in read_jsonl(questions_file, ("question_id", "image", "text"), skip_bad):
         qid = str(row["question_id"])
         image = _find_image(root, str(row["image"]))
         if qid not in refs:
-            _bad(f"{questions_file}, line {line_no}: question {qid} has no reference answer in {ref_file}", skip_bad)
+            stop_or_skip(f"{questions_file}, line {line_no}: question {qid} has no reference answer in {ref_file}", skip_bad)
             continue
         if image is None:
-            _bad(f"{questions_file}, line {line_no}: image {row['image']!r} not found under {root}/images", skip_bad)
+            stop_or_skip(f"{questions_file}, line {line_no}: image {row['image']!r} not found under {root}/images", skip_bad)
             continue
         out.append(
             LlavaQuestion(qid, str(image.resolve()), str(row["text"]), str(row.get("category", "all")),
@@ -223,31 +222,6 @@ def _find_image(root: Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def _read_jsonl(path: Path, required: tuple[str, ...], skip_bad: bool) -> list[tuple[int, dict]]:
-    rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            _bad(f"{path}, line {line_no}: not valid JSON ({e})", skip_bad)
-            continue
-        missing = [k for k in required if not isinstance(row, dict) or k not in row]
-        if missing:
-            _bad(f"{path}, line {line_no}: missing {', '.join(missing)}", skip_bad)
-            continue
-        rows.append((line_no, row))
-    return rows
-
-
-def _bad(message: str, skip_bad: bool) -> None:
-    """Stop with ``message``, or with ``skip_bad`` say on stderr what is skipped and go on."""
-    if not skip_bad:
-        raise VlmrlError(f"{message} (or pass --skip-bad to skip it)")
-    print(f"skipped {message}", file=sys.stderr)
 
 
 def llava_scores(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmrl.errors import VlmrlError
+from vlmrl.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -176,18 +177,7 @@ def _read_json(path: Path) -> Any:
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise VlmrlError(f"{path} is missing; it is written by evaluation or training")
-    rows = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise VlmrlError(f"{path}, line {line_no}: not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise VlmrlError(f"{path}, line {line_no}: expected a JSON object")
-        rows.append((line_no, row))
-    return rows
+    return read_jsonl(path)
 
 
 def _is_number(x: Any) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
+from vlmrl.eval.answers import read_answers
 from vlmrl.study.db import StudyItem, create_study
 
 Generator = Callable[[str, str | None, list[PreferenceRecord]], list[str]]
@@ -39,28 +40,6 @@ def is_answers_file(source: str) -> bool:
                     return False
                 return isinstance(row, dict) and "answer" in row
     return False
-
-
-def read_answers(path: str | Path) -> dict[str, str]:
-    """``id -> answer`` from a ``vlmrl infer`` JSONL file."""
-    path = Path(path)
-    answers: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise VlmrlError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or remove the line") from e
-            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("answer"), str):
-                raise VlmrlError(f"{path}:{line_no}: an answers row needs \"id\" and a text \"answer\" "
-                                 "(the rows `vlmrl infer` writes)")
-            key = str(row["id"])
-            if key in answers:
-                raise VlmrlError(f"{path}:{line_no}: id {key!r} appears twice; keep one answer per record")
-            answers[key] = row["answer"]
-    return answers
 
 
 def category_of(record: PreferenceRecord) -> str:
