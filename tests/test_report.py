@@ -300,6 +300,24 @@ def test_compare_names_and_runs_are_checked(tmp_path, capsys):
     assert code == 2 and "not a training run" in capsys.readouterr().err
 
 
+def test_compare_checks_names_runs_and_data_before_loading_a_model(tmp_path):
+    from vlmrl.eval.compare import compare_models
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    out = tmp_path / "out"
+    # "no-such-model" is never loaded: each mistake is found first, and nothing is written.
+    with pytest.raises(VlmrlError, match="needs 2 non-empty labels"):
+        compare_models("no-such-model", [str(run)], tmp_path / "d.jsonl", out, names="a,b,c")
+    with pytest.raises(VlmrlError, match="nothing: no such folder"):
+        compare_models("no-such-model", [str(run), str(tmp_path / "nothing")], tmp_path / "d.jsonl", out)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(VlmrlError, match="empty.jsonl"):
+        compare_models("no-such-model", [str(run)], empty, out)
+    assert not out.exists()
+
+
 def test_records_without_gold_counts_are_shown_unscored(tmp_path):
     runs = build_fixture(tmp_path)
     for run in runs:
