@@ -1,13 +1,19 @@
-"""The demo: the simulated rater by hand, and a cut-down run of the whole pipeline end to end."""
+"""The demo: the simulated rater by hand, stage reuse, the verdict, and a cut-down run end to end."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+from pathlib import Path
+
+import pytest
 
 from vlmrl.cli import main
-from vlmrl.demo import BEST, CONTROL, METHODS, rater_choice, results_table, total_error, verdict
+from vlmrl.demo import (CONTROL, DEFAULT_METHOD, METHODS, DemoSettings, make_data, rater_choice,
+                        results_table, total_error, train_config, verdict)
+from vlmrl.errors import VlmrlError
+from vlmrl.stages import run_stage, stage_key
 from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
 
 TASK = CountingTask(DEFAULT_CLASSES)
@@ -45,19 +51,31 @@ def test_noisy_rater_sometimes_prefers_the_worse_answer():
     assert 10 < flipped < 100  # noise sd 2 against an error gap of 1: wrong in roughly a third
 
 
-def _row(name, em, loss=None):
+def _row(name, em, loss=None, algo="dpo"):
     m = {"value": em, "ci_low": em - 0.05, "ci_high": em + 0.05}
-    return {"method": name, "em": m, "em_ood": m, "class_acc": m, "parse_fail": m, "pref_acc": m,
+    return {"method": name, "algo": algo, "em": m, "em_ood": m, "class_acc": m, "parse_fail": m, "pref_acc": m,
             "final_loss": loss, "wall_s": 1.0}
 
 
 def test_table_and_verdict_report_the_numbers_given():
-    rows = [_row("warm-up (before)", 0.20), _row("sft-on-chosen", 0.28, 0.5), _row("dpop", 0.33, 0.6)]
+    rows = [_row("warm-up (before)", 0.20, algo="sft"), _row("sft-on-chosen", 0.28, 0.5, algo="sft"),
+            _row("dpo", 0.10, 0.7), _row("dpop", 0.33, 0.6)]
     table = results_table(rows)
     assert "| dpop | 33.0 [28.0, 38.0]" in table
+    assert verdict(rows) == ("best preference method: dpop, held-out exact match 20.0% -> 33.0% (+13.0 points); "
+                             "control (SFT on the same chosen answers) 28.0% (+5.0 points vs control)")
+
+
+def test_verdict_reports_grpo_beside_the_preference_losses_not_as_one():
+    rows = [_row("warm-up (before)", 0.217, algo="sft"), _row("sft-on-chosen", 0.223, algo="sft"),
+            _row("dpop", 0.230), _row("grpo", 0.607, algo="grpo")]
     text = verdict(rows)
-    assert "20.0% -> 33.0% (+13.0 points)" in text
-    assert "+5.0 points vs control" in text
+    assert text.startswith("best preference method: dpop, held-out exact match 21.7% -> 23.0% (+1.3 points)")
+    assert text.endswith("grpo (RL on the rater's count reward, not a preference loss): held-out exact match "
+                         "21.7% -> 60.7% (+39.0 points), +38.4 vs control")
+    only_grpo = verdict([rows[0], rows[3]])
+    assert "best preference method" not in only_grpo and "21.7% -> 60.7%" in only_grpo
+    assert verdict([rows[0], rows[1]]) == "no preference method was run"
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
@@ -67,7 +85,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert stage in printed
     assert "| method | EM test |" in printed and "report:" in printed
-    best = BEST.name
+    best = DEFAULT_METHOD.name
     for path in ("model/config.json", "runs/warmup/final", "data/pref_pairs.jsonl", "results.json",
                  "results.md", "report/report.html", "eval/warmup/test/metrics.json",
                  f"eval/{best}/test/metrics.json", "eval/sft-on-chosen/ood/samples.jsonl",
@@ -79,12 +97,81 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
     html = (out / "report" / "report.html").read_text()
     assert best in html and CONTROL.name in html and "<svg" in html
+    # The same command again reuses every stage: nothing is retrained or re-evaluated.
+    for stage in ("runs/warmup", f"runs/{best}", f"eval/{best}/test", "model"):
+        (out / stage / "marker").write_text("removed if the stage reruns")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert all((out / stage / "marker").exists() for stage in ("runs/warmup", f"runs/{best}", f"eval/{best}/test", "model"))
+    assert json.loads((out / "results.json").read_text()) == rows
 
 
-def test_full_comparison_has_every_method_and_the_best_is_one_of_them():
-    names = [m.name for m in METHODS]
-    assert names[0] == CONTROL.name and CONTROL.algo == "sft"
-    assert {"dpo", "dpop", "rpo", "ipo", "grpo"} <= set(names)
-    assert BEST in METHODS and BEST.algo != "sft"
-    grpo = next(m for m in METHODS if m.algo == "grpo")
-    assert grpo.grpo["beta"] > 0 and grpo.grpo["group_size"] >= 2
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_every_method_makes_a_valid_training_config(method, tmp_path):
+    """A typo in a method's loss or grpo overrides fails here, not an hour into `demo --full`."""
+    s = DemoSettings(out=tmp_path)
+    cfg = train_config(s, tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "run", method.algo,
+                       steps=method.steps or s.pref_steps, lr=method.lr or s.pref_lr,
+                       batch_size=method.batch_size or s.pref_batch_size, lora=True, loss=method.loss,
+                       grpo=method.grpo)
+    assert cfg.train.algo == method.algo
+    for key, value in method.loss.items():
+        assert getattr(cfg.loss, key) == value
+    for key, value in method.grpo.items():
+        if key != "rewards":
+            assert getattr(cfg.grpo, key) == value
+
+
+# ----------------------------------------------------------------------------- stage reuse
+def _build(path: Path, text: str, calls: list[str]):
+    def build():
+        calls.append(text)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "out.txt").write_text(text)
+    return build
+
+
+def test_a_stage_is_reused_with_the_same_settings_and_rerun_on_any_difference(tmp_path):
+    out, record, calls = tmp_path / "stage", tmp_path / "stage.json", []
+    quick, full = {"n": 4, "range": (0, 3)}, {"n": 1600, "range": (0, 3)}
+    assert run_stage(record, quick, [out], _build(out, "quick", calls))
+    (out / "stale.txt").write_text("left by the quick run")
+    assert not run_stage(record, {"range": [0, 3], "n": 4}, [out], _build(out, "again", calls))  # same, as JSON
+    assert calls == ["quick"] and (out / "stale.txt").exists()
+    assert run_stage(record, full, [out], _build(out, "full", calls))
+    assert calls == ["quick", "full"] and (out / "out.txt").read_text() == "full"
+    assert not (out / "stale.txt").exists()  # the old stage's outputs went before the rerun
+    (out / "out.txt").unlink()
+    assert run_stage(record, full, [out / "out.txt"], _build(out, "restored", calls))  # an output gone
+    assert stage_key(quick) != stage_key(full) and stage_key(full) == stage_key({"range": [0, 3], "n": 1600})
+
+
+def test_an_interrupted_stage_runs_again_and_unrecorded_outputs_are_never_deleted(tmp_path):
+    out, record = tmp_path / "stage", tmp_path / "stage.json"
+
+    def interrupted():
+        out.mkdir()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(record, {"n": 1}, [out], interrupted)
+    calls: list[str] = []
+    assert run_stage(record, {"n": 1}, [out], _build(out, "done", calls)) and calls == ["done"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(VlmrlError, match=r"mine exists, but no stage record .*delete it or choose another"):
+        run_stage(tmp_path / "mine.stage.json", {"n": 1}, [mine], _build(mine, "x", calls))
+    assert mine.is_dir() and calls == ["done"]
+
+
+def test_make_data_reruns_only_the_split_whose_settings_changed(tmp_path):
+    sizes = dict(n_sft=3, n_pref=2, n_test=2, n_ood=2)
+    first = make_data(DemoSettings(out=tmp_path, **sizes))
+    marker = tmp_path / "data" / "scenes-sft" / "marker"
+    marker.write_text("still here if the sft split is reused")
+    again = make_data(DemoSettings(out=tmp_path, **sizes))
+    assert again == first and marker.exists()
+    changed = make_data(DemoSettings(out=tmp_path, **{**sizes, "n_test": 3}))
+    assert len(changed["test"].path.read_text().splitlines()) == 3
+    assert changed["test"].key != first["test"].key and changed["sft"] == first["sft"] and marker.exists()
+    reseeded = make_data(DemoSettings(out=tmp_path, seed=1, **sizes))
+    assert all(reseeded[name].key != first[name].key for name in first) and not marker.exists()

@@ -13,7 +13,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description=(
             "Synthetic traffic scenes -> tiny Qwen2-VL -> SFT warm-up -> sampled answers judged by a "
             "simulated rater -> preference training (LoRA) -> before/after evaluation and report. "
-            "Finished stages found in --out are reused."
+            "A stage finished in --out with the same settings and inputs is reused; any difference "
+            "(--quick, --seed, a changed default) reruns it and every stage after it."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
