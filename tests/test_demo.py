@@ -98,10 +98,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     html = (out / "report" / "report.html").read_text()
     assert best in html and CONTROL.name in html and "<svg" in html
     # The same command again reuses every stage: nothing is retrained or re-evaluated.
-    for stage in ("runs/warmup", f"runs/{best}", f"eval/{best}/test", "model"):
+    stages = ("model", "runs/warmup", f"runs/{best}", f"eval/{best}/test")
+    for stage in stages:
         (out / stage / "marker").write_text("removed if the stage reruns")
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert all((out / stage / "marker").exists() for stage in ("runs/warmup", f"runs/{best}", f"eval/{best}/test", "model"))
+    assert all((out / stage / "marker").exists() for stage in stages)
     assert json.loads((out / "results.json").read_text()) == rows
 
 

@@ -327,7 +327,8 @@ def run_demo(s: DemoSettings, methods: tuple[Method, ...], say=print) -> dict[st
     say(f"    {pair_stats['pairs']} pairs from {pair_stats['images']} images "
         f"({pair_stats['ties_dropped']} ties dropped; chosen answer exactly right in "
         f"{100 * pair_stats['chosen_exact']:.0f}% of pairs)")
-    rows = [{"method": "warm-up (before)", "algo": "sft", **_row(before, s.eval_split), "wall_s": timings["warmup"]}]
+    rows = [{"method": "warm-up (before)", "algo": "sft", **_row(before, s.eval_split),
+             "wall_s": timings["warmup"]}]
     for method in methods:
         steps = method.steps or s.pref_steps
         say(f"6/6 {method.name}: {steps} steps from the warm-up checkpoint")

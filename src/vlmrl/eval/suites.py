@@ -191,10 +191,12 @@ def read_llava_bench(root: str | Path, reference: str | Path | None = None,
         qid = str(row["question_id"])
         image = _find_image(root, str(row["image"]))
         if qid not in refs:
-            stop_or_skip(f"{questions_file}, line {line_no}: question {qid} has no reference answer in {ref_file}", skip_bad)
+            stop_or_skip(f"{questions_file}, line {line_no}: question {qid} has no reference answer in {ref_file}",
+                         skip_bad)
             continue
         if image is None:
-            stop_or_skip(f"{questions_file}, line {line_no}: image {row['image']!r} not found under {root}/images", skip_bad)
+            stop_or_skip(f"{questions_file}, line {line_no}: image {row['image']!r} not found under {root}/images",
+                         skip_bad)
             continue
         out.append(
             LlavaQuestion(qid, str(image.resolve()), str(row["text"]), str(row.get("category", "all")),
