@@ -35,6 +35,7 @@ from typing import Any
 
 from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
+from vlmrl.jsonl import read_jsonl
 from vlmrl.stages import Made, run_stage, stage_key
 from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
 
@@ -394,8 +395,7 @@ def _final_loss(run_dir: Path) -> float | None:
     log = run_dir / "metrics.jsonl"
     if not log.exists():
         return None
-    losses = [json.loads(line).get("loss") for line in log.read_text().splitlines() if line.strip()]
-    losses = [x for x in losses if x is not None]
+    losses = [row["loss"] for _, row in read_jsonl(log) if row.get("loss") is not None]
     return losses[-1] if losses else None
 
 

@@ -1,8 +1,8 @@
 """Read a JSON Lines file whose every line is one object, with errors that name the file and line.
 
-The one reader for the JSONL files vlmrl reads outside the record formats: evaluation samples
-and training logs (``report/inputs.py``), LLaVA-Bench questions, answers and captions
-(``eval/suites.py``) and ``vlmrl infer`` answers (``eval/answers.py``). Blank lines are ignored.
+Used for evaluation samples and training logs (``report/inputs.py``, ``demo.py``), LLaVA-Bench
+questions, answers and captions (``eval/suites.py``) and ``vlmrl infer`` answers
+(``eval/answers.py``). Blank lines are ignored.
 ``stop_or_skip`` is the ``--skip-bad`` rule it applies to a bad line, for callers' other checks.
 """
 
