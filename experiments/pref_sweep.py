@@ -20,8 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlmrl.demo import (DemoSettings, Method, evaluate_run, make_data, metric, rater_pairs, train_config,
-                        train_run)
+from vlmrl.demo import (DemoSettings, Method, evaluate_run, make_data, make_model, metric, rater_pairs,
+                        train_config, train_run)
+from vlmrl.stages import Made, stage_key
 
 WARMUP_KEYS = ("seed", "family", "image_size", "layout", "count_range", "ood_count_range", "n_sft", "n_pref",
                "n_test", "n_ood", "warmup_steps", "warmup_lr", "batch_size", "warmup_vision")
@@ -66,30 +67,27 @@ def main() -> None:
     root = a.root / key(s, WARMUP_KEYS)
     s = replace(s, out=root)
     paths = make_data(s)
-    base = root / "model"
-    if not (base / "config.json").exists():
-        from vlmrl.models.tiny import build_tiny
-
-        build_tiny(s.family, base, size="tiny", seed=s.seed)
-    warm_cfg = train_config(s, base, paths["sft"], root / "runs" / "warmup", "sft", steps=s.warmup_steps,
+    base = make_model(s)
+    warm_cfg = train_config(s, base.path, paths["sft"].path, root / "runs" / "warmup", "sft", steps=s.warmup_steps,
                             lr=s.warmup_lr, batch_size=s.batch_size, lora=False)
-    warm, warm_wall = train_run(warm_cfg)
+    warm, warm_wall = train_run(warm_cfg, {"model": base.key, "data": paths["sft"].key})
     before = {sp: evaluate_run(warm, None, paths[sp], root / "eval" / "warmup" / sp) for sp in ("val", "ood")}
 
     pairs_path = root / "pairs" / f"{key(s, PAIR_KEYS)}.jsonl"
     stats_path = pairs_path.with_suffix(".stats.json")
     if not stats_path.exists():
         pairs_path.parent.mkdir(parents=True, exist_ok=True)
-        stats_path.write_text(json.dumps(rater_pairs(warm, paths["pref_prompts"], pairs_path, s)))
+        stats_path.write_text(json.dumps(rater_pairs(warm.path, paths["pref_prompts"].path, pairs_path, s)))
     stats = json.loads(stats_path.read_text())
+    pairs = Made(pairs_path, stage_key({"pairs": pairs_path.name, "model": warm.key}))
 
     run_dir = root / "runs" / a.name
     steps = method.steps or s.pref_steps
-    data = paths["pref_prompts"] if method.algo == "grpo" else pairs_path
-    cfg = train_config(s, warm, data, run_dir, method.algo, steps=steps, lr=method.lr or s.pref_lr,
+    data = paths["pref_prompts"] if method.algo == "grpo" else pairs
+    cfg = train_config(s, warm.path, data.path, run_dir, method.algo, steps=steps, lr=method.lr or s.pref_lr,
                        batch_size=method.batch_size or s.pref_batch_size, lora=True, loss=method.loss,
                        grpo=method.grpo)
-    final, wall = train_run(cfg)
+    final, wall = train_run(cfg, {"model": warm.key, "data": data.key})
     after = {sp: evaluate_run(warm, final, paths[sp], root / "eval" / a.name / sp) for sp in ("val", "ood")}
 
     def em(res, sp):
