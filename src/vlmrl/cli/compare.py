@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from vlmrl.cli.model import add_loader, add_trust_remote_code
 from vlmrl.errors import VlmrlError
 
 
@@ -36,6 +37,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_loader(p)
+    add_trust_remote_code(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="vlmrl: before / after")
     p.set_defaults(func=run_compare)
@@ -114,7 +117,8 @@ def _evaluate_one(name, model_path, adapter, log, records, out: Path, args):
 
     what = f"{model_path}" + (f" + adapter {adapter}" if adapter else "")
     print(f"evaluating {name}: {what} on {len(records)} records", file=sys.stderr)
-    model, processor = load_for_eval(str(model_path), adapter=str(adapter) if adapter else None, dtype=args.dtype)
+    model, processor = load_for_eval(str(model_path), adapter=str(adapter) if adapter else None, dtype=args.dtype,
+                                     loader=args.loader, trust_remote_code=args.trust_remote_code)
     eval_dir = out / name
     evaluate(model, processor, records, eval_dir, batch_size=args.batch_size,
              max_new_tokens=args.max_new_tokens, seed=args.seed)
