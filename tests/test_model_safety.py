@@ -220,15 +220,15 @@ def test_adapter_misfits_by_hand(tmp_path):
     model = torch.nn.Module()
     model.lin = torch.nn.Linear(3, 5)
     cases = [
-        ("base_model.model.lin.lora_A.weight", torch.zeros(2, 3), None),
-        ("base_model.model.lin.lora_B.weight", torch.zeros(5, 2), None),
-        ("base_model.model.lin.bias", torch.zeros(5), None),
-        ("base_model.model.lin.lora_A.weight", torch.zeros(2, 4), "lin.lora_A.weight: [2, 4] in the adapter, [2, 3] for the model"),
-        ("base_model.model.lin.lora_B.weight", torch.zeros(6, 2), "lin.lora_B.weight: [6, 2] in the adapter, [5, 2] for the model"),
-        ("base_model.model.lin.weight", torch.zeros(5, 4), "lin.weight: [5, 4] in the adapter, [5, 3] for the model"),
-        ("base_model.model.gone.lora_A.weight", torch.zeros(2, 3), "gone.lora_A.weight: the model has no such module"),
+        ("lin.lora_A.weight", (2, 3), None),
+        ("lin.lora_B.weight", (5, 2), None),
+        ("lin.bias", (5,), None),
+        ("lin.lora_A.weight", (2, 4), "lin.lora_A.weight: [2, 4] in the adapter, [2, 3] for the model"),
+        ("lin.lora_B.weight", (6, 2), "lin.lora_B.weight: [6, 2] in the adapter, [5, 2] for the model"),
+        ("lin.weight", (5, 4), "lin.weight: [5, 4] in the adapter, [5, 3] for the model"),
+        ("gone.lora_A.weight", (2, 3), "gone.lora_A.weight: the model has no such module"),
     ]
-    for i, (key, tensor, problem) in enumerate(cases):
+    for i, (key, shape, problem) in enumerate(cases):
         path = tmp_path / f"{i}.safetensors"
-        save_file({key: tensor}, path)
+        save_file({f"base_model.model.{key}": torch.zeros(shape)}, path)
         assert adapter_misfits(path, model) == ([problem] if problem else []), key

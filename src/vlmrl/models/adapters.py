@@ -139,7 +139,9 @@ def adapter_weights(adapter_dir: Path) -> Path:
             f"{SAFETENSORS_WEIGHTS}: vlmrl loads adapters from safetensors only; convert it where you trust "
             "it (load it with peft, then save_pretrained(..., safe_serialization=True))"
         )
-    raise VlmrlError(f"{adapter_dir} has {ADAPTER_CONFIG} but no {SAFETENSORS_WEIGHTS}: the adapter's weights are missing")
+    raise VlmrlError(
+        f"{adapter_dir} has {ADAPTER_CONFIG} but no {SAFETENSORS_WEIGHTS}: the adapter's weights are missing"
+    )
 
 
 def recorded_base(adapter_dir: Path) -> tuple[str, dict | None]:

@@ -252,7 +252,7 @@ def _prepare_for_training(model, load_in_4bit: bool, gradient_checkpointing: boo
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _local_code_map(source: str) -> str | None:

@@ -49,6 +49,7 @@ def load_model_unsloth(source: str, torch_dtype, load_in_4bit: bool, gradient_ch
         load_in_4bit=load_in_4bit,
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
         trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # forwarded to transformers' from_pretrained: no pickle weights
     )
     return model
 

@@ -34,7 +34,8 @@ def build_model(config: Config, trust_remote_code: bool = False):
     if lora.enabled and m.loader == "unsloth":
         from vlmrl.models.unsloth_loader import add_lora_unsloth
 
-        return add_lora_unsloth(model, lora.rank, lora.alpha, lora.dropout, lora.vision, config.train.seed), processor, None
+        model = add_lora_unsloth(model, lora.rank, lora.alpha, lora.dropout, lora.vision, config.train.seed)
+        return model, processor, None
     if lora.enabled:
         model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.vision, lora.merger)
         return model, processor, None
@@ -51,14 +52,18 @@ def check_unsloth_settings(config: Config) -> None:
     """The settings Unsloth's LoRA cannot honour are refused before anything is loaded."""
     lora = config.lora
     if not lora.enabled:
-        raise VlmrlError("model.loader=unsloth trains LoRA adapters only: set lora.enabled=true or model.loader=transformers")
+        raise VlmrlError(
+            "model.loader=unsloth trains LoRA adapters only: set lora.enabled=true or model.loader=transformers"
+        )
     refused = [name for name, unsupported in (
         ("lora.target_modules (Unsloth picks the attention and MLP layers itself)", lora.target_modules is not None),
         ("lora.vision=full (Unsloth trains the vision tower with LoRA or not at all)", lora.vision == "full"),
         ("lora.merger=true (Unsloth does not train the projector on its own)", lora.merger),
     ) if unsupported]
     if refused:
-        raise VlmrlError(f"model.loader=unsloth cannot use {'; '.join(refused)}: change these or use model.loader=transformers")
+        raise VlmrlError(
+            f"model.loader=unsloth cannot use {'; '.join(refused)}: change these or use model.loader=transformers"
+        )
 
 
 def freeze_for_full_finetuning(model, vision: str, merger: bool) -> None:
