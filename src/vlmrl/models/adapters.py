@@ -92,14 +92,14 @@ def record_base(model, folder: str | Path) -> None:
     (Path(folder) / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def load_adapter(model, adapter_dir: str | Path, model_name: str, trainable: bool = False):
-    """``model`` (loaded from ``model_name``) wrapped in the peft adapter of ``adapter_dir``, once
-    ``check_adapter`` has found nothing to refuse."""
+def load_adapter(model, adapter_dir: str | Path, model_name: str):
+    """``model`` (loaded from ``model_name``) wrapped in the peft adapter of ``adapter_dir``, frozen,
+    once ``check_adapter`` has found nothing to refuse."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     check_adapter(adapter_dir, model, model_name)
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
 
 def check_adapter(adapter_dir: Path, model, model_name: str) -> None:
