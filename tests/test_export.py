@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -58,3 +61,24 @@ def test_export_without_merge_copies_the_adapter_and_refuses_bad_targets(trained
         export_run(trained_run, out)
     with pytest.raises(VlmrlError, match="no final/ folder"):
         export_run(tmp_path, tmp_path / "x")
+
+
+def test_a_run_records_the_base_model_its_adapter_was_trained_on(trained_run, tiny_model_dir):
+    record = json.loads((trained_run / "final" / "base_model.json").read_text())
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert record["name_or_path"] == str(tiny_model_dir)
+    assert record["model_type"] == config["model_type"] == "qwen2_vl"
+    assert record["architecture"] == config["architectures"][0]
+    assert record["hidden_size"] == config["text_config"]["hidden_size"]
+    assert record["num_hidden_layers"] == config["text_config"]["num_hidden_layers"]
+    assert record["vision_depth"] == config["vision_config"]["depth"]
+
+
+def test_export_refuses_a_run_folder_that_names_no_base(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "final", run / "final")
+    for text, message in (("model: {dtype: float32}\n", "names no base model"),
+                          ("model: [unclosed\n", "not a readable YAML file")):
+        (run / "config.yaml").write_text(text)
+        with pytest.raises(VlmrlError, match=message):
+            export_run(run, tmp_path / "merged")

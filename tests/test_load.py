@@ -8,14 +8,18 @@ import re
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from vlmrl.batch import encode_pairs
+from vlmrl.cli import main
 from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.plain import sequence_logps
+from vlmrl.models.info import model_info
 from vlmrl.models.load import add_lora, frozen_copy, load_model, reference_mode
 from vlmrl.models.tiny import build_tiny
+from vlmrl.models.unsloth_loader import unsloth_missing
 
 LM_LINEAR = re.compile(r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
@@ -60,13 +64,6 @@ def test_load_errors(tmp_path):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(VlmrlError, match="'llama' model; vlmrl supports Qwen2-VL"):
         load_model(tmp_path / "llama")
-
-
-def test_four_bit_needs_bitsandbytes_and_cuda(tiny_model_dir):
-    if importlib.util.find_spec("bitsandbytes") and torch.cuda.is_available():
-        pytest.skip("bitsandbytes and CUDA are both present: 4-bit loading is possible here")
-    with pytest.raises(VlmrlError, match="4-bit loading .* needs"):
-        load_model(tiny_model_dir, load_in_4bit=True)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen25_dir", "qwen3_dir"])
@@ -132,11 +129,149 @@ def test_reference_mode_needs_an_adapter_and_frozen_copy(tiny_model_dir):
     assert not reference.training
 
 
-def test_unsloth_loader_says_what_is_missing(tiny_model_dir):
-    from vlmrl.models.unsloth_loader import load_model_unsloth, unsloth_missing
+def test_unknown_loader_is_refused(tiny_model_dir):
+    with pytest.raises(VlmrlError, match="unknown loader 'fast': choose one of transformers, unsloth"):
+        load_model(tiny_model_dir, loader="fast")
 
-    missing = unsloth_missing()
-    if not missing:
-        pytest.skip("unsloth and CUDA are both present: the Unsloth loader can run here")
-    with pytest.raises(VlmrlError, match="loader 'unsloth' needs"):
-        load_model_unsloth(tiny_model_dir)
+
+def test_gradient_checkpointing_is_switched_on_by_the_loader(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir, gradient_checkpointing=True)
+    assert model.is_activation_checkpointing
+    assert not load_model(tiny_model_dir)[0].is_activation_checkpointing
+
+
+def test_model_info_counts_the_image_tokens_the_processor_makes(tiny_model_dir, qwen3_dir, capsys):
+    """The token count of ``vlmrl model info`` is the number of <|image_pad|> the processor puts in
+    a prompt for such an image (merge size read from the processor, not assumed)."""
+    for folder, side in ((tiny_model_dir, 112), (qwen3_dir, 128), (tiny_model_dir, 56)):
+        processor = load_model(folder)[1]
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count."}]}],
+            add_generation_prompt=True,
+        )
+        inputs = processor(text=[prompt], images=[Image.new("RGB", (side, side))], return_tensors="pt")
+        pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        expected = int((inputs["input_ids"] == pad).sum())
+        info = model_info(folder, image_size=side)
+        assert info.image_tokens == expected and info.patch_grid == tuple(inputs["image_grid_thw"][0].tolist())
+        assert main(["model", "info", str(folder), "--image-size", str(side)]) == 0
+        out = capsys.readouterr().out
+        assert f"image tokens for {side} px: {expected} " in out
+        assert f"parameters: {info.parameters:,}" in out and info.parameters == sum(
+            p.numel() for p in load_model(folder)[0].parameters())
+
+
+# ----- QLoRA and Unsloth: the feature on a GPU, the clear error where it cannot run -----
+
+
+def four_bit_possible() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+
+
+def write_config(tmp_path, model_dir, data_file, **model_keys):
+    config = {"model": {"name_or_path": str(model_dir), **model_keys},
+              "data": {"train": str(data_file), "max_length": 128},
+              "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.skipif(four_bit_possible(), reason="4-bit loading can run here: test_qlora_trains_on_a_gpu covers it")
+def test_four_bit_says_what_is_missing(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model_dir, synth_pairs_file, quantization="4bit")
+    assert main(["train", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert "error: 4-bit loading (QLoRA) needs" in err and "load without 4-bit instead" in err
+    assert ("a CUDA device" in err) == (not torch.cuda.is_available())
+    assert ("bitsandbytes" in err) == (importlib.util.find_spec("bitsandbytes") is None)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.skipif(not unsloth_missing(),
+                    reason="Unsloth can run here: test_unsloth_loads_and_trains_on_a_gpu covers it")
+def test_unsloth_loader_says_what_is_missing(tiny_model_dir, synth_pairs_file, pair, tmp_path, capsys):
+    missing = " and ".join(unsloth_missing())
+    config = write_config(tmp_path, tiny_model_dir, synth_pairs_file, loader="unsloth")
+    commands = [
+        ["train", "--config", config],
+        ["infer", "--loader", "unsloth", "--model", str(tiny_model_dir), "--image", pair[0].images[0],
+         "--prompt", "Count."],
+        ["eval", "--loader", "unsloth", "--model", str(tiny_model_dir), "--data", str(synth_pairs_file),
+         "--out", str(tmp_path / "eval")],
+        ["compare", "--loader", "unsloth", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir),
+         "--data", str(synth_pairs_file), "--out", str(tmp_path / "cmp")],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: loader 'unsloth' (model.loader / --loader) needs {missing}; use the default loader" in err
+
+
+def test_unsloth_settings_it_cannot_honour_are_refused_before_loading(tiny_model_dir, synth_pairs_file, tmp_path,
+                                                                      capsys):
+    config = write_config(tmp_path, tiny_model_dir, synth_pairs_file, loader="unsloth")
+    for overrides, message in (
+        (["lora.enabled=false"], "model.loader=unsloth trains LoRA adapters only"),
+        (["lora.merger=true", "lora.vision=full"], "cannot use lora.vision=full (Unsloth trains the vision tower "
+         "with LoRA or not at all); lora.merger=true"),
+    ):
+        assert main(["train", "--config", config, *overrides]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_a_gpu(tiny_model_dir, pair):
+    """NF4 language model, full-precision vision tower and head, LoRA on top: a step moves only LoRA,
+    and the adapter switched off gives the quantised base model's output."""
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the bitsandbytes package")
+    model, processor = load_model(tiny_model_dir, dtype="bfloat16", load_in_4bit=True)
+    linears = {name: type(m) for name, m in model.named_modules() if LM_LINEAR.match(name)}
+    assert linears and all(cls is bnb.nn.Linear4bit for cls in linears.values())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for name, m in model.named_modules()
+                   if "visual" in name or name == "lm_head")
+    inputs = {k: v.to("cuda") for k, v in encode_pairs(pair, processor, max_length=128).chosen.items()}
+    with torch.no_grad():
+        base, _ = sequence_logps(model.eval(), inputs)
+    peft_model = add_lora(model, rank=4, alpha=8)
+    _one_step_moves_only_lora(peft_model, inputs)
+    with reference_mode(peft_model):
+        reference, _ = sequence_logps(peft_model, inputs)
+    torch.testing.assert_close(reference, base)
+
+
+@pytest.mark.gpu
+def test_unsloth_loads_and_trains_on_a_gpu(tiny_model_dir, pair):
+    """The Unsloth loader gives a CUDA model whose Unsloth LoRA trains, and whose adapter switched off
+    is the loaded base model."""
+    pytest.importorskip("unsloth", reason="the Unsloth loader needs the unsloth package")
+    from vlmrl.models.unsloth_loader import add_lora_unsloth
+
+    model, processor = load_model(tiny_model_dir, dtype="bfloat16", loader="unsloth")
+    assert next(model.parameters()).is_cuda
+    inputs = {k: v.to("cuda") for k, v in encode_pairs(pair, processor, max_length=128).chosen.items()}
+    with torch.no_grad():
+        base, _ = sequence_logps(model.eval(), inputs)
+    peft_model = add_lora_unsloth(model, rank=4, alpha=8)
+    _one_step_moves_only_lora(peft_model, inputs)
+    with reference_mode(peft_model):
+        reference, _ = sequence_logps(peft_model, inputs)
+    torch.testing.assert_close(reference, base)
+
+
+def _one_step_moves_only_lora(peft_model, inputs) -> None:
+    """One SGD step on the chosen answer's NLL changes every LoRA weight and nothing else."""
+    peft_model.train()
+    before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    logps, _ = sequence_logps(peft_model, inputs)
+    (-logps.sum()).backward()
+    torch.optim.SGD(trainable, lr=1.0).step()
+    for name, p in peft_model.named_parameters():
+        moved = not torch.equal(p.detach(), before[name])
+        if ".lora_B" in name:  # lora_B starts at zero, so only it moves in the first step
+            assert moved, name
+        elif not p.requires_grad:
+            assert not moved, name
+    peft_model.eval()

@@ -26,13 +26,36 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name_or_path: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: str | None = None
-    min_pixels: int | None = Field(default=None, gt=0)
-    max_pixels: int | None = Field(default=None, gt=0)
-    trust_remote_code: bool = False
-    quantization: Literal["none", "4bit"] = "none"
+    """The model to train and how it is loaded (``vlmrl.models.load.load_model``)."""
+
+    name_or_path: str = Field(description="a model folder (config.json + model.safetensors) or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="weight dtype")
+    attn_implementation: str | None = Field(
+        default=None, description="transformers' attention implementation (sdpa, eager, flash_attention_2, ...); "
+        "None: transformers' default. The fast pair and group forwards need sdpa or eager")
+    min_pixels: int | None = Field(default=None, gt=0, description="smallest image area after resizing")
+    max_pixels: int | None = Field(
+        default=None, gt=0, description="largest image area after resizing: fewer image tokens, less memory")
+    quantization: Literal["none", "4bit"] = Field(
+        default="none", description="4bit: NF4 language model under LoRA adapters (QLoRA; bitsandbytes + CUDA)")
+    loader: Literal["transformers", "unsloth"] = Field(
+        default="transformers", description="how the weights are loaded: transformers, or unsloth "
+        "(Unsloth's kernels; needs a CUDA device and the unsloth package; LoRA only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_remote_code_key(cls, data: Any) -> Any:
+        """Remote code runs only on a command-line flag, never because a config file says so.
+
+        ``trust_remote_code: false``, which configs saved by earlier versions hold, is dropped."""
+        if isinstance(data, dict) and data.get("trust_remote_code") is False:
+            data = {k: v for k, v in data.items() if k != "trust_remote_code"}
+        if isinstance(data, dict) and "trust_remote_code" in data:
+            raise ValueError(
+                "model.trust_remote_code cannot be set in a config file (a config handed to you must not run "
+                "code on your machine): remove it, and pass --trust-remote-code on the command line instead"
+            )
+        return data
 
 
 class LoraConfig(_Section):

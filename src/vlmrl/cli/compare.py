@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmrl.cli.model import add_loader, add_trust_remote_code
+
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
@@ -31,6 +33,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_loader(p)
+    add_trust_remote_code(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--title", default="vlmrl: before / after")
     p.set_defaults(func=run_compare)
@@ -42,7 +46,8 @@ def run_compare(args: argparse.Namespace) -> int:
     result = compare_models(args.base, args.tuned, args.data, args.out, names=args.names,
                             skip_bad=args.skip_bad, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
-                            max_gallery=args.max_gallery, title=args.title)
+                            max_gallery=args.max_gallery, title=args.title,
+                            loader=args.loader, trust_remote_code=args.trust_remote_code)
     for line in result.summaries:
         print(line)
     print(f"report: {result.report.resolve().as_uri()}")

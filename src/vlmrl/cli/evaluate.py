@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vlmrl.cli.model import add_loader, add_trust_remote_code
 from vlmrl.errors import VlmrlError
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--min-pixels", type=int, help="smallest image area after resizing (processor setting)")
     p.add_argument("--max-pixels", type=int, help="largest image area after resizing: fewer image tokens, less memory")
+    add_loader(p)
+    add_trust_remote_code(p)
 
 
 def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
@@ -101,7 +104,8 @@ def _load(args: argparse.Namespace):
     if not args.model and not args.adapter:
         raise VlmrlError("give --model (a base model or merged export) and/or --adapter (a training run)")
     return load_for_eval(args.model, adapter=args.adapter, dtype=args.dtype,
-                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, loader=args.loader,
+                         trust_remote_code=args.trust_remote_code)
 
 
 def run_infer(args: argparse.Namespace) -> int:
@@ -163,7 +167,8 @@ def run_eval(args: argparse.Namespace) -> int:
             from vlmrl.eval.run import load_for_eval
 
             reference, _ = load_for_eval(args.reference, dtype=args.dtype,
-                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                         loader=args.loader, trust_remote_code=args.trust_remote_code)
         metrics = evaluate(model, processor, records, args.out, reference=reference,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 64,
                            max_length=args.max_length, beta=args.beta, seed=args.seed)
@@ -184,7 +189,8 @@ def _judge(args: argparse.Namespace):
     if args.judge_model_path:
         from vlmrl.eval.run import load_for_eval
 
-        model, processor = load_for_eval(args.judge_model_path, dtype=args.dtype)
+        model, processor = load_for_eval(args.judge_model_path, dtype=args.dtype, loader=args.loader,
+                                         trust_remote_code=args.trust_remote_code)
         return LocalJudge(model, processor, max_new_tokens=args.judge_max_new_tokens, batch_size=args.batch_size)
     return HttpJudge(args.judge_url, args.judge_model, api_key=api_key_from_env(args.judge_key_env))
 

@@ -26,6 +26,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="print a model folder's family, parameter count and image tokens")
     info.add_argument("model", help="model folder or hub id")
     info.add_argument("--image-size", type=int, default=None, help="image side in pixels to count tokens for")
+    add_trust_remote_code(info)
     info.set_defaults(func=_info)
 
 
@@ -38,16 +39,26 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from vlmrl.models.load import family_of, load_model
+    from vlmrl.models.info import model_info
 
-    model, processor = load_model(args.model)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"family: {family_of(model)}")
-    print(f"parameters: {n_params:,}")
-    if args.image_size:
-        from PIL import Image
-
-        grid = processor.image_processor(images=[Image.new("RGB", (args.image_size, args.image_size))])
-        thw = grid["image_grid_thw"][0]
-        print(f"image tokens for {args.image_size} px: {int(thw.prod()) // 4} (patch grid {thw.tolist()})")
+    info = model_info(args.model, image_size=args.image_size, trust_remote_code=args.trust_remote_code)
+    print(f"family: {info.family}")
+    print(f"parameters: {info.parameters:,}")
+    if info.image_tokens is not None:
+        print(f"image tokens for {info.image_size} px: {info.image_tokens} (patch grid {list(info.patch_grid)})")
     return 0
+
+
+def add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``: the only way to let a model folder's own Python code run."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a model folder ships (an auto_map in its config); "
+                        "only for a folder you trust. No config file can turn this on")
+
+
+def add_loader(p: argparse.ArgumentParser) -> None:
+    """``--loader``: how the model's weights are loaded (``vlmrl.models.load.LOADERS``)."""
+    from vlmrl.models.load import LOADERS
+
+    p.add_argument("--loader", choices=LOADERS, default="transformers",
+                   help="transformers (default) or unsloth (needs a CUDA device and the unsloth package)")

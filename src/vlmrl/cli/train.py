@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmrl.cli.model import add_trust_remote_code
+
 OVERRIDES_HELP = "dotted overrides of the config, e.g. train.lr=1e-5 loss.name=dpop train.max_steps=100"
 
 
@@ -19,6 +21,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", required=True, help="YAML config file (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    add_trust_remote_code(train)
     train.set_defaults(func=_train)
 
     config = commands.add_parser("config", help="check training config files")
@@ -37,6 +40,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("run_dir", help="a finished training run (train.output_dir)")
     export.add_argument("out", help="folder to write (new or empty)")
     export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    add_trust_remote_code(export)
     export.set_defaults(func=_export)
 
 
@@ -48,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides, algo=args.algo)
     try:
-        final = train(config, resume=args.resume)
+        final = train(config, resume=args.resume, trust_remote_code=args.trust_remote_code)
     except TrainingInterrupted as e:
         print(f"interrupted: saved checkpoint {e}; continue with --resume", file=sys.stderr)
         return 130
@@ -68,6 +72,6 @@ def _validate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from vlmrl.train.export import export_run
 
-    out = export_run(args.run_dir, args.out, merge=args.merge)
+    out = export_run(args.run_dir, args.out, merge=args.merge, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out}")
     return 0

@@ -42,7 +42,8 @@ class Comparison:
 def compare_models(base: str, tuned: list[str], data: str | Path, out: str | Path, *,
                    names: str | None = None, skip_bad: bool = False, batch_size: int = 16,
                    max_new_tokens: int = 64, dtype: str = "float32", seed: int = 0,
-                   max_gallery: int | None = 200, title: str = "vlmrl: before / after") -> Comparison:
+                   max_gallery: int | None = 200, title: str = "vlmrl: before / after",
+                   loader: str = "transformers", trust_remote_code: bool = False) -> Comparison:
     """Evaluate ``base`` and every ``tuned`` run on the records of ``data``, write the report.
 
     ``names`` is ``--names`` (comma-separated labels, base first; see ``model_names``);
@@ -57,7 +58,8 @@ def compare_models(base: str, tuned: list[str], data: str | Path, out: str | Pat
     if not records:
         raise VlmrlError(f"{data}: no records to evaluate")
     out = Path(out)
-    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype, "seed": seed}
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype, "seed": seed,
+                "loader": loader, "trust_remote_code": trust_remote_code}
     results = [_evaluate_one(labels[0], base, TunedRun(None, None, None), records, out, settings)]
     for label, run in zip(labels[1:], runs):
         results.append(_evaluate_one(label, base, run, records, out, settings))
@@ -121,7 +123,8 @@ def _evaluate_one(name: str, base: str, run: TunedRun, records, out: Path, setti
     what = f"{model_path}" + (f" + adapter {run.adapter}" if run.adapter else "")
     log.info("evaluating %s: %s on %d records", name, what, len(records))
     model, processor = load_for_eval(str(model_path), adapter=str(run.adapter) if run.adapter else None,
-                                     dtype=settings["dtype"])
+                                     dtype=settings["dtype"], loader=settings["loader"],
+                                     trust_remote_code=settings["trust_remote_code"])
     eval_dir = out / name
     evaluate(model, processor, records, eval_dir, batch_size=settings["batch_size"],
              max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])

@@ -2,9 +2,11 @@
 
 The entry points (``compare`` and ``vlmrl eval`` both call these)::
 
-    load_for_eval(model_path, adapter=None, dtype="float32") -> (model, processor)
+    load_for_eval(model_path, adapter=None, dtype="float32", min_pixels=None, max_pixels=None,
+                  loader="transformers", trust_remote_code=False) -> (model, processor)
         model_path: a base checkpoint or a merged export (None: the adapter's base model);
-        adapter: a training run folder (its ``final/`` peft adapter) or an adapter folder.
+        adapter: a training run folder (its ``final/`` peft adapter) or an adapter folder,
+        refused if it does not fit the model (``vlmrl.models.adapters``).
         Returns the model in eval mode; with an adapter it is a ``PeftModel``, whose adapter
         switched off is the reference.
 
@@ -46,8 +48,13 @@ from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
 
 
 def load_for_eval(model_path: str | Path | None, adapter: str | Path | None = None, dtype: str = "float32",
-                  min_pixels: int | None = None, max_pixels: int | None = None):
-    """``(model, processor)`` ready to evaluate: a base or merged model, or a base with an adapter."""
+                  min_pixels: int | None = None, max_pixels: int | None = None, loader: str = "transformers",
+                  trust_remote_code: bool = False):
+    """``(model, processor)`` ready to evaluate: a base or merged model, or a base with an adapter.
+
+    The adapter is checked against the model before it is put on (``vlmrl.models.adapters``).
+    """
+    from vlmrl.models.adapters import adapter_base, find_adapter, load_adapter
     from vlmrl.models.load import load_model
 
     adapter_dir = find_adapter(adapter) if adapter else None
@@ -55,34 +62,12 @@ def load_for_eval(model_path: str | Path | None, adapter: str | Path | None = No
         if adapter_dir is None:
             raise VlmrlError("give a model (--model) or an adapter whose config names its base model")
         model_path = adapter_base(adapter_dir)
-    model, processor = load_model(model_path, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+    model, processor = load_model(model_path, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels,
+                                  loader=loader, trust_remote_code=trust_remote_code)
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        model = load_adapter(model, adapter_dir, str(model_path))
     model.eval()
     return model, processor
-
-
-def find_adapter(path: str | Path) -> Path:
-    """The peft adapter folder of a training run (``final/``) or the adapter folder itself."""
-    path = Path(path)
-    for candidate in (path / "final", path):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise VlmrlError(
-        f"no peft adapter at {path}: expected a training run with final/adapter_config.json, "
-        "or a folder with adapter_config.json and adapter_model.safetensors"
-    )
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model an adapter was trained on (``base_model_name_or_path`` in its config)."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise VlmrlError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
-    return str(base)
 
 
 def evaluate(

@@ -1,8 +1,14 @@
 """Load a Qwen-VL family model and its processor; add LoRA; the reference model.
 
-Families: Qwen2-VL, Qwen2.5-VL and Qwen3-VL, through transformers' own classes
-(``AutoModelForImageTextToText`` + ``AutoProcessor``), from a local folder or a hub id. Weights are
-read from safetensors only and ``trust_remote_code`` stays off unless asked for.
+Families: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``SUPPORTED_MODEL_TYPES``), from a local folder or a
+hub id. ``load_model`` is the one loading function of training, eval, infer, compare and export;
+its ``loader`` picks how the weights are loaded: ``transformers`` (``AutoModelForImageTextToText``)
+or ``unsloth`` (Unsloth's ``FastVisionModel``, CUDA + the unsloth package, see
+``vlmrl.models.unsloth_loader``). The processor always comes from ``AutoProcessor``.
+
+Security: weights are read from safetensors only, and a folder that ships its own Python code
+(an ``auto_map`` in its config files) is refused unless the caller passes
+``trust_remote_code=True``, which only a command-line flag (``--trust-remote-code``) sets.
 
 The reference model of DPO is the policy with its LoRA adapter switched off (``reference_mode``):
 no second copy in memory. Full fine-tuning needs a real copy (``frozen_copy``).
@@ -12,12 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from pathlib import Path
 from typing import Iterator
 
 from vlmrl.errors import VlmrlError
 
 SUPPORTED_MODEL_TYPES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+
+# The attention implementations that take an arbitrary 4D mask (the packed pair forward and the
+# shared-prompt group forward need one); flash-attention takes none.
+MASKED_ATTENTION = ("sdpa", "eager")
+
+LOADERS = ("transformers", "unsloth")
 
 DTYPES = {
     "float32": "float32",
@@ -27,6 +40,9 @@ DTYPES = {
     "float16": "float16",
     "fp16": "float16",
 }
+
+# The files of a model folder that may name custom code (``auto_map``): model, processor, tokenizer.
+CODE_MAP_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
 
 # The text decoder's linear layers, by module path. The vision tower has modules with the same
 # short names (Qwen2.5-VL's vision MLP has gate/up/down_proj too), so a bare ["q_proj", ...] list
@@ -46,39 +62,73 @@ def load_model(
     max_pixels: int | None = None,
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
+    loader: str = "transformers",
+    gradient_checkpointing: bool = False,
 ):
     """Load ``(model, processor)`` from a local folder or a hub id.
 
     ``min_pixels``/``max_pixels`` bound each image's resized area, so the number of image tokens:
     lowering ``max_pixels`` is the main lever against running out of memory. ``load_in_4bit``
-    quantises the language model to NF4 (QLoRA); it needs bitsandbytes and a CUDA device.
+    quantises the language model to NF4 and prepares it for training adapters on top (QLoRA); it
+    needs bitsandbytes and a CUDA device. ``gradient_checkpointing`` recomputes activations in the
+    backward pass instead of keeping them (non-reentrant, so it works with frozen inputs and DDP).
+    ``trust_remote_code`` lets a folder's own Python code run: only a command-line flag sets it.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    if loader not in LOADERS:
+        raise VlmrlError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     source = _resolve(name_or_path)
     torch_dtype = getattr(torch, _dtype_name(dtype))
+    check_model_source(source, trust_remote_code)
+    if loader == "unsloth":
+        from vlmrl.models.unsloth_loader import load_model_unsloth
+
+        if attn_implementation:
+            raise VlmrlError("loader 'unsloth' picks its own attention kernels: leave model.attn_implementation unset")
+        model = load_model_unsloth(source, torch_dtype, load_in_4bit, gradient_checkpointing, trust_remote_code)
+    else:
+        model = _load_transformers(source, torch_dtype, attn_implementation, trust_remote_code, load_in_4bit)
+        _prepare_for_training(model, load_in_4bit, gradient_checkpointing)
+    return model, load_processor(source, min_pixels, max_pixels, trust_remote_code)
+
+
+def check_model_source(source: str, trust_remote_code: bool = False) -> dict:
+    """The model's ``config.json`` as a dict, read without running any code, once it is known to be
+    loadable: a supported model type, and no custom code (``auto_map``) unless ``trust_remote_code``."""
+    from transformers import PretrainedConfig
+
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config, _ = PretrainedConfig.get_config_dict(source)
     except (OSError, ValueError) as e:
         raise VlmrlError(f"cannot read the model config of {source}: {e}") from e
-    if config.model_type not in SUPPORTED_MODEL_TYPES and not trust_remote_code:
+    if not trust_remote_code:
+        code_file = "config.json" if "auto_map" in config else _local_code_map(source)
+        if code_file:
+            raise VlmrlError(
+                f"{source}: {code_file} has an auto_map, so the model folder ships its own Python code; "
+                "vlmrl runs such code only when you pass --trust-remote-code on the command line "
+                "(do that only for a folder you trust)"
+            )
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES and not trust_remote_code:
         raise VlmrlError(
-            f"{source} is a {config.model_type!r} model; vlmrl supports "
+            f"{source} is a {model_type!r} model; vlmrl supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES.values())} (model types {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if load_in_4bit:
-        kwargs["quantization_config"] = _four_bit_config(torch_dtype)
+    return config
+
+
+def load_processor(source: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                   trust_remote_code: bool = False):
+    """The model's ``AutoProcessor``, with the image-area bounds when given."""
+    from transformers import AutoProcessor
+
     pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **pixels)
+        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **pixels)
     except OSError as e:
-        raise VlmrlError(f"cannot load the model from {source}: {e}") from e
-    return model, processor
+        raise VlmrlError(f"cannot load the processor from {source}: {e}") from e
 
 
 def family_of(model) -> str:
@@ -180,6 +230,45 @@ def _vision_modules(model, full: bool, merger: bool) -> list[str]:
         names.append("merger")
         names += [f"deepstack_merger_list.{i}" for i in range(len(getattr(visual, "deepstack_merger_list", [])))]
     return [f"visual.{name}" for name in names]
+
+
+def _load_transformers(source: str, torch_dtype, attn_implementation, trust_remote_code: bool, load_in_4bit: bool):
+    from transformers import AutoModelForImageTextToText
+
+    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config(torch_dtype)
+    try:
+        return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise VlmrlError(f"cannot load the model from {source}: {e}") from e
+
+
+def _prepare_for_training(model, load_in_4bit: bool, gradient_checkpointing: bool) -> None:
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _local_code_map(source: str) -> str | None:
+    """The first processor or tokenizer file of a local folder that names custom code, if any."""
+    folder = Path(source)
+    for name in CODE_MAP_FILES[1:]:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise VlmrlError(f"{path}: not a readable JSON file ({e}); repair or remove it") from e
+        if isinstance(data, dict) and "auto_map" in data:
+            return name
+    return None
 
 
 def _resolve(name_or_path: str | Path) -> str:

@@ -1,16 +1,16 @@
-"""Optional loading through Unsloth (``loader: unsloth``): faster LoRA/QLoRA kernels on CUDA.
+"""Loading through Unsloth (``model.loader: unsloth`` or ``--loader unsloth``): its LoRA/QLoRA kernels on CUDA.
 
 Everything Unsloth-specific lives here, so the rest of vlmrl never imports it. Unsloth patches
-transformers when imported, which is why this module imports it only when asked for, and why
-``loader: unsloth`` is a choice made once, before any model is loaded. The result is the same
-``(model, processor)`` pair ``vlmrl.models.load.load_model`` returns, and ``add_lora_unsloth``
-gives a peft model, so ``reference_mode`` (adapter off) works on it unchanged.
+transformers when imported, which is why this module imports it only once that loader is chosen,
+from ``vlmrl.models.load.load_model`` (which also checks the model folder and loads the
+processor). ``add_lora_unsloth`` gives a peft model, so ``reference_mode`` (adapter off) works on
+it unchanged. On a machine without a CUDA device or the unsloth package, choosing this loader is a
+``VlmrlError`` that says what is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from vlmrl.errors import VlmrlError
 
@@ -27,32 +27,31 @@ def unsloth_missing() -> list[str]:
     return missing
 
 
-def load_model_unsloth(
-    name_or_path: str | Path,
-    dtype: str = "bfloat16",
-    load_in_4bit: bool = False,
-    max_seq_length: int = 2048,
-    gradient_checkpointing: bool = True,
-):
-    """Load ``(model, processor)`` with Unsloth's ``FastVisionModel``."""
+def require_unsloth() -> None:
+    """Raise a ``VlmrlError`` naming what this machine lacks for the Unsloth loader, if anything."""
     missing = unsloth_missing()
     if missing:
-        raise VlmrlError(f"loader 'unsloth' needs {' and '.join(missing)}; use the default loader instead")
-    import torch
+        raise VlmrlError(
+            f"loader 'unsloth' (model.loader / --loader) needs {' and '.join(missing)}; "
+            "use the default loader, transformers, instead"
+        )
+
+
+def load_model_unsloth(source: str, torch_dtype, load_in_4bit: bool, gradient_checkpointing: bool,
+                       trust_remote_code: bool):
+    """The model of ``source`` loaded with Unsloth's ``FastVisionModel`` (its processor is not used)."""
+    require_unsloth()
     from unsloth import FastVisionModel
 
-    from vlmrl.models.load import DTYPES
-
-    if dtype not in DTYPES:
-        raise VlmrlError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    model, processor = FastVisionModel.from_pretrained(
-        str(name_or_path),
-        dtype=getattr(torch, DTYPES[dtype]),
+    model, _ = FastVisionModel.from_pretrained(
+        source,
+        dtype=torch_dtype,
         load_in_4bit=load_in_4bit,
-        max_seq_length=max_seq_length,
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # forwarded to transformers' from_pretrained: no pickle weights
     )
-    return model, processor
+    return model
 
 
 def add_lora_unsloth(
@@ -67,7 +66,7 @@ def add_lora_unsloth(
     from unsloth import FastVisionModel
 
     if train_vision not in ("frozen", "lora"):
-        raise VlmrlError(f"with loader 'unsloth', train_vision must be 'frozen' or 'lora', not {train_vision!r}")
+        raise VlmrlError(f"with loader 'unsloth', lora.vision must be 'frozen' or 'lora', not {train_vision!r}")
     return FastVisionModel.get_peft_model(
         model,
         finetune_vision_layers=train_vision == "lora",

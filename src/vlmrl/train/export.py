@@ -4,11 +4,15 @@
 
 The result holds safetensors weights and the processor, and loads with plain transformers
 (``AutoModelForImageTextToText.from_pretrained``), no peft needed. The base model is the one
-named in the run's ``config.yaml``, loaded in the run's dtype.
+named in the run's ``config.yaml``, loaded in the run's dtype with the transformers loader; the
+adapter is checked against it before the merge (``vlmrl.models.adapters``). The run folder cannot
+turn on remote code: only the caller's ``trust_remote_code`` (the ``--trust-remote-code`` flag)
+lets a base model folder's own Python code run.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,8 +20,10 @@ import yaml
 
 from vlmrl.errors import VlmrlError
 
+log = logging.getLogger(__name__)
 
-def export_run(run_dir: str | Path, out: str | Path, merge: bool = True) -> Path:
+
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = True, trust_remote_code: bool = False) -> Path:
     """Write ``out``: the merged model (``merge``) or a copy of the adapter, plus the processor."""
     run, out = Path(run_dir), Path(out)
     final = run / "final"
@@ -29,27 +35,38 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = True) -> Path
     if not merge or not is_adapter:  # an adapter as it is, or full fine-tuning's weights
         shutil.copytree(final, out, dirs_exist_ok=True)
         return out
-    merged, processor = merged_model(run)
+    merged, processor = merged_model(run, trust_remote_code=trust_remote_code)
     merged.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
 
 
-def merged_model(run_dir: str | Path):
+def merged_model(run_dir: str | Path, trust_remote_code: bool = False):
     """``(model, processor)``: the run's base model with its adapter merged in (peft merge_and_unload)."""
-    from peft import PeftModel
-
+    from vlmrl.models.adapters import load_adapter
     from vlmrl.models.load import load_model
 
     run = Path(run_dir)
+    model_config = run_model_config(run)
+    if model_config.get("trust_remote_code") and not trust_remote_code:
+        log.warning("%s/config.yaml sets model.trust_remote_code, which a run folder cannot do: "
+                    "the base model's own code runs only with --trust-remote-code", run)
+    base_name = model_config["name_or_path"]
+    base, processor = load_model(base_name, dtype=model_config.get("dtype", "float32"),
+                                 trust_remote_code=trust_remote_code)
+    return load_adapter(base, run / "final", base_name).merge_and_unload(), processor
+
+
+def run_model_config(run: Path) -> dict:
+    """The ``model`` section of a run's ``config.yaml``, which must name the base model."""
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise VlmrlError(f"{run} has no config.yaml: it does not look like a vlmrl training run")
-    model_config = (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}
-    base, processor = load_model(
-        model_config["name_or_path"],
-        dtype=model_config.get("dtype", "float32"),
-        trust_remote_code=model_config.get("trust_remote_code", False),
-    )
-    merged = PeftModel.from_pretrained(base, run / "final").merge_and_unload()
-    return merged, processor
+    try:
+        raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise VlmrlError(f"{config_file}: not a readable YAML file ({e}); the run folder is damaged") from e
+    model_config = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model_config, dict) or not model_config.get("name_or_path"):
+        raise VlmrlError(f"{config_file} names no base model (model.name_or_path); the run folder is damaged")
+    return model_config

@@ -32,6 +32,7 @@ import torch
 
 from vlmrl.config import Config, config_yaml
 from vlmrl.errors import VlmrlError
+from vlmrl.models.adapters import record_base
 from vlmrl.train import checkpoint
 from vlmrl.train.metrics_log import MetricsLog
 from vlmrl.train.order import batches_per_epoch, micro_batch_indices
@@ -51,11 +52,12 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: bool = False):
+    def __init__(self, config: Config, resume: bool = False, trust_remote_code: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config = config
+        self.trust_remote_code = trust_remote_code  # only a command-line flag sets it, never the config
         self.out = Path(config.train.output_dir)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.train.grad_accum, mixed_precision=config.train.mixed_precision
@@ -105,7 +107,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         t = self.config.train
-        model, self.processor, reference = build_model(self.config)
+        model, self.processor, reference = build_model(self.config, self.trust_remote_code)
         optimizer = build_optimizer(model, t.lr, t.weight_decay)
         # The scheduler is stepped here, once per optimizer step: accelerate's prepared scheduler
         # would step once per process, which makes the schedule depend on the number of processes.
@@ -330,6 +332,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.accelerator.unwrap_model(self.model).save_pretrained(final, safe_serialization=True)
+            record_base(self.accelerator.unwrap_model(self.model), final)
             self.processor.save_pretrained(final)
             (self.out / "config.yaml").write_text(config_yaml(self.config))
         self.accelerator.wait_for_everyone()
@@ -346,7 +349,8 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def train(config: Config, resume: bool = False) -> Path:
-    """Train as ``config`` says; returns ``RUN/final``. Raises TrainingInterrupted on Ctrl-C."""
-    return Trainer(config, resume=resume).train()
+def train(config: Config, resume: bool = False, trust_remote_code: bool = False) -> Path:
+    """Train as ``config`` says; returns ``RUN/final``. Raises TrainingInterrupted on Ctrl-C.
+    ``trust_remote_code`` (the ``--trust-remote-code`` flag) lets the model folder's own code run."""
+    return Trainer(config, resume=resume, trust_remote_code=trust_remote_code).train()
 

@@ -11,28 +11,31 @@ from vlmrl.errors import VlmrlError
 from vlmrl.models.load import add_lora, frozen_copy, load_model
 
 
-def build_model(config: Config):
-    """``(policy, processor, reference)``; ``reference`` is None when the adapter-off policy serves."""
-    m = config.model
+def build_model(config: Config, trust_remote_code: bool = False):
+    """``(policy, processor, reference)``; ``reference`` is None when the adapter-off policy serves.
+
+    The model is loaded with ``model.loader``; ``trust_remote_code`` comes from the command line.
+    """
+    m, lora = config.model, config.lora
+    if m.loader == "unsloth":
+        check_unsloth_settings(config)
     model, processor = load_model(
         m.name_or_path,
         dtype=m.dtype,
         attn_implementation=m.attn_implementation,
         min_pixels=m.min_pixels,
         max_pixels=m.max_pixels,
-        trust_remote_code=m.trust_remote_code,
+        trust_remote_code=trust_remote_code,
         load_in_4bit=m.quantization == "4bit",
+        loader=m.loader,
+        gradient_checkpointing=config.train.gradient_checkpointing,
     )
-    checkpointing = config.train.gradient_checkpointing
-    if m.quantization == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    if checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    lora = config.lora
+    if lora.enabled and m.loader == "unsloth":
+        from vlmrl.models.unsloth_loader import add_lora_unsloth
+
+        model = add_lora_unsloth(model, lora.rank, lora.alpha, lora.dropout, lora.vision, config.train.seed)
+        return model, processor, None
     if lora.enabled:
         model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.vision, lora.merger)
         return model, processor, None
@@ -43,6 +46,24 @@ def build_model(config: Config):
         algo == "grpo" and config.grpo.beta > 0
     )
     return model, processor, frozen_copy(model) if needs_reference else None
+
+
+def check_unsloth_settings(config: Config) -> None:
+    """The settings Unsloth's LoRA cannot honour are refused before anything is loaded."""
+    lora = config.lora
+    if not lora.enabled:
+        raise VlmrlError(
+            "model.loader=unsloth trains LoRA adapters only: set lora.enabled=true or model.loader=transformers"
+        )
+    refused = [name for name, unsupported in (
+        ("lora.target_modules (Unsloth picks the attention and MLP layers itself)", lora.target_modules is not None),
+        ("lora.vision=full (Unsloth trains the vision tower with LoRA or not at all)", lora.vision == "full"),
+        ("lora.merger=true (Unsloth does not train the projector on its own)", lora.merger),
+    ) if unsupported]
+    if refused:
+        raise VlmrlError(
+            f"model.loader=unsloth cannot use {'; '.join(refused)}: change these or use model.loader=transformers"
+        )
 
 
 def freeze_for_full_finetuning(model, vision: str, merger: bool) -> None:
