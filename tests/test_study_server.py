@@ -22,7 +22,7 @@ from PIL import Image
 from vlmrl.cli import build_parser
 from vlmrl.cli.study import bind_warning
 from vlmrl.study import db
-from vlmrl.study.images import safe_image_path
+from vlmrl.study.images import resolve_image, safe_image_path
 from vlmrl.study.create import build_study
 
 
@@ -211,6 +211,12 @@ def test_safe_image_path_unit(tmp_path):
     assert safe_image_path("ok.png", root) is not None
     for bad in ("../out.png", str(tmp_path / "out.png"), "link.png", "notes.txt", "missing.png", "/etc/passwd"):
         assert safe_image_path(bad, root) is None, bad
+    real_root = os.path.realpath(root)
+    assert resolve_image("link.png", root)[1] == (f"image link.png links to {os.path.realpath(tmp_path / 'out.png')}, "
+                                                  f"outside the images root {real_root}")
+    assert resolve_image("../out.png", root)[1] == f"image ../out.png lies outside the images root {real_root}"
+    assert resolve_image("missing.png", root)[1] == "image missing.png does not exist (or is not a file)"
+    assert "does not have an image file type" in resolve_image("notes.txt", root)[1]
 
 
 def test_cross_site_and_forged_forms_are_refused(server):
