@@ -95,9 +95,9 @@ def servable_records(records: list[PreferenceRecord], root: Path, data_path: Pat
         elif skip_bad:
             log.warning("skipped %s record %r: %s", data_path, record.id, problem)
         else:
-            raise VlmrlError(f"{data_path} record {record.id!r}: {problem}; the study serves images only from "
-                             "inside its images root: move or copy the file there, set --images-root to a folder that holds it, "
-                             "or pass --skip-bad to leave the record out")
+            raise VlmrlError(f"{data_path} record {record.id!r}: {problem}; the study serves only image files "
+                             "inside its images root: fix the record or its file, set --images-root to a folder "
+                             "that holds it, or pass --skip-bad to leave the record out")
     return kept
 
 
