@@ -36,6 +36,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> dict:
+    """Playwright's launch options for Debian's Chromium, which `make test` installs (`make browser`).
+
+    A missing Chromium fails the browser tests instead of skipping them: a skip would hide red on a
+    machine where the feature can run once the package is installed.
+    """
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (installs Debian's chromium) and rerun the tests",
+                    pytrace=False)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"]
+    return {"executable_path": CHROMIUM, "args": args}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2-VL with a locally trained tokenizer, built once per test session."""

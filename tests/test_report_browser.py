@@ -17,19 +17,14 @@ from test_report import EXPECTED, GOLD, build_fixture
 
 from vlmrl.report.html import write_report
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 FILTERS = ("improved", "regressed", "both-wrong")
 
 
 @pytest.fixture
-def page(tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing; `make browser` installs Debian's chromium")
+def page(tmp_path, chromium):
     report = write_report(tmp_path / "out", build_fixture(tmp_path, three_models=True))
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(**chromium)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         requests = []
         context.on("request", lambda r: requests.append(r.url))

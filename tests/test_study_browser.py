@@ -16,15 +16,9 @@ from test_study_server import free_port, make_inputs, start_server
 from vlmrl.study import db
 from vlmrl.study.create import build_study
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
-
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is absent (install Debian's chromium: `make browser`)")
+def server(tmp_path_factory, chromium):
     tmp = tmp_path_factory.mktemp("study-browser")
     data, a, b = make_inputs(tmp, 6)
     for i in range(6):  # a scene with shapes, bigger than the default test image
@@ -64,14 +58,14 @@ def expected_winner(conn, item: int, choice: str) -> str:
     return "A" if (choice == "left") == bool(a_on_left) else "B"
 
 
-def test_vote_with_mouse_and_keyboard(server, tmp_path):
+def test_vote_with_mouse_and_keyboard(server, tmp_path, chromium):
     from playwright.sync_api import sync_playwright
 
     tmp, url, rater, admin = server
     link = f"{url}/r/{rater.token}"
     clicked = []  # (item, choice) in the order the browser voted
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(**chromium)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 720})
             page.goto(link)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 from collections import Counter
@@ -13,10 +14,12 @@ from PIL import Image
 
 from vlmrl.cli import main
 from vlmrl.data.formats import read_records
+from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.study import db, voting
 from vlmrl.study.create import build_study, is_answers_file
 from vlmrl.study.export import export_pairs
+from vlmrl.study.images import images_root, safe_image_path
 from vlmrl.study.summary import summarize
 
 
@@ -146,14 +149,88 @@ def test_create_rejects_bad_input_with_clear_messages(tmp_path):
     assert not (tmp_path / "x.sqlite").exists() and not (tmp_path / "z.sqlite").exists()
 
 
-def test_create_refuses_images_outside_the_data_folder(tmp_path):
+def test_create_refuses_images_outside_the_given_root(tmp_path):
     data, a, b = make_inputs(tmp_path, 2)
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     rows[1]["images"] = ["../outside.png"]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(VlmrlError, match=r"record 'r1': image .*outside.png lies outside the data folder"):
-        build_study(tmp_path / "s.sqlite", "t", data, str(a), str(b))
+    with pytest.raises(VlmrlError, match=r"record 'r1': image .*outside.png lies outside the images root .*data;"):
+        build_study(tmp_path / "s.sqlite", "t", data, str(a), str(b), images=data.parent)
+    assert not (tmp_path / "s.sqlite").exists()
+    # without a root, the common folder of both images is the root
+    build_study(tmp_path / "s.sqlite", "t", data, str(a), str(b))
+    assert db.study_info(db.connect(tmp_path / "s.sqlite"))["data_root"] == os.path.realpath(tmp_path)
+
+
+def record_with(*images: str) -> PreferenceRecord:
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "Count."}]}]
+    return PreferenceRecord(id="x", images=list(images), prompt=prompt, chosen="c", rejected="r")
+
+
+def test_images_root_is_the_common_folder_never_the_file_system_root(tmp_path):
+    records = [record_with("/srv/scenes/a/1.png"), record_with("/srv/scenes/b/2.png", "/srv/scenes/a/3.png")]
+    assert images_root(records, None, tmp_path) == Path(os.path.realpath("/srv/scenes"))
+    assert images_root([record_with()], None, tmp_path) == Path(os.path.realpath(tmp_path))  # no image
+    assert images_root(records, tmp_path, Path("/nowhere")) == Path(os.path.realpath(tmp_path))
+    with pytest.raises(VlmrlError, match=r"share no folder but / \(e.g. /opt/a and /srv/b\); pass --images-root"):
+        images_root([record_with("/srv/b/1.png"), record_with("/opt/a/2.png")], None, tmp_path)
+    with pytest.raises(VlmrlError, match="--images-root .*missing: no such folder"):
+        images_root(records, tmp_path / "missing", tmp_path)
+
+
+def test_cli_create_on_synth_pairs_derives_the_images_root(tmp_path, capsys):
+    scenes = tmp_path / "scenes"
+    assert main(["data", "synth", "--out", str(scenes), "--n", "8", "--workers", "1", "--pairs"]) == 0
+    pairs = scenes / "pairs" / "train.jsonl"
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    for side in ("a", "b"):
+        answers = [{"id": r["id"], "answer": r["chosen" if side == "a" else "rejected"]} for r in rows]
+        (tmp_path / f"{side}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answers))
+    capsys.readouterr()
+    args = ["study", "create", "--name", "synth", "--data", str(pairs), "--a", str(tmp_path / "a.jsonl"),
+            "--b", str(tmp_path / "b.jsonl")]
+    assert main(args + ["--db", str(tmp_path / "s.sqlite")]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(rows)} items" in out
+    assert f"images served from {os.path.realpath(scenes / 'images')} (the common folder" in out
+    conn = db.connect(tmp_path / "s.sqlite")
+    record = db.load_record(conn, 1)
+    assert safe_image_path(record.images[0], db.study_info(conn)["data_root"]) == os.path.realpath(record.images[0])
+
+    assert main(args + ["--db", str(tmp_path / "t.sqlite"), "--images-root", str(scenes)]) == 0
+    assert f"images served from {os.path.realpath(scenes)} (--images-root)" in capsys.readouterr().out
+    assert main(args + ["--db", str(tmp_path / "u.sqlite"), "--images-root", str(scenes / "pairs")]) == 2
+    err = capsys.readouterr().err
+    assert f"record {rows[0]['id']!r}: image {scenes / 'images'}" in err and "lies outside the images root" in err
+    assert not (tmp_path / "u.sqlite").exists()
+
+
+def test_cli_create_refuses_a_symlink_out_of_the_root_naming_record_and_target(tmp_path, capsys):
+    data, a, b = make_inputs(tmp_path, 3)
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    (data.parent / "img1.png").unlink()
+    (data.parent / "img1.png").symlink_to(tmp_path / "secret.png")
+    args = ["study", "create", "--name", "t", "--data", str(data), "--a", str(a), "--b", str(b)]
+    assert main(args + ["--db", str(tmp_path / "s.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {data} record 'r1': image {data.parent / 'img1.png'} links to "
+            f"{os.path.realpath(tmp_path / 'secret.png')}, outside the images root "
+            f"{os.path.realpath(data.parent)}") in err
+    assert not (tmp_path / "s.sqlite").exists()
+    assert main(args + ["--db", str(tmp_path / "s.sqlite"), "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "2 items" in captured.out and f"skipped {data} record 'r1': image" in captured.err
+    assert [v[0] for v in db.connect(tmp_path / "s.sqlite").execute("SELECT record_id FROM items")] == ["r0", "r2"]
+
+
+def test_raters_with_votes_counts_each_raters_votes(study):
+    conn = db.connect(study)
+    ann, bob, cy = (db.add_rater(conn, name) for name in ("ann", "bob", "cy"))
+    for rater, n in ((ann, 2), (cy, 1)):
+        for _ in range(n):
+            voting.record_vote(conn, rater.id, voting.next_assignment(conn, rater.id, 2).item_id, "tie")
+    assert db.raters_with_votes(conn) == [(ann, 2), (bob, 0), (cy, 1)]
 
 
 def test_answers_file_detection(tmp_path):

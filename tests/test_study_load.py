@@ -1,5 +1,13 @@
 """100 concurrent votes from 10 raters against the real server, killed (SIGKILL) and restarted
-mid-study: every acknowledged vote is stored exactly once, none is lost, every item gets N."""
+mid-study: every acknowledged vote is stored exactly once, none is lost, every item gets N.
+
+The assertions are correctness properties that hold however slowly the machine runs: no request
+is answered with anything but 303 (stored) or 409 (already stored), a double submit stores one
+vote, and every stored vote was either acknowledged or sent in a pair that lost a connection to
+the kill. Client requests have no timeout and each has its own connection, so a slow server is
+waited for, never counted as lost: only the kill breaks connections, and it can catch at most the
+one pair each rater has in flight. The one time limit left only stops a hung run.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +53,10 @@ class Server:
 
 
 async def rater_loop(client: httpx.AsyncClient, server: Server, token: str, acked: list, doubles: list) -> None:
-    """Vote until the rater is done; each vote is sent twice at once (a double submit)."""
+    """Vote until the rater is done; each vote is sent twice at once (a double submit).
+
+    ``doubles`` gets ``(token, item, statuses, lost)`` per pair: the answered statuses, sorted, and
+    whether a request of the pair lost its connection."""
     choices = ["left", "right", "tie", "both_bad"]
     while True:
         try:
@@ -62,17 +73,19 @@ async def rater_loop(client: httpx.AsyncClient, server: Server, token: str, acke
         sent = [client.post(f"/r/{token}/vote", data=form, headers={"Origin": server.url}) for _ in range(2)]
         responses = await asyncio.gather(*sent, return_exceptions=True)
         statuses = sorted(r.status_code for r in responses if isinstance(r, httpx.Response))
-        assert statuses.count(303) <= 1, statuses  # never two acknowledgements for one vote
-        assert all(s in (303, 409) for s in statuses), statuses
+        lost = [r for r in responses if not isinstance(r, httpx.Response)]
+        assert all(isinstance(e, httpx.TransportError) for e in lost), lost
         if 303 in statuses:
             acked.append((token, item, choice))
-        doubles.append(statuses)
+        doubles.append((token, item, statuses, bool(lost)))
 
 
 async def run_study(server: Server, raters: list[db.Rater]) -> tuple[list, list]:
     acked, doubles = [], []
-    limits = httpx.Limits(max_connections=40)
-    async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+    # A new connection per request: a kept-alive one could be closed by the server's idle timeout
+    # just as a request goes out, a lost response that the kill did not cause.
+    limits = httpx.Limits(max_connections=40, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=server.url, timeout=None, limits=limits) as client:
 
         async def killer():
             while len(acked) < KILL_AFTER:
@@ -80,7 +93,8 @@ async def run_study(server: Server, raters: list[db.Rater]) -> tuple[list, list]
             await asyncio.to_thread(server.kill_and_restart)
 
         tasks = [rater_loop(client, server, r.token, acked, doubles) for r in raters]
-        await asyncio.wait_for(asyncio.gather(killer(), *tasks), timeout=240)
+        # Only against a hang (a deadlocked server): far above any run on a busy machine (~30 s idle).
+        await asyncio.wait_for(asyncio.gather(killer(), *tasks), timeout=1800)
     return acked, doubles
 
 
@@ -98,7 +112,12 @@ def test_concurrent_votes_survive_a_killed_server(study):
     stored = [tuple(r) for r in rows]
     assert len(stored) == N_ITEMS * PER_ITEM == 100
     assert len(set((t, i) for t, i, _ in stored)) == 100  # no rater voted twice on an item
-    assert set(acked) <= set(stored)  # every acknowledged vote is there, with its choice
-    assert len(acked) >= 100 - N_RATERS  # at most one vote per rater was cut by the kill
     assert Counter(i for _, i, _ in stored) == {i: PER_ITEM for i in range(1, N_ITEMS + 1)}
-    assert sum(s == [303, 409] for s in doubles) >= 90  # double submits: one stored, one refused
+    assert set(acked) <= set(stored)  # every acknowledged vote is there, with its choice
+    answered = [statuses for _, _, statuses, lost in doubles if not lost]
+    assert all(statuses == [303, 409] for statuses in answered)  # a double submit: one stored, one refused
+    cut = [(token, item) for token, item, _, lost in doubles if lost]
+    assert all(statuses in ([], [303], [409]) for _, _, statuses, lost in doubles if lost)  # no 500, no 2nd 303
+    assert len(cut) <= N_RATERS  # the kill catches at most the one pair each rater has in flight
+    acked_votes = {(token, item) for token, item, _ in acked}
+    assert {(t, i) for t, i, _ in stored} - acked_votes <= set(cut)  # an unacknowledged vote was cut by the kill

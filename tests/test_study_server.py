@@ -1,5 +1,6 @@
 """The study's web app against a real server (uvicorn in a subprocess on 127.0.0.1, one per module):
-tokens, blindness, image safety (traversal, encodings, symlinks), CSRF / origin, bad votes."""
+tokens, blindness, image safety (traversal, encodings, symlinks), CSRF / origin, bad votes, malformed
+ids, security headers on every response (errors included), and `serve` on a busy port."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from PIL import Image
 from vlmrl.cli import build_parser
 from vlmrl.cli.study import bind_warning
 from vlmrl.study import db
-from vlmrl.study.app import safe_image_path
+from vlmrl.study.images import resolve_image, safe_image_path
 from vlmrl.study.create import build_study
 
 
@@ -37,7 +38,9 @@ def start_server(db_path: Path, port: int, log: Path, host: str = "127.0.0.1") -
         [sys.executable, "-m", "vlmrl", "study", "serve", "--db", str(db_path), "--host", host, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
     )
-    deadline = time.monotonic() + 60
+    # Only a guard against a server that never answers (an exit is seen at once): generous, because
+    # the subprocess imports the library, which can take long on a machine shared by many jobs.
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()}")
@@ -47,7 +50,7 @@ def start_server(db_path: Path, port: int, log: Path, host: str = "127.0.0.1") -
         except httpx.TransportError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("server did not start in 60 s")
+    raise RuntimeError("server did not start in 300 s")
 
 
 def make_inputs(folder: Path, n: int) -> tuple[Path, Path, Path]:
@@ -72,14 +75,15 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study-server")
     data_file, a, b = make_inputs(tmp, 6)
     data = data_file.parent
-    # r4's image becomes a symlink to a file outside the data folder; r5's a symlink that stays inside.
+    db_path = tmp / "s.sqlite"
+    admin, _ = build_study(db_path, "server-test", data_file, str(a), str(b), raters_per_item=2)
+    # After creation (which refuses links out of the images root), r4's image becomes a symlink to a
+    # file outside the folder, r5's a symlink that stays inside: the server must check each request.
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp / "secret.png")
     (data / "img4.png").unlink()
     (data / "img4.png").symlink_to(tmp / "secret.png")
     (data / "img5.png").unlink()
     (data / "img5.png").symlink_to(data / "img0.png")
-    db_path = tmp / "s.sqlite"
-    admin, _ = build_study(db_path, "server-test", data_file, str(a), str(b), raters_per_item=2)
     conn = db.connect(db_path)
     raters = {name: db.add_rater(conn, name) for name in ("ann", "bob", "cy")}
     conn.close()
@@ -207,6 +211,12 @@ def test_safe_image_path_unit(tmp_path):
     assert safe_image_path("ok.png", root) is not None
     for bad in ("../out.png", str(tmp_path / "out.png"), "link.png", "notes.txt", "missing.png", "/etc/passwd"):
         assert safe_image_path(bad, root) is None, bad
+    real_root = os.path.realpath(root)
+    assert resolve_image("link.png", root)[1] == (f"image link.png links to {os.path.realpath(tmp_path / 'out.png')}, "
+                                                  f"outside the images root {real_root}")
+    assert resolve_image("../out.png", root)[1] == f"image ../out.png lies outside the images root {real_root}"
+    assert resolve_image("missing.png", root)[1] == "image missing.png does not exist (or is not a file)"
+    assert "does not have an image file type" in resolve_image("notes.txt", root)[1]
 
 
 def test_cross_site_and_forged_forms_are_refused(server):
@@ -242,7 +252,7 @@ def test_bad_votes_get_clear_4xx_and_no_write(server):
     not_assigned = min(set(range(1, 7)) - bob_items)
     before = n_votes(server)
     for data, status, text in [
-        ({"item": "abc", "choice": "left"}, 404, "No such item"),
+        ({"item": "abc", "choice": "left"}, 400, "item must be an item number"),
         ({"item": "999", "choice": "left"}, 404, "no item 999"),
         ({"item": str(not_assigned), "choice": "left"}, 409, "not assigned"),
         ({"item": str(item), "choice": "middle"}, 400, "choice must be"),
@@ -286,3 +296,88 @@ def test_binds_to_localhost_by_default_and_warns_otherwise(tmp_path, server):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def assert_secure(response: httpx.Response) -> None:
+    """The security headers the app sends on every response, with a fresh nonce in the CSP."""
+    csp = response.headers.get("content-security-policy", "")
+    assert "default-src 'none'" in csp and re.search(r"script-src 'nonce-[\w-]{16,}'", csp), response.headers
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["referrer-policy"] == "same-origin"
+
+
+BAD_IDS = ["²", "1" * 30, "9" * 5000, "9" * 19, "-1", "+1", "1.0", "0x1", " 1", "١"]  # ١: Arabic-Indic one
+
+
+def test_malformed_ids_in_image_urls_get_404_with_headers(server):
+    token = server.raters["ann"].token
+    for bad in BAD_IDS:
+        for path in (f"/r/{token}/image/{bad}/0", f"/r/{token}/image/1/{bad}"):
+            response = httpx.get(server.url + path)
+            assert response.status_code == 404 and "No such image" in response.text, (bad, path)
+            assert_secure(response)
+
+
+def test_malformed_ids_in_the_vote_form_get_400_with_headers(server):
+    token = server.raters["cy"].token
+    _, csrf = current_item(httpx.get(f"{server.url}/r/{token}").text)
+    before = n_votes(server)
+    for bad in BAD_IDS:
+        response = post_vote(server, token, {"item": bad, "choice": "left", "csrf": csrf})
+        assert response.status_code == 400 and "item must be an item number" in response.text, bad
+        assert_secure(response)
+    eighteen = post_vote(server, token, {"item": "9" * 18, "choice": "left", "csrf": csrf})  # the largest id taken
+    assert eighteen.status_code == 404 and f"no item {'9' * 18}" in eighteen.text
+    assert n_votes(server) == before
+
+
+def test_every_response_carries_the_security_headers(server):
+    token = server.raters["ann"].token
+    responses = [
+        httpx.get(f"{server.url}/healthz"),  # 200
+        httpx.get(f"{server.url}/nowhere"),  # 404 from the router
+        httpx.get(f"{server.url}/r/{token}/vote"),  # 405 from the router
+        httpx.get(f"{server.url}/r/not-a-token"),  # 403 from the app
+        post_vote(server, token, {"item": "1", "choice": "left"}, {"Origin": "http://evil.example"}),  # 403
+    ]
+    assert [r.status_code for r in responses] == [200, 404, 405, 403, 403]
+    for response in responses:
+        assert_secure(response)
+    nonces = {re.search(r"'nonce-([^']+)'", r.headers["content-security-policy"]).group(1) for r in responses}
+    assert len(nonces) == len(responses)  # a fresh nonce per response
+
+
+def test_a_server_failure_is_a_500_page_with_headers_and_a_log_line(server, tmp_path):
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(server.db.read_bytes())
+    port = free_port()
+    proc = start_server(copy, port, tmp_path / "server.log")
+    try:
+        copy.unlink()  # the study file disappears under the running server
+        response = httpx.get(f"http://127.0.0.1:{port}/r/{server.raters['ann'].token}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert response.status_code == 500 and "Something went wrong" in response.text
+    assert "Traceback" not in response.text and str(copy) not in response.text
+    assert_secure(response)
+    log = (tmp_path / "server.log").read_text()
+    assert "study app: a GET request failed" in log and "no study database here" in log
+    assert server.raters["ann"].token not in log
+
+
+def test_serve_on_a_busy_port_says_so_and_serves_nothing(server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "vlmrl", "study", "serve", "--db", str(server.db), "--port", str(port)],
+            capture_output=True, text=True, timeout=300,
+        )
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"error: cannot serve on 127.0.0.1:{port}: the port is already in use")
+    assert "pick another --port" in run.stderr
+    assert "serving" not in run.stderr + run.stdout and "Traceback" not in run.stderr

@@ -30,6 +30,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--b", required=True, help="model B: same as --a")
     p.add_argument("--a-adapter", help="training run or adapter folder to load on model A")
     p.add_argument("--b-adapter", help="training run or adapter folder to load on model B")
+    p.add_argument("--images-root", metavar="DIR",
+                   help="the only folder the study serves images from (default: the common folder of the "
+                   "records' images, printed); records with images outside it are refused")
     p.add_argument("--raters-per-item", type=int, default=3, help="ratings wanted per item (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="when generating (default 128)")
     p.add_argument("--batch-size", type=int, default=4, help="when generating (default 4)")
@@ -83,18 +86,21 @@ def _base_url(p: argparse.ArgumentParser) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
+    from vlmrl.study import db
     from vlmrl.study.create import build_study, generate_with_model
 
     def generate_answers(model, adapter, records):
-        print(f"generating answers with {model}{' + ' + adapter if adapter else ''} for {len(records)} records",
-              file=sys.stderr)
         return generate_with_model(model, adapter, records, args.max_new_tokens, args.batch_size)
 
     admin_token, n_items = build_study(
         args.db, args.name, args.data, args.a, args.b, args.raters_per_item,
-        args.a_adapter, args.b_adapter, args.skip_bad, generate_answers,
+        args.a_adapter, args.b_adapter, args.skip_bad, generate_answers, args.images_root,
     )
+    with closing(db.connect(args.db)) as conn:
+        root = db.study_info(conn)["data_root"]
     print(f"created study {args.name!r} in {args.db}: {n_items} items, {args.raters_per_item} raters per item")
+    how = "--images-root" if args.images_root else "the common folder of the records' images; --images-root sets it"
+    print(f"images served from {root} ({how})")
     print(f"admin link: {args.base_url.rstrip('/')}/admin/{admin_token}")
     print(f"next: vlmrl study raters add --db {args.db} NAME")
     return 0
@@ -117,12 +123,13 @@ def _serve(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     from vlmrl.study import db
-    from vlmrl.study.app import serve
+    from vlmrl.study.app import bind, serve
 
     db.connect(args.db).close()  # a missing or foreign file fails here, before "serving"
-    print(f"serving the study in {args.db} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
-    serve(args.db, args.host, args.port)
+    sock = bind(args.host, args.port)  # a busy port fails here too
+    port = sock.getsockname()[1]
+    print(f"serving the study in {args.db} at http://{args.host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    serve(args.db, sock)
     return 0
 
 
@@ -139,9 +146,9 @@ def _raters_list(args: argparse.Namespace) -> int:
     from vlmrl.study import db
 
     with closing(db.connect(args.db)) as conn:
-        counts = dict(conn.execute("SELECT rater_id, COUNT(*) FROM votes GROUP BY rater_id").fetchall())
-        for rater in db.list_raters(conn):
-            print(f"{rater.name}: {counts.get(rater.id, 0)} votes  {args.base_url.rstrip('/')}/r/{rater.token}")
+        raters = db.raters_with_votes(conn)
+    for rater, n in raters:
+        print(f"{rater.name}: {n} votes  {args.base_url.rstrip('/')}/r/{rater.token}")
     return 0
 
 

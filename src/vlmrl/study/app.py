@@ -8,19 +8,28 @@ Routes (every one needs a token in the path; nothing is shown without one):
 - ``GET  /admin/{token}``                     live progress and results with a chart
 - ``GET  /admin/{token}/results.json``        the same results as JSON
 
-Safety: images are looked up by item id in the database and must resolve (symlinks followed)
-inside the data set's folder, so no client-supplied path is ever opened. A POST must carry the
-rater's CSRF token and an Origin (or Referer) of this host. A vote is stored once (see
-``voting.record_vote``); refused requests write nothing. No cookies are used.
+Safety: ids in URLs and forms are taken only as 1-18 ASCII digits (anything else is a 404 in a
+URL, a 400 in a form). Images are looked up by item id in the database and must resolve
+(symlinks followed) inside the study's images root (``vlmrl.study.images``), so no
+client-supplied path is ever opened. A POST must carry the rater's CSRF token and an Origin (or
+Referer) of this host. A vote is stored once (see ``voting.record_vote``); refused requests write
+nothing. No cookies are used. A middleware puts the security headers (a CSP with a fresh nonce
+per response, no framing, no sniffing, no caching) on every response, errors included, and
+turns an unexpected exception into a logged 500 page.
+
+``bind`` takes the port before anything is announced, so ``serve`` never starts on a busy one.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import mimetypes
-import os
+import re
 import secrets
+import socket
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,8 +37,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from vlmrl.errors import VlmrlError
 from vlmrl.study import db, pages, voting
+from vlmrl.study.images import safe_image_path
 from vlmrl.study.summary import format_results, results_dict, summarize
+
+log = logging.getLogger(__name__)
+ID = re.compile(r"[0-9]{1,18}")  # ASCII only; 18 digits stay below SQLite's 64-bit integer limit
 
 
 class HttpError(Exception):
@@ -44,46 +58,72 @@ def create_app(db_path: str | Path) -> FastAPI:
     db.connect(db_path).close()  # fail early, with a clear message, on a missing or foreign file
     app = FastAPI(title="vlmrl study", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def with_db(fn: Callable[..., Response], *args) -> Response:
-        conn = db.connect(db_path)
-        nonce = secrets.token_urlsafe(16)
+    @app.middleware("http")
+    async def secure_every_response(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                                    ) -> Response:
+        nonce = request.state.nonce = secrets.token_urlsafe(16)
         try:
-            response = fn(conn, nonce, *args)
+            response = await call_next(request)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the client gets a 500 page with the headers
+            _log_failure(request, e)
+            response = HTMLResponse(pages.message_page(
+                "Error 500", "Something went wrong on the server; the study's organiser can see why in its log.",
+                nonce), status_code=500)
+        return _secure(response, nonce)
+
+    def with_db(request: Request, fn: Callable[..., Response], *args) -> Response:
+        nonce = request.state.nonce
+        conn = db.connect(db_path)
+        try:
+            return fn(conn, nonce, *args)
         except HttpError as e:
-            response = HTMLResponse(pages.message_page(f"Error {e.status}", e.message, nonce), status_code=e.status)
+            return HTMLResponse(pages.message_page(f"Error {e.status}", e.message, nonce), status_code=e.status)
         except voting.VoteRejected as e:
-            response = HTMLResponse(pages.message_page(f"Error {e.status}", str(e), nonce), status_code=e.status)
+            return HTMLResponse(pages.message_page(f"Error {e.status}", str(e), nonce), status_code=e.status)
         finally:
             conn.close()
-        return _secure(response, nonce)
 
     @app.get("/healthz")
     def healthz() -> PlainTextResponse:
         return PlainTextResponse("ok")
 
     @app.get("/r/{token}")
-    def rater_page(token: str) -> Response:
-        return with_db(_rater_page, token)
+    def rater_page(token: str, request: Request) -> Response:
+        return with_db(request, _rater_page, token)
 
     @app.post("/r/{token}/vote")
     async def vote(token: str, request: Request) -> Response:
         form = await request.form()
         fields = {k: form.get(k) for k in ("item", "choice", "comment", "csrf")}
-        return await run_in_threadpool(with_db, _vote, token, _same_origin(request), fields)
+        return await run_in_threadpool(with_db, request, _vote, token, _same_origin(request), fields)
 
     @app.get("/r/{token}/image/{item}/{index}")
-    def image(token: str, item: str, index: str) -> Response:
-        return with_db(_image, token, item, index)
+    def image(token: str, item: str, index: str, request: Request) -> Response:
+        return with_db(request, _image, token, item, index)
 
     @app.get("/admin/{token}")
-    def admin(token: str) -> Response:
-        return with_db(_admin_page, token)
+    def admin(token: str, request: Request) -> Response:
+        return with_db(request, _admin_page, token)
 
     @app.get("/admin/{token}/results.json")
-    def admin_json(token: str) -> Response:
-        return with_db(_admin_json, token)
+    def admin_json(token: str, request: Request) -> Response:
+        return with_db(request, _admin_json, token)
 
     return app
+
+
+def _log_failure(request: Request, error: Exception) -> None:
+    """A VlmrlError (e.g. the study file went away) says what is wrong itself; anything else needs
+    its traceback. The path is left out: it holds the rater's token."""
+    if isinstance(error, VlmrlError):
+        log.error("study app: a %s request failed: %s", request.method, error)
+    else:
+        log.exception("study app: a %s request failed", request.method)
+
+
+def parse_id(text: object) -> int | None:
+    """A client-sent id as an int when it is 1-18 ASCII digits, else None (never an exception)."""
+    return int(text) if isinstance(text, str) and ID.fullmatch(text) else None
 
 
 def _secure(response: Response, nonce: str) -> Response:
@@ -144,43 +184,31 @@ def _vote(conn: sqlite3.Connection, nonce: str, token: str, same_origin: bool, f
     csrf = fields["csrf"]
     if not isinstance(csrf, str) or not secrets.compare_digest(csrf.encode(), rater.csrf.encode()):
         raise HttpError(403, "The form's security token is missing or wrong; reload your link and vote again.")
-    item = fields["item"]
-    if not isinstance(item, str) or not item.isdigit():
-        raise HttpError(404, "No such item in this study.")
+    item = parse_id(fields["item"])
+    if item is None:
+        raise HttpError(400, "The form's item must be an item number of this study; reload your link and vote again.")
     choice, comment = fields["choice"], fields["comment"] or ""
     if not isinstance(choice, str) or not isinstance(comment, str):
         raise HttpError(400, "choice and comment must be text fields")
-    voting.record_vote(conn, rater.id, int(item), choice, comment)
+    voting.record_vote(conn, rater.id, item, choice, comment)
     return RedirectResponse(f"/r/{rater.token}", status_code=303)
 
 
-def _image(conn: sqlite3.Connection, nonce: str, token: str, item: str, index: str) -> Response:
+def _image(conn: sqlite3.Connection, nonce: str, token: str, item_text: str, index_text: str) -> Response:
     rater = db.rater_by_token(conn, token)
+    item, index = parse_id(item_text), parse_id(index_text)
     not_found = HttpError(404, "No such image.")
-    if rater is None or not item.isdigit() or not index.isdigit():
+    if rater is None or item is None or index is None:
         raise not_found
-    if voting.find_assignment(conn, rater.id, int(item)) is None:
+    if voting.find_assignment(conn, rater.id, item) is None:
         raise not_found
-    record = db.load_record(conn, int(item))
-    if record is None or int(index) >= len(record.images):
+    record = db.load_record(conn, item)
+    if record is None or index >= len(record.images):
         raise not_found
-    path = safe_image_path(record.images[int(index)], db.study_info(conn)["data_root"])
+    path = safe_image_path(record.images[index], db.study_info(conn)["data_root"])
     if path is None:
         raise not_found
     return FileResponse(path, media_type=mimetypes.guess_type(path)[0])
-
-
-def safe_image_path(image: str, data_root: str) -> str | None:
-    """The real path of a stored image when it is an image file inside the data folder, else None.
-
-    Symlinks are followed before the check, so a link that points out of the folder is refused.
-    """
-    root = os.path.realpath(data_root)
-    real = os.path.realpath(os.path.join(root, image))
-    if os.path.commonpath([root, real]) != root or not os.path.isfile(real):
-        return None
-    kind = mimetypes.guess_type(real)[0]
-    return real if kind is not None and kind.startswith("image/") else None
 
 
 def _admin_check(conn: sqlite3.Connection, token: str) -> dict[str, str]:
@@ -193,13 +221,7 @@ def _admin_page(conn: sqlite3.Connection, nonce: str, token: str) -> Response:
     info = _admin_check(conn, token)
     n = int(info["raters_per_item"])
     results = summarize(db.load_votes(conn), n)
-    raters = [
-        (row["name"], row["n"])
-        for row in conn.execute(
-            "SELECT r.name, COUNT(v.id) AS n FROM raters r LEFT JOIN votes v ON v.rater_id = r.id "
-            "GROUP BY r.id ORDER BY r.id"
-        )
-    ]
+    raters = [(rater.name, n) for rater, n in db.raters_with_votes(conn)]
     html = pages.admin_page(
         study=info["name"], info=info, progress=voting.study_progress(conn, n), raters=raters,
         results=results, report=format_results(results, info["name"]), nonce=nonce,
@@ -215,8 +237,44 @@ def _admin_json(conn: sqlite3.Connection, nonce: str, token: str) -> Response:
     return JSONResponse(body)
 
 
-def serve(db_path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the app with uvicorn (blocking). Access logs are off: they would record rater tokens."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or a VlmrlError that names host:port and what to do."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise VlmrlError(f"cannot serve on {where}: a port is a number from 1 to 65535 (0: any free one); "
+                         "pick another --port")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise VlmrlError(f"cannot serve on {where}: {host!r} is not a host name or address ({e.strerror}); "
+                         "pass --host 127.0.0.1 (this machine only) or an address of this machine") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise VlmrlError(f"cannot serve on {where}: {_bind_advice(e, host)}") from e
+    return sock
+
+
+def _bind_advice(error: OSError, host: str) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return ("the port is already in use (by another `vlmrl study serve` or another program); "
+                "pick another --port, or stop what holds this one")
+    if error.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root); pick another --port, e.g. 8000"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine; pass --host 127.0.0.1 or one of its addresses"
+    return f"{error.strerror}; pick another --port or --host"
+
+
+def serve(db_path: str | Path, sock: socket.socket) -> None:
+    """Run the app with uvicorn on a socket from ``bind`` (blocking). Access logs are off: they
+    would record rater tokens."""
     import uvicorn
 
-    uvicorn.run(create_app(db_path), host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(db_path), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -5,16 +5,16 @@ Each side (A, B) is either a ``vlmrl infer`` answers file (JSONL rows ``{"id", "
 A path is read as an answers file when it is a file whose first row has an ``"answer"`` key;
 a folder or a hub name is a model.
 
-Images are served only from the data set's folder (the folder of the data file), so a record
-whose image lies outside it is refused here, and one that escapes it through a symlink is
-refused by the web app when asked for.
+Images are served only from the images root (``--images-root``, else the common folder of the
+records' images; see ``vlmrl.study.images``): a record whose image lies outside it, links out of
+it, is missing or is not an image file is refused here (with ``--skip-bad``: left out and logged),
+and the web app checks each image again when asked for it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +22,9 @@ from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.eval.answers import read_answers
 from vlmrl.study.db import StudyItem, create_study
+from vlmrl.study.images import images_root, resolve_image
+
+log = logging.getLogger(__name__)
 
 Generator = Callable[[str, str | None, list[PreferenceRecord]], list[str]]
 
@@ -52,14 +55,29 @@ def category_of(record: PreferenceRecord) -> str:
 
 
 def image_problem(record: PreferenceRecord, root: Path) -> str | None:
-    """Why this record's images cannot be served from ``root``, or None."""
+    """Why one of this record's images cannot be served from ``root``, or None."""
     for image in record.images:
-        path = Path(os.path.normpath(os.path.join(root, image)))
-        if not path.is_relative_to(root):
-            return f"image {image} lies outside the data folder {root}"
-        if not path.is_file():
-            return f"image {image} does not exist"
+        problem = resolve_image(image, root)[1]
+        if problem is not None:
+            return problem
     return None
+
+
+def servable_records(records: list[PreferenceRecord], root: Path, data_path: Path,
+                     skip_bad: bool) -> list[PreferenceRecord]:
+    """The records whose images all pass ``resolve_image``; a failing one stops, or with skip_bad is logged."""
+    kept = []
+    for record in records:
+        problem = image_problem(record, root)
+        if problem is None:
+            kept.append(record)
+        elif skip_bad:
+            log.warning("skipped %s record %r: %s", data_path, record.id, problem)
+        else:
+            raise VlmrlError(f"{data_path} record {record.id!r}: {problem}; the study serves only image files "
+                             "inside its images root: fix the record or its file, set --images-root to a folder "
+                             "that holds it, or pass --skip-bad to leave the record out")
+    return kept
 
 
 def answers_for(source: str, adapter: str | None, records: list[PreferenceRecord],
@@ -82,8 +100,12 @@ def answers_for(source: str, adapter: str | None, records: list[PreferenceRecord
 
 def build_study(db_path: str | Path, name: str, data_path: str | Path, a: str, b: str,
                 raters_per_item: int = 3, a_adapter: str | None = None, b_adapter: str | None = None,
-                skip_bad: bool = False, generate_answers: Generator | None = None) -> tuple[str, int]:
-    """Create the study file; returns (admin token, number of items)."""
+                skip_bad: bool = False, generate_answers: Generator | None = None,
+                images: str | Path | None = None) -> tuple[str, int]:
+    """Create the study file; returns (admin token, number of items).
+
+    ``images`` is the images root (``--images-root``); None derives it from the records.
+    """
     from vlmrl.data.formats import read_records
 
     if Path(db_path).exists():
@@ -91,17 +113,9 @@ def build_study(db_path: str | Path, name: str, data_path: str | Path, a: str, b
     if raters_per_item < 1:
         raise VlmrlError(f"--raters-per-item must be at least 1, got {raters_per_item}")
     data_path = Path(data_path)
-    root = data_path.resolve().parent
-    records = []
-    for record in read_records(data_path, skip_bad=skip_bad):
-        problem = image_problem(record, root)
-        if problem is None:
-            records.append(record)
-        elif skip_bad:
-            print(f"skipped {data_path} record {record.id!r}: {problem}", file=sys.stderr)
-        else:
-            raise VlmrlError(f"{data_path} record {record.id!r}: {problem}; the study serves images only "
-                             "from the data file's folder (or pass --skip-bad)")
+    records = read_records(data_path, skip_bad=skip_bad)
+    root = images_root(records, images, fallback=data_path.resolve().parent)
+    records = servable_records(records, root, data_path, skip_bad)
     generate_answers = generate_answers or generate_with_model
     answers_a = answers_for(a, a_adapter, records, generate_answers, skip_bad, "A")
     answers_b = answers_for(b, b_adapter, records, generate_answers, skip_bad, "B")
@@ -110,7 +124,7 @@ def build_study(db_path: str | Path, name: str, data_path: str | Path, a: str, b
         if record.id in answers_a and record.id in answers_b:
             items.append(StudyItem(record, answers_a[record.id], answers_b[record.id], category_of(record)))
         else:
-            print(f"skipped {data_path} record {record.id!r}: no answer from one of the models", file=sys.stderr)
+            log.warning("skipped %s record %r: no answer from one of the models", data_path, record.id)
     info = {"data": str(data_path.resolve()), "data_root": str(root), "model_a": _describe(a, a_adapter),
             "model_b": _describe(b, b_adapter)}
     return create_study(db_path, name, items, raters_per_item, info), len(items)
@@ -126,6 +140,8 @@ def generate_with_model(model_path: str, adapter: str | None, records: list[Pref
     from vlmrl.eval.run import load_for_eval
     from vlmrl.generate import generate
 
+    log.info("generating answers with %s%s for %d records", model_path, f" + {adapter}" if adapter else "",
+             len(records))
     model, processor = load_for_eval(model_path, adapter=adapter)
     items = [(record.images, record.prompt) for record in records]
     return generate(model, processor, items, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -6,7 +6,8 @@ alone: a rater sees an item at most once (``assignments``), and an assignment ho
 one vote (``votes``).
 
 Models are stored as the sides ``"A"`` and ``"B"``; what a rater sees as left or right is
-decided per rater x item when the item is assigned (``assignments.a_on_left``).
+decided per rater x item when the item is assigned (``assignments.a_on_left``). The ``meta`` key
+``data_root`` holds the images root (``vlmrl.study.images``; the key's name is older than that).
 """
 
 from __future__ import annotations
@@ -212,9 +213,13 @@ def add_rater(conn: sqlite3.Connection, name: str) -> Rater:
     return Rater(cur.lastrowid, name, token, csrf)
 
 
-def list_raters(conn: sqlite3.Connection) -> list[Rater]:
-    rows = conn.execute("SELECT id, name, token, csrf FROM raters ORDER BY id")
-    return [Rater(r["id"], r["name"], r["token"], r["csrf"]) for r in rows]
+def raters_with_votes(conn: sqlite3.Connection) -> list[tuple[Rater, int]]:
+    """Every rater, in the order they were added, with the number of votes they cast."""
+    rows = conn.execute(
+        "SELECT r.id, r.name, r.token, r.csrf, COUNT(v.id) AS n FROM raters r "
+        "LEFT JOIN votes v ON v.rater_id = r.id GROUP BY r.id ORDER BY r.id"
+    )
+    return [(Rater(r["id"], r["name"], r["token"], r["csrf"]), r["n"]) for r in rows]
 
 
 def rater_by_token(conn: sqlite3.Connection, token: str) -> Rater | None:
