@@ -131,8 +131,10 @@ class GrpoStep:
     ``model`` is what the loop trains (possibly wrapped for distributed training); ``unwrapped``
     the same model outside any wrapper (it samples, and its adapter is switched off for the
     reference); ``reference`` a separate frozen model for full fine-tuning with ``beta > 0``.
-    ``sampler`` replaces transformers' generation: a callable ``(records, prompts) -> token ids``,
-    ``group_size`` lists per record, each cut after its stop token (``vlmrl.generation_vllm.VllmSampler``).
+    ``sampler`` replaces transformers' generation: a callable ``(records, prompts) -> token ids``
+    taking the records and their left-padded processor batch and returning ``group_size`` lists per
+    record (a record's together), each cut after its stop token, the stop token kept (``sample``'s
+    layout). No sampler ships with vlmrl yet; the hook is there for a faster one.
     """
 
     def __init__(self, model, processor, config: GrpoConfig, reference=None, unwrapped=None, sampler=None):
@@ -146,8 +148,6 @@ class GrpoStep:
             label, function = resolve_reward(spec.name)
             self.rewards.append((label, spec.weight, function))
         self.sampler = sampler
-        if config.backend == "vllm" and sampler is None:
-            raise VlmrlError("grpo.backend=vllm needs a sampler: build one with vlmrl.generation_vllm.VllmSampler")
         self.vision_ids = vision_token_ids(self.unwrapped, processor)
 
     def encode(self, records, device="cpu") -> GrpoBatch:
