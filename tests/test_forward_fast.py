@@ -10,6 +10,7 @@ import torch
 from vlmrl.batch import encode_pairs
 from vlmrl.data.formats import read_records
 from vlmrl.data.records import PreferenceRecord, user_prompt
+from vlmrl.forward.inner import unsupported_reason
 from vlmrl.forward.plain import ForwardStats, pair_logps
 from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.forward.shared_prefix import (
@@ -21,7 +22,6 @@ from vlmrl.forward.shared_prefix import (
     encode_images,
     pack_pairs,
     packed_logps,
-    unsupported_reason,
 )
 from vlmrl.forward.vision_cache import EncodedRecordCache, VisionFeatureCache, encode_pairs_cached
 from vlmrl.models.load import add_lora, load_model, reference_mode

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Sequence
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
-from vlmrl.forward.shared_prefix import pack_pairs, packed_logps, unsupported_reason, unwrap
+from vlmrl.forward.inner import unsupported_reason, unwrap
+from vlmrl.forward.shared_prefix import pack_pairs, packed_logps
 from vlmrl.forward.vision_cache import EncodedRecordCache, encode_pairs_cached, processor_settings
 
 if TYPE_CHECKING:

@@ -48,13 +48,11 @@ from typing import TYPE_CHECKING
 from vlmrl.batch import IGNORE_INDEX, PairBatch
 from vlmrl.errors import VlmrlError
 from vlmrl.forward import last_layer
+from vlmrl.forward.inner import attention_implementation, attention_mask, unsupported_reason, unwrap
 from vlmrl.forward.plain import ForwardStats, PairLogps
 
 if TYPE_CHECKING:
     import torch
-
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-SUPPORTED_ATTENTION = ("sdpa", "eager")  # the implementations that take an arbitrary 4D mask
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 
@@ -196,31 +194,6 @@ def _images_per_pair(pairs: PairBatch) -> list[int]:
     return (starts.sum(dim=1) + (types[:, 0] != 0)).tolist()
 
 
-def unwrap(model):
-    """The ``...ForConditionalGeneration`` inside ``model`` (distributed and peft wrappers removed).
-
-    With peft the adapters are injected in place, so calling this object's ``model`` runs them (or
-    not, inside ``disable_adapter``). Only read from it: the forward itself goes through ``model``.
-    """
-    from accelerate.utils import extract_model_from_parallel
-    from peft import PeftModel
-
-    model = extract_model_from_parallel(model)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def unsupported_reason(model) -> str | None:
-    """Why the fast forward cannot run ``model`` exactly, or None when it can."""
-    net = unwrap(model)
-    model_type = getattr(net.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    attention = net.model.language_model.config._attn_implementation
-    if attention not in SUPPORTED_ATTENTION:
-        return f"attention implementation {attention!r} takes no 4D mask (use sdpa or eager)"
-    return None
-
-
 def rope_positions(model, packed: PackedPairs):
     """M-RoPE position ids ``(3, B, L)`` of the packed rows, each side as the model numbers it alone."""
     import torch
@@ -257,11 +230,7 @@ def attention_mask_4d(segments, attention: str, dtype):
     allowed = causal & (key != PAD) & (query != PAD)
     allowed &= ~((query == REJECTED) & (key == CHOSEN))
     allowed |= torch.eye(width, dtype=torch.bool, device=segments.device) & (query == PAD)
-    allowed = allowed.unsqueeze(1)
-    if attention == "sdpa":
-        return allowed
-    zero = torch.zeros((), dtype=dtype, device=segments.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return attention_mask(allowed.unsqueeze(1), attention, dtype)
 
 
 def encode_images(model, packed: PackedPairs, stats: ForwardStats | None = None):
@@ -294,7 +263,7 @@ def packed_logps(model, packed: PackedPairs, image_features=None, stats: Forward
     embed_dtype = inner.get_input_embeddings().weight.dtype
     inputs = dict(
         input_ids=packed.input_ids,
-        attention_mask=attention_mask_4d(packed.segments, inner.language_model.config._attn_implementation, embed_dtype),
+        attention_mask=attention_mask_4d(packed.segments, attention_implementation(model), embed_dtype),
         position_ids=packed.position_ids,
         use_cache=False,
     )

@@ -27,7 +27,8 @@ from vlmrl.batch import PairBatch, RecordEncoding, check_not_empty, collate_pair
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.plain import ForwardStats
-from vlmrl.forward.shared_prefix import PackedPairs, unwrap
+from vlmrl.forward.inner import unwrap
+from vlmrl.forward.shared_prefix import PackedPairs
 
 if TYPE_CHECKING:
     import torch

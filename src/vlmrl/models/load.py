@@ -18,6 +18,7 @@ from typing import Iterator
 from vlmrl.errors import VlmrlError
 
 SUPPORTED_MODEL_TYPES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+MASKED_ATTENTION = ("sdpa", "eager")
 
 DTYPES = {
     "float32": "float32",

@@ -41,14 +41,8 @@ from vlmrl.config import LossConfig
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
 from vlmrl.forward.ref_cache import ReferenceLogps
-from vlmrl.forward.shared_prefix import (
-    PackedPairs,
-    encode_images,
-    pack_pairs,
-    packed_logps,
-    rope_positions,
-    unsupported_reason,
-)
+from vlmrl.forward.inner import unsupported_reason
+from vlmrl.forward.shared_prefix import PackedPairs, encode_images, pack_pairs, packed_logps, rope_positions
 from vlmrl.forward.vision_cache import (
     EncodedRecordCache,
     VisionFeatureCache,
