@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
+from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
 from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
 from vlmrl.forward.inner import unsupported_reason, unwrap
 from vlmrl.forward.shared_prefix import pack_pairs, packed_logps
@@ -106,14 +105,7 @@ def cache_key(model, processor, records: Sequence[PreferenceRecord], max_length:
 
 def reference_fingerprint(model) -> str:
     """sha256 of the reference weights: adapter parameters left out, wrapper names normalised."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(_reference_state(model).items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return weights_fingerprint(_reference_state(model))
 
 
 def data_fingerprint(records: Sequence[PreferenceRecord], processor, max_length: int) -> str:
@@ -185,16 +177,5 @@ def _read(path: Path) -> ReferenceLogps:
 
 
 def _write(path: Path, result: ReferenceLogps) -> None:
-    """Atomic: a temporary file in the same folder, renamed into place."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: getattr(result, k).contiguous() for k in _COLUMNS}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"ids": json.dumps(result.ids)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensors = {k: getattr(result, k) for k in _COLUMNS}
+    save_safetensors_atomic(path, tensors, metadata={"ids": json.dumps(result.ids)})

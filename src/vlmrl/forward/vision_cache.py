@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 from vlmrl.batch import PairBatch, RecordEncoding, check_not_empty, collate_pairs, collate_sft, encode_record
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
+from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
 from vlmrl.forward.plain import ForwardStats
 from vlmrl.forward.inner import unwrap
 from vlmrl.forward.shared_prefix import PackedPairs
@@ -175,7 +175,7 @@ class VisionFeatureCache:
                 stats.images_encoded += len(missing)
             for i, item in zip(missing, split_features(fresh)):
                 stored[i] = item
-                _save_atomic(paths[i], item)
+                save_safetensors_atomic(paths[i], item)
         device = packed.input_ids.device
         return join_features([{k: v.to(device) for k, v in item.items()} for item in stored])
 
@@ -187,18 +187,6 @@ class VisionFeatureCache:
         return hashlib.sha256(f"{self.settings}:{self._file_hashes[stamp]}".encode()).hexdigest()
 
 
-def weights_fingerprint(module) -> str:
-    """sha256 of a module's parameter and buffer names, dtypes, shapes and bytes."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def processor_settings(processor) -> str:
     """The image processor's settings as canonical JSON (sizes, pixels bounds, normalisation)."""
     return json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str)
@@ -206,7 +194,7 @@ def processor_settings(processor) -> str:
 
 def _settings_hash(model, processor) -> str:
     visual = unwrap(model).model.visual
-    text = f"{weights_fingerprint(visual)}:{processor_settings(processor)}"
+    text = f"{weights_fingerprint(visual.state_dict())}:{processor_settings(processor)}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -216,17 +204,3 @@ def _load(path: Path) -> dict | None:
     if not path.is_file():
         return None
     return load_file(path)
-
-
-def _save_atomic(path: Path, tensors: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
