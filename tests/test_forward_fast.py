@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from vlmrl.batch import encode_pairs
+from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.data.formats import read_records
 from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.forward.inner import unsupported_reason
@@ -23,7 +23,7 @@ from vlmrl.forward.shared_prefix import (
     pack_pairs,
     packed_logps,
 )
-from vlmrl.forward.vision_cache import EncodedRecordCache, VisionFeatureCache, encode_pairs_cached
+from vlmrl.forward.vision_cache import VisionFeatureCache
 from vlmrl.models.load import add_lora, load_model, reference_mode
 
 
@@ -139,7 +139,7 @@ def test_encode_cache_gives_encode_pairs(tiny_model_dir, synth_pairs_file):
     cache = EncodedRecordCache()
     expected = encode_pairs(records, processor, max_length=512)
     for _ in range(2):
-        got = encode_pairs_cached(records, processor, max_length=512, cache=cache)
+        got = encode_pairs(records, processor, max_length=512, cache=cache)
         for side in ("chosen", "rejected"):
             assert getattr(got, side).keys() == getattr(expected, side).keys()
             for key, value in getattr(expected, side).items():

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
 from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
 from vlmrl.forward.inner import unsupported_reason, unwrap
 from vlmrl.forward.shared_prefix import pack_pairs, packed_logps
-from vlmrl.forward.vision_cache import EncodedRecordCache, encode_pairs_cached, processor_settings
+from vlmrl.forward.vision_cache import processor_settings
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +83,8 @@ def precompute_reference(
     """Reference log-probs of ``records``, read from ``cache_dir`` when stored there, else computed.
 
     ``model`` is the LoRA policy (its adapter is switched off) unless ``reference``, a separate
-    frozen model, is given. Record ids must be unique.
+    frozen model, is given. Record ids must be unique. ``encode_cache``, when given, supplies (and
+    keeps) each record's processor output.
     """
     _check_unique(records)
     net = reference if reference is not None else model
@@ -138,7 +140,6 @@ def _compute(net, processor, records, max_length, batch_size, encode_cache, sepa
 
     from vlmrl.models.load import reference_forward
 
-    cache = encode_cache or EncodedRecordCache()
     fast = unsupported_reason(net) is None
     pad_id = processor.tokenizer.pad_token_id
     device = next(net.parameters()).device
@@ -146,7 +147,7 @@ def _compute(net, processor, records, max_length, batch_size, encode_cache, sepa
     with reference_forward(net if separate else None, net) as net:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            pairs = encode_pairs_cached(chunk, processor, max_length, cache)
+            pairs = encode_pairs(chunk, processor, max_length, encode_cache)
             if fast:
                 out = packed_logps(net, pack_pairs(pairs, pad_id).to(device), stats=stats)
             else:

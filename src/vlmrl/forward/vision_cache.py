@@ -1,16 +1,13 @@
-"""Images done once: processor outputs kept in memory, vision-tower outputs kept on disk.
+"""The vision tower's outputs computed once per image: shared by policy and reference, kept on disk.
 
-Two caches, both exact:
+``VisionFeatureCache`` stores the vision tower's (and merger's) output per image on disk, as
+safetensors files written atomically (``vlmrl.forward.cache_files``). It is exact and valid only
+while the tower is frozen (``vision_is_frozen``): the key is a fingerprint of the tower's weights,
+the image file's bytes and the image processor's settings, so any change to one of them gives new
+keys (old files are simply not read). ``split_features`` / ``join_features`` convert between the
+model's batch output and one dict of tensors per image.
 
-- ``EncodedRecordCache``: an LRU (bounded in bytes) of what the processor and tokenizer make of a
-  record (prompt ids with the image tokens expanded, pixel values, answer ids), keyed by the
-  record's content and each image's path, modification time and size. A record seen again (the
-  next epoch) is not decoded, resized or templated again. ``encode_pairs_cached`` gives exactly
-  ``vlmrl.batch.encode_pairs``'s batch.
-- ``VisionFeatureCache``: the vision tower's (and merger's) output per image on disk, as
-  safetensors files written atomically. Valid only while the tower is frozen (``vision_is_frozen``):
-  the key is a fingerprint of the tower's weights, the image file's bytes and the image processor's
-  settings, so any change to one of them gives new keys (old files are simply not read).
+(The processor-output cache, ``EncodedRecordCache``, lives beside the encoding in ``vlmrl.batch``.)
 """
 
 from __future__ import annotations
@@ -18,82 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-from vlmrl.batch import PairBatch, RecordEncoding, check_not_empty, collate_pairs, collate_sft, encode_record
-from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
-from vlmrl.forward.plain import ForwardStats
 from vlmrl.forward.inner import unwrap
+from vlmrl.forward.plain import ForwardStats
 from vlmrl.forward.shared_prefix import PackedPairs
 
 if TYPE_CHECKING:
     import torch
-
-
-# --- processor outputs, in memory -------------------------------------------------------------
-
-
-class EncodedRecordCache:
-    """LRU of per-record encodings, at most ``max_bytes`` of pixel values (default 512 MiB)."""
-
-    def __init__(self, max_bytes: int = 512 * 2**20):
-        self.max_bytes = max_bytes
-        self.n_bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[str, RecordEncoding] = OrderedDict()
-
-    def get(self, record: PreferenceRecord, processor, max_length: int) -> RecordEncoding:
-        key = _record_key(record, max_length)
-        item = self._items.get(key)
-        if item is not None:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return item
-        self.misses += 1
-        item = encode_record(record, processor, max_length)
-        self._items[key] = item
-        self.n_bytes += item.n_bytes
-        while self.n_bytes > self.max_bytes and len(self._items) > 1:
-            _, dropped = self._items.popitem(last=False)
-            self.n_bytes -= dropped.n_bytes
-        return item
-
-
-def encode_pairs_cached(
-    records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache
-) -> PairBatch:
-    """``vlmrl.batch.encode_pairs``, reading each record's processor output from ``cache``."""
-    check_not_empty(records)
-    return collate_pairs(records, [cache.get(r, processor, max_length) for r in records], processor, max_length)
-
-
-def encode_sft_cached(
-    records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache
-) -> dict:
-    """``vlmrl.batch.encode_sft``, reading each record's processor output from ``cache``."""
-    check_not_empty(records)
-    return collate_sft([cache.get(r, processor, max_length) for r in records], processor, max_length)
-
-
-def _record_key(record: PreferenceRecord, max_length: int) -> str:
-    images = []
-    for path in record.images:
-        try:
-            st = os.stat(path)
-        except OSError:  # load_images reports a missing image with the record's id
-            images.append([path, None, None])
-            continue
-        images.append([path, st.st_mtime_ns, st.st_size])
-    content = [record.id, record.prompt, record.chosen, record.rejected, images, max_length]
-    return json.dumps(content, sort_keys=True, default=str)
-
-
-# --- vision features, shared and on disk ------------------------------------------------------
 
 
 def vision_is_frozen(model) -> bool:

@@ -9,7 +9,7 @@ Per pair and step, against the plain step's 4 vision passes and 4 prompt passes:
   or never (``cache_vision``: read from disk after the first epoch);
 - the prompt goes through the language model once for both answers (``vlmrl.forward.shared_prefix``);
 - the reference costs nothing per step with ``reference_logps`` from ``precompute_reference``;
-- each record's processor output is kept in memory (``EncodedRecordCache``).
+- each record's processor output is kept in memory (``vlmrl.batch.EncodedRecordCache``).
 
 Where the fast forward cannot run a model exactly (a family other than Qwen2-VL, Qwen2.5-VL and
 Qwen3-VL, an attention implementation without 4D masks such as flash-attention) the step warns
@@ -37,18 +37,14 @@ from pathlib import Path
 
 import torch
 
+from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.config import LossConfig
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
 from vlmrl.forward.ref_cache import ReferenceLogps
 from vlmrl.forward.inner import unsupported_reason
 from vlmrl.forward.shared_prefix import PackedPairs, encode_images, pack_pairs, packed_logps, rope_positions
-from vlmrl.forward.vision_cache import (
-    EncodedRecordCache,
-    VisionFeatureCache,
-    encode_pairs_cached,
-    vision_is_frozen,
-)
+from vlmrl.forward.vision_cache import VisionFeatureCache, vision_is_frozen
 from vlmrl.models.load import reference_forward
 from vlmrl.train.steps import PreferenceStep, pair_loss
 
@@ -96,7 +92,7 @@ class FastPreferenceStep(PreferenceStep):
             )
 
     def encode(self, records, device="cpu"):
-        pairs = encode_pairs_cached(records, self.processor, self.max_length, self.encode_cache)
+        pairs = encode_pairs(records, self.processor, self.max_length, self.encode_cache)
         if not self.fast:
             return pairs.to(device)
         images = [path for record in records for path in record.images]

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from vlmrl.batch import encode_pairs
+from vlmrl.batch import EncodedRecordCache, encode_pairs, encode_sft
 from vlmrl.config import LossConfig
 from vlmrl.forward.plain import pair_logps, sequence_logps
-from vlmrl.forward.vision_cache import EncodedRecordCache, encode_sft_cached
 from vlmrl.losses.preference import nll, preference_loss, preference_metrics
 from vlmrl.models.load import reference_forward
 
@@ -35,7 +34,7 @@ class SftStep:
         self.encode_cache = encode_cache if encode_cache is not None else EncodedRecordCache()
 
     def encode(self, records, device="cpu") -> dict:
-        inputs = encode_sft_cached(records, self.processor, self.max_length, self.encode_cache)
+        inputs = encode_sft(records, self.processor, self.max_length, self.encode_cache)
         return {k: v.to(device) for k, v in inputs.items()}
 
     def loss_and_metrics(self, batch: dict, model=None) -> tuple[torch.Tensor, dict[str, float]]:
