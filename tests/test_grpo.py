@@ -14,10 +14,10 @@ from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.group import build_group_batch, group_logps
 from vlmrl.forward.plain import sequence_logps
-from vlmrl.generate import vision_token_ids
+from vlmrl.generate import encode_prompts, stop_token_ids, vision_token_ids
 from vlmrl.models.load import add_lora, load_model
 from vlmrl.tasks.counting import CountingTask
-from vlmrl.train.grpo import GrpoConfig, GrpoStep, resolve_reward, score, stop_token_ids
+from vlmrl.train.grpo import GrpoConfig, GrpoStep, resolve_reward, score
 
 
 def random_weights(model, seed=0):
@@ -94,9 +94,7 @@ def plain_token_logps(model, prompts, completions, group_size):
 
 
 def left_padded_prompts(records, processor):
-    from vlmrl.train.grpo import _encode_prompts_left
-
-    return _encode_prompts_left(records, processor)
+    return encode_prompts([(r.images, r.prompt) for r in records], processor)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +195,27 @@ def test_completions_end_at_their_stop_token(tiny_model_dir, image_records):
     assert 0 < stopped < len(rows)
     assert batch.metrics["completions/clipped_ratio"] == pytest.approx(1 - stopped / len(rows))
     assert batch.metrics["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_a_sampler_replaces_generation(tiny_model_dir, image_records):
+    """The ``sampler`` hook gets the records and their left-padded prompts; its token ids are scored as given."""
+    model, processor = load_model(tiny_model_dir)
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seen = []
+
+    def sampler(records, prompts):
+        seen.append(([r.id for r in records], prompts["attention_mask"][:, 0].tolist()))
+        return [[30, 31, im_end], [32]] * len(records)
+
+    step = GrpoStep(model, processor, GrpoConfig(group_size=2, max_new_tokens=3), sampler=sampler)
+    batch = step.encode(image_records[:2])
+    assert seen == [(["a", "b"], [0, 1])]  # the shorter prompt is padded on the left
+    assert processor.tokenizer.padding_side == "right"  # and the shared tokenizer was not flipped for it
+    pad = processor.tokenizer.pad_token_id
+    assert batch.group.completion_ids.tolist() == [[30, 31, im_end], [32, pad, pad]] * 2
+    assert batch.texts == [processor.tokenizer.decode([30, 31], skip_special_tokens=True).strip(),
+                           processor.tokenizer.decode([32], skip_special_tokens=True).strip()] * 2
+    assert batch.metrics["completions/clipped_ratio"] == 0.5  # [32] never stopped
 
 
 def test_groups_with_equal_rewards_change_nothing(tiny_model_dir, image_records):

@@ -199,23 +199,28 @@ def answer_text(record: PreferenceRecord, answer: str, processor) -> str:
 
 def load_images(record: PreferenceRecord) -> list:
     """Open a record's images with PIL, in RGB, checking they match the prompt's image slots."""
-    from PIL import Image, UnidentifiedImageError
-
     if len(record.images) != record.image_slots():
         raise VlmrlError(
             f"record {record.id}: {len(record.images)} image(s) but the prompt has {record.image_slots()} "
             'image slot(s) ({"type": "image"}); make them match'
         )
-    images = []
-    for path in record.images:
-        try:
-            with Image.open(Path(path)) as image:
-                images.append(image.convert("RGB"))
-        except FileNotFoundError as e:
-            raise VlmrlError(f"record {record.id}: image {path} does not exist") from e
-        except (UnidentifiedImageError, OSError) as e:
-            raise VlmrlError(f"record {record.id}: cannot read image {path}: {e}") from e
-    return images
+    return [open_image(path, f"record {record.id}") for path in record.images]
+
+
+def open_image(image, where: str):
+    """A PIL image in RGB from a path, or a PIL image converted; ``where`` (``"record r1"``, ``"item 3"``)
+    begins the message of a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(Path(image)) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError as e:
+        raise VlmrlError(f"{where}: image {image} does not exist") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise VlmrlError(f"{where}: cannot read image {image}: {e}") from e
 
 
 def check_not_empty(records: Sequence[PreferenceRecord]) -> None:
