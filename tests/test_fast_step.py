@@ -133,15 +133,15 @@ def test_bf16_within_documented_tolerance(tiny_model_dir, synth_pairs_file):
     documented tolerance is 2e-2 on a summed answer log-prob (~-135 here; measured ~1e-3) and 1e-3
     on the loss (measured ~4e-5); the softmax is fp32 on both paths, which keeps it that small."""
     from vlmrl.batch import encode_pairs
-    from vlmrl.forward.plain import pair_logps
-    from vlmrl.forward.shared_prefix import pack_pairs, packed_logps
+    from vlmrl.forward.plain import plain_pair_logps
+    from vlmrl.forward.shared_prefix import pack_pairs, packed_pair_logps
 
     model, processor = lora_model(tiny_model_dir, dtype="bfloat16")
     records = mixed_records(synth_pairs_file)
     pairs = encode_pairs(records, processor, 512)
     with torch.no_grad():
-        plain = pair_logps(model, pairs)
-        fast = packed_logps(model, pack_pairs(pairs, processor.tokenizer.pad_token_id))
+        plain = plain_pair_logps(model, pairs)
+        fast = packed_pair_logps(model, pack_pairs(pairs, processor.tokenizer.pad_token_id))
     torch.testing.assert_close(fast.chosen, plain.chosen, atol=2e-2, rtol=0)
     torch.testing.assert_close(fast.rejected, plain.rejected, atol=2e-2, rtol=0)
     loss = LossConfig(name="dpo")

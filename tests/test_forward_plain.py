@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlmrl.batch import IGNORE_INDEX, encode_pairs
 from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.forward.plain import ForwardStats, pair_logps, sequence_logps
+from vlmrl.forward.plain import ForwardStats, plain_pair_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_pair_logps_and_stats(tiny_model_dir, records):
     model, processor = load_model(tiny_model_dir)
     batch = encode_pairs(records, processor, max_length=256)
     stats = ForwardStats()
-    result = pair_logps(model, batch, stats)
+    result = plain_pair_logps(model, batch, stats)
     chosen, chosen_tokens = sequence_logps(model, batch.chosen)
     torch.testing.assert_close(result.chosen, chosen)
     assert torch.equal(result.chosen_tokens, chosen_tokens)
@@ -114,5 +114,5 @@ def test_real_photos_fit_the_tiny_budget(tiny_model_dir, shared_data):
     batch = encode_pairs(records, processor, max_length=128)
     assert batch.chosen["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
     with torch.no_grad():
-        result = pair_logps(model, batch)
+        result = plain_pair_logps(model, batch)
     assert torch.isfinite(result.chosen).all() and torch.isfinite(result.rejected).all()

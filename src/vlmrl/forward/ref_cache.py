@@ -28,9 +28,9 @@ from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
-from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
+from vlmrl.forward.plain import ForwardStats, PairLogps, plain_pair_logps
 from vlmrl.forward.inner import unsupported_reason, unwrap
-from vlmrl.forward.shared_prefix import pack_pairs, packed_logps
+from vlmrl.forward.shared_prefix import pack_pairs, packed_pair_logps
 from vlmrl.forward.vision_cache import processor_settings
 
 if TYPE_CHECKING:
@@ -149,9 +149,9 @@ def _compute(net, processor, records, max_length, batch_size, encode_cache, sepa
             chunk = records[start : start + batch_size]
             pairs = encode_pairs(chunk, processor, max_length, encode_cache)
             if fast:
-                out = packed_logps(net, pack_pairs(pairs, pad_id).to(device), stats=stats)
+                out = packed_pair_logps(net, pack_pairs(pairs, pad_id).to(device), stats=stats)
             else:
-                out = pair_logps(net, pairs.to(device), stats)
+                out = plain_pair_logps(net, pairs.to(device), stats)
             parts.append(out)
     columns = [torch.cat([getattr(p, name).detach().cpu() for p in parts]) for name in _COLUMNS]
     return ReferenceLogps([r.id for r in records], *columns)

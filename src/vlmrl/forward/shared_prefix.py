@@ -243,7 +243,7 @@ def encode_images(model, packed: PackedPairs, stats: ForwardStats | None = None)
     return inner.get_image_features(packed.pixel_values, packed.image_grid_thw, return_dict=True)
 
 
-def packed_logps(model, packed: PackedPairs, image_features=None, stats: ForwardStats | None = None) -> PairLogps:
+def packed_pair_logps(model, packed: PackedPairs, image_features=None, stats: ForwardStats | None = None) -> PairLogps:
     """Chosen and rejected answers' summed log-probabilities from one packed forward pass.
 
     ``image_features``: the vision tower's output for the batch's images (``encode_images`` or the

@@ -40,10 +40,10 @@ import torch
 from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.config import LossConfig
 from vlmrl.errors import VlmrlError
-from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
+from vlmrl.forward.plain import ForwardStats, PairLogps, plain_pair_logps
 from vlmrl.forward.ref_cache import ReferenceLogps
 from vlmrl.forward.inner import unsupported_reason
-from vlmrl.forward.shared_prefix import PackedPairs, encode_images, pack_pairs, packed_logps, rope_positions
+from vlmrl.forward.shared_prefix import PackedPairs, encode_images, pack_pairs, packed_pair_logps, rope_positions
 from vlmrl.forward.vision_cache import VisionFeatureCache, vision_is_frozen
 from vlmrl.models.load import reference_forward
 from vlmrl.train.steps import PreferenceStep, pair_loss
@@ -107,9 +107,9 @@ class FastPreferenceStep(PreferenceStep):
         features = None
         if isinstance(batch, PackedPairs):
             features = self._frozen_features(batch)
-            policy = packed_logps(model, batch, features, self.stats)
+            policy = packed_pair_logps(model, batch, features, self.stats)
         else:
-            policy = pair_logps(model, batch, self.stats)
+            policy = plain_pair_logps(model, batch, self.stats)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref = self._reference_logps(batch, features)
@@ -139,8 +139,8 @@ class FastPreferenceStep(PreferenceStep):
             return cached.lookup(batch.ids, device=device)
         with reference_forward(self.reference, self.unwrapped) as model:
             if isinstance(batch, PackedPairs):
-                return packed_logps(model, batch, features if self.share_vision else None, self.stats)
-            return pair_logps(model, batch, self.stats)
+                return packed_pair_logps(model, batch, features if self.share_vision else None, self.stats)
+            return plain_pair_logps(model, batch, self.stats)
 
 
 def _warn_once(message: str) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from vlmrl.batch import EncodedRecordCache, encode_pairs, encode_sft
 from vlmrl.config import Config, LossConfig
-from vlmrl.forward.plain import pair_logps, sequence_logps
+from vlmrl.forward.plain import plain_pair_logps, sequence_logps
 from vlmrl.losses.preference import nll, preference_loss, preference_metrics
 from vlmrl.models.load import reference_forward
 
@@ -65,7 +65,7 @@ class PreferenceStep:
         return encode_pairs(records, self.processor, self.max_length).to(device)
 
     def loss_and_metrics(self, batch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
-        policy = pair_logps(model or self.model, batch)
+        policy = plain_pair_logps(model or self.model, batch)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref = self._reference_logps(batch)
@@ -74,7 +74,7 @@ class PreferenceStep:
 
     def _reference_logps(self, batch):
         with reference_forward(self.reference, self.unwrapped) as model:
-            return pair_logps(model, batch)
+            return plain_pair_logps(model, batch)
 
 
 def loss_needs_reference(loss: LossConfig) -> bool:
