@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -84,10 +85,21 @@ def test_packed_equals_plain(fixture, attention, synth_pairs_file, request):
     records = mixed_records(synth_pairs_file)
     pairs = encode_pairs(records, processor, max_length=512)
     packed = pack_pairs(pairs, processor.tokenizer.pad_token_id)
+    before = copy.deepcopy(packed)
     plain_stats, fast_stats = ForwardStats(), ForwardStats()
     with torch.no_grad():
         plain = plain_pair_logps(model, pairs, plain_stats)
         fast = packed_pair_logps(model, packed, stats=fast_stats)
+    assert packed.position_ids is None  # the input is read, not written
+    for field in dataclasses.fields(packed):
+        now, then = getattr(packed, field.name), getattr(before, field.name)
+        if isinstance(then, torch.Tensor):
+            assert torch.equal(now, then), field.name
+        elif field.name != "pairs":
+            assert now == then, field.name
+    for side in ("chosen", "rejected"):
+        for key, tensor in getattr(before.pairs, side).items():
+            assert torch.equal(getattr(packed.pairs, side)[key], tensor), (side, key)
     for name in ("chosen", "rejected"):
         torch.testing.assert_close(getattr(fast, name), getattr(plain, name), atol=1e-5, rtol=1e-6)
         assert torch.equal(getattr(fast, f"{name}_tokens"), getattr(plain, f"{name}_tokens"))

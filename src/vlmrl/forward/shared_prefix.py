@@ -250,7 +250,9 @@ def packed_pair_logps(model, packed: PackedPairs, image_features=None, stats: Fo
     vision cache); None passes the pixels to the model, which runs the tower once per image inside
     this call's grad context. The call goes through ``model`` itself (peft, a DistributedDataParallel
     wrapper: their hooks run), asking it for logits only at the read positions (transformers'
-    ``logits_to_keep`` as a boolean mask).
+    ``logits_to_keep`` as a boolean mask). ``packed.position_ids`` are used when set
+    (``FastPreferenceStep.encode`` sets them once for policy and reference), else computed for this
+    call; ``packed`` itself is left unchanged.
     """
     import torch
 
@@ -258,13 +260,12 @@ def packed_pair_logps(model, packed: PackedPairs, image_features=None, stats: Fo
     if reason is not None:
         raise VlmrlError(f"the fast pair forward cannot run this model: {reason}; use the plain forward")
     inner = unwrap(model).model
-    if packed.position_ids is None:
-        packed.position_ids = rope_positions(model, packed)
+    positions = packed.position_ids if packed.position_ids is not None else rope_positions(model, packed)
     embed_dtype = inner.get_input_embeddings().weight.dtype
     inputs = dict(
         input_ids=packed.input_ids,
         attention_mask=attention_mask_4d(packed.segments, attention_implementation(model), embed_dtype),
-        position_ids=packed.position_ids,
+        position_ids=positions,
         use_cache=False,
     )
     if image_features is not None:

@@ -12,8 +12,8 @@ Per pair and step, against the plain step's 4 vision passes and 4 prompt passes:
 - each record's processor output is kept in memory (``vlmrl.batch.EncodedRecordCache``).
 
 Where the fast forward cannot run a model exactly (a family other than Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL, an attention implementation without 4D masks such as flash-attention) the step warns
-once and runs the plain path. Under DistributedDataParallel the packed forward goes through the
+Qwen3-VL, an attention implementation without 4D masks such as flash-attention) the step logs a
+warning (once per step object and reason) and runs the plain path. Under DistributedDataParallel the packed forward goes through the
 wrapper, so gradients are reduced as usual (``tests/test_multiprocess.py``).
 
 Config keys (``vlmrl.config``; ``Trainer._make_step`` builds this step from them):
@@ -32,7 +32,7 @@ when an id is missing from ``reference_logps``).
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ from vlmrl.forward.vision_cache import VisionFeatureCache, vision_is_frozen
 from vlmrl.models.load import reference_forward
 from vlmrl.train.steps import PreferenceStep, pair_loss
 
-_warned: set[str] = set()
+log = logging.getLogger(__name__)
 
 
 class FastPreferenceStep(PreferenceStep):
@@ -73,6 +73,7 @@ class FastPreferenceStep(PreferenceStep):
         encode_cache: EncodedRecordCache | None = None,
     ):
         super().__init__(model, processor, max_length, loss, reference, unwrapped)
+        self._warned: set[str] = set()
         self.reference_logps = reference_logps
         self.encode_cache = encode_cache or EncodedRecordCache()
         self.stats = ForwardStats()
@@ -84,7 +85,7 @@ class FastPreferenceStep(PreferenceStep):
         if vision_cache_dir is not None and self.share_vision:
             self.vision_cache = VisionFeatureCache(vision_cache_dir, self.unwrapped, processor)
         elif vision_cache_dir is not None and not self.fast:
-            _warn_once("the vision cache needs the fast pair forward; images are encoded every step")
+            self._warn_once("the vision cache needs the fast pair forward; images are encoded every step")
         elif vision_cache_dir is not None:
             raise VlmrlError(
                 "data.cache_vision needs a frozen vision tower and merger and the reference to be the policy "
@@ -120,7 +121,7 @@ class FastPreferenceStep(PreferenceStep):
         reasons = [unsupported_reason(m) for m in models if m is not None]
         reason = next((r for r in reasons if r is not None), None)
         if reason is not None:
-            _warn_once(f"fast pair forward off, using the plain one: {reason}")
+            self._warn_once(f"fast pair forward off, using the plain one: {reason}")
         return reason is None
 
     def _frozen_features(self, batch: PackedPairs):
@@ -142,8 +143,8 @@ class FastPreferenceStep(PreferenceStep):
                 return packed_pair_logps(model, batch, features if self.share_vision else None, self.stats)
             return plain_pair_logps(model, batch, self.stats)
 
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+    def _warn_once(self, message: str) -> None:
+        """Log ``message`` the first time this step meets it (the check runs again for each eval model)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning(message)
