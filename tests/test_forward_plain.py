@@ -84,10 +84,12 @@ def test_pair_logps_and_stats(tiny_model_dir, records):
     batch = encode_pairs(records, processor, max_length=256)
     stats = ForwardStats()
     result = plain_pair_logps(model, batch, stats)
-    chosen, chosen_tokens = sequence_logps(model, batch.chosen)
-    torch.testing.assert_close(result.chosen, chosen)
-    assert torch.equal(result.chosen_tokens, chosen_tokens)
-    assert result.rejected.shape == (3,) and (result.rejected < 0).all()
+    with torch.no_grad():  # independently: each row alone, unpadded, its full logits gathered by hand
+        for side in ("chosen", "rejected"):
+            expected, expected_counts = hand_logps(model, getattr(batch, side))
+            torch.testing.assert_close(getattr(result, side).detach().double(), expected, atol=1e-5, rtol=1e-6)
+            assert torch.equal(getattr(result, f"{side}_tokens"), expected_counts)
+    assert not torch.allclose(result.chosen, result.rejected)  # two different answers, two different values
 
     n_answer = int(result.chosen_tokens.sum() + result.rejected_tokens.sum())
     assert stats.passes == 2
