@@ -77,7 +77,7 @@ def test_sequence_logps_equals_hand_loop(fixture, records, request):
             torch.testing.assert_close(logps.double(), expected, atol=1e-5, rtol=1e-6)
 
 
-def test_pair_logps_and_stats(tiny_model_dir, records):
+def test_plain_pair_logps_against_hand_loop_and_stats(tiny_model_dir, records):
     from vlmrl.models.load import load_model
 
     model, processor = load_model(tiny_model_dir)
