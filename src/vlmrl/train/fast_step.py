@@ -13,8 +13,9 @@ Per pair and step, against the plain step's 4 vision passes and 4 prompt passes:
 
 Where the fast forward cannot run a model exactly (a family other than Qwen2-VL, Qwen2.5-VL and
 Qwen3-VL, an attention implementation without 4D masks such as flash-attention) the step logs a
-warning (once per step object and reason) and runs the plain path. Under DistributedDataParallel the packed forward goes through the
-wrapper, so gradients are reduced as usual (``tests/test_multiprocess.py``).
+warning (once per step object and reason) and runs the plain path. Under DistributedDataParallel
+the packed forward goes through the wrapper, so gradients are reduced as usual
+(``tests/test_multiprocess.py``).
 
 Config keys (``vlmrl.config``; ``Trainer._make_step`` builds this step from them):
 
