@@ -109,7 +109,7 @@ class WorkCounter:
     """Images through the vision tower and image tokens through the language model (forward hooks)."""
 
     def __init__(self, model, processor):
-        from vlmrl.forward.shared_prefix import unwrap
+        from vlmrl.forward.inner import unwrap
 
         inner = unwrap(model).model
         self.image_token = unwrap(model).config.image_token_id

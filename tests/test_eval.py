@@ -64,7 +64,7 @@ def test_counting_metrics_from_hand_answers(records):
 
 def test_evaluate_with_adapter_against_plain_references(tiny_model_dir, run_dir, records, tmp_path):
     from vlmrl.batch import encode_pairs
-    from vlmrl.forward.plain import pair_logps
+    from vlmrl.forward.plain import plain_pair_logps
     from vlmrl.models.load import load_model
 
     model, processor = load_for_eval(tiny_model_dir, adapter=run_dir)
@@ -77,8 +77,8 @@ def test_evaluate_with_adapter_against_plain_references(tiny_model_dir, run_dir,
     # The reference log-probs are those of the plain base model; the policy's those of base + adapter.
     base, _ = load_model(tiny_model_dir)
     with torch.no_grad():
-        ref = pair_logps(base, encode_pairs(records, processor, 1024))
-        pol = pair_logps(model, encode_pairs(records, processor, 1024))
+        ref = plain_pair_logps(base, encode_pairs(records, processor, 1024))
+        pol = plain_pair_logps(model, encode_pairs(records, processor, 1024))
     assert [s["ref_chosen_logp"] for s in samples] == pytest.approx(ref.chosen.tolist(), abs=1e-4)
     assert [s["ref_rejected_logp"] for s in samples] == pytest.approx(ref.rejected.tolist(), abs=1e-4)
     assert [s["chosen_logp"] for s in samples] == pytest.approx(pol.chosen.tolist(), abs=1e-4)
@@ -174,7 +174,7 @@ def test_eval_cli_and_bad_input(tiny_model_dir, run_dir, records, small_file, tm
 
 def test_merged_export_answers_like_base_plus_adapter(tiny_model_dir, run_dir, records, tmp_path):
     from vlmrl.batch import encode_pairs
-    from vlmrl.forward.plain import pair_logps
+    from vlmrl.forward.plain import plain_pair_logps
     from vlmrl.generate import generate
 
     adapted, processor = load_for_eval(tiny_model_dir, adapter=run_dir)
@@ -185,6 +185,6 @@ def test_merged_export_answers_like_base_plus_adapter(tiny_model_dir, run_dir, r
     items = [(r.images, r.prompt) for r in records[:3]]
     assert generate(merged, merged_processor, items, 5, 3) == generate(adapted, processor, items, 5, 3)
     with torch.no_grad():
-        a = pair_logps(adapted, encode_pairs(records[:3], processor, 1024))
-        b = pair_logps(merged, encode_pairs(records[:3], merged_processor, 1024))
+        a = plain_pair_logps(adapted, encode_pairs(records[:3], processor, 1024))
+        b = plain_pair_logps(merged, encode_pairs(records[:3], merged_processor, 1024))
     torch.testing.assert_close(a.chosen, b.chosen, atol=1e-3, rtol=1e-4)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
-from vlmrl.batch import encode_pairs
+from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.data.formats import read_records
 from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.forward.plain import ForwardStats, pair_logps
+from vlmrl.forward.inner import unsupported_reason
+from vlmrl.forward.plain import ForwardStats, plain_pair_logps
 from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.forward.shared_prefix import (
     CHOSEN,
@@ -20,10 +22,9 @@ from vlmrl.forward.shared_prefix import (
     attention_mask_4d,
     encode_images,
     pack_pairs,
-    packed_logps,
-    unsupported_reason,
+    packed_pair_logps,
 )
-from vlmrl.forward.vision_cache import EncodedRecordCache, VisionFeatureCache, encode_pairs_cached
+from vlmrl.forward.vision_cache import VisionFeatureCache
 from vlmrl.models.load import add_lora, load_model, reference_mode
 
 
@@ -84,10 +85,21 @@ def test_packed_equals_plain(fixture, attention, synth_pairs_file, request):
     records = mixed_records(synth_pairs_file)
     pairs = encode_pairs(records, processor, max_length=512)
     packed = pack_pairs(pairs, processor.tokenizer.pad_token_id)
+    before = copy.deepcopy(packed)
     plain_stats, fast_stats = ForwardStats(), ForwardStats()
     with torch.no_grad():
-        plain = pair_logps(model, pairs, plain_stats)
-        fast = packed_logps(model, packed, stats=fast_stats)
+        plain = plain_pair_logps(model, pairs, plain_stats)
+        fast = packed_pair_logps(model, packed, stats=fast_stats)
+    assert packed.position_ids is None  # the input is read, not written
+    for field in dataclasses.fields(packed):
+        now, then = getattr(packed, field.name), getattr(before, field.name)
+        if isinstance(then, torch.Tensor):
+            assert torch.equal(now, then), field.name
+        elif field.name != "pairs":
+            assert now == then, field.name
+    for side in ("chosen", "rejected"):
+        for key, tensor in getattr(before.pairs, side).items():
+            assert torch.equal(getattr(packed.pairs, side)[key], tensor), (side, key)
     for name in ("chosen", "rejected"):
         torch.testing.assert_close(getattr(fast, name), getattr(plain, name), atol=1e-5, rtol=1e-6)
         assert torch.equal(getattr(fast, f"{name}_tokens"), getattr(plain, f"{name}_tokens"))
@@ -103,8 +115,8 @@ def test_truncated_answers_match(tiny_model_dir, synth_pairs_file):
     prompt_len = encode_pairs(records, processor, max_length=512).prompt_lengths
     pairs = encode_pairs(records, processor, max_length=max(prompt_len) + 3)  # answers cut short
     with torch.no_grad():
-        plain = pair_logps(model, pairs)
-        fast = packed_logps(model, pack_pairs(pairs, processor.tokenizer.pad_token_id))
+        plain = plain_pair_logps(model, pairs)
+        fast = packed_pair_logps(model, pack_pairs(pairs, processor.tokenizer.pad_token_id))
     torch.testing.assert_close(fast.chosen, plain.chosen, atol=1e-5, rtol=1e-6)
     assert torch.equal(fast.rejected_tokens, plain.rejected_tokens)
 
@@ -124,12 +136,12 @@ def test_lora_gradients_match(tiny_model_dir, synth_pairs_file):
         (logps.chosen - 0.7 * logps.rejected).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    plain, fast = grads(pair_logps(model, pairs)), grads(packed_logps(model, packed))
+    plain, fast = grads(plain_pair_logps(model, pairs)), grads(packed_pair_logps(model, packed))
     assert plain.keys() == fast.keys() and len(plain) > 0
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], atol=1e-5, rtol=1e-4)
     with reference_mode(model):
-        ref_plain, ref_fast = pair_logps(model, pairs), packed_logps(model, packed)
+        ref_plain, ref_fast = plain_pair_logps(model, pairs), packed_pair_logps(model, packed)
     torch.testing.assert_close(ref_fast.chosen, ref_plain.chosen, atol=1e-5, rtol=1e-6)
 
 
@@ -139,7 +151,7 @@ def test_encode_cache_gives_encode_pairs(tiny_model_dir, synth_pairs_file):
     cache = EncodedRecordCache()
     expected = encode_pairs(records, processor, max_length=512)
     for _ in range(2):
-        got = encode_pairs_cached(records, processor, max_length=512, cache=cache)
+        got = encode_pairs(records, processor, max_length=512, cache=cache)
         for side in ("chosen", "rejected"):
             assert getattr(got, side).keys() == getattr(expected, side).keys()
             for key, value in getattr(expected, side).items():
@@ -191,7 +203,7 @@ def test_precompute_reference_cached_on_disk(tiny_model_dir, synth_pairs_file, t
     again = precompute_reference(model, processor, records, 512, cache_dir=tmp_path, batch_size=3, stats=stats)
     assert stats.passes == 2  # read from disk, nothing run
     with reference_mode(model):
-        plain = pair_logps(model, encode_pairs(records[::-1], processor, 512))
+        plain = plain_pair_logps(model, encode_pairs(records[::-1], processor, 512))
     looked_up = again.lookup([r.id for r in records[::-1]])
     torch.testing.assert_close(looked_up.chosen, plain.chosen, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(looked_up.rejected, ref.lookup([r.id for r in records[::-1]]).rejected)
@@ -221,8 +233,8 @@ def test_answers_common_first_tokens_run_once(tiny_model_dir, synth_pairs_file):
     pairs = encode_pairs(records, processor, max_length=512)
     packed = pack_pairs(pairs, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        plain = pair_logps(model, pairs)
-        fast = packed_logps(model, packed)
+        plain = plain_pair_logps(model, pairs)
+        fast = packed_pair_logps(model, packed)
     torch.testing.assert_close(fast.chosen, plain.chosen, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(fast.rejected, plain.rejected, atol=1e-5, rtol=1e-6)
     assert torch.equal(fast.rejected_tokens, plain.rejected_tokens)

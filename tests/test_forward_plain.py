@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlmrl.batch import IGNORE_INDEX, encode_pairs
 from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.forward.plain import ForwardStats, pair_logps, sequence_logps
+from vlmrl.forward.plain import ForwardStats, plain_pair_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +77,19 @@ def test_sequence_logps_equals_hand_loop(fixture, records, request):
             torch.testing.assert_close(logps.double(), expected, atol=1e-5, rtol=1e-6)
 
 
-def test_pair_logps_and_stats(tiny_model_dir, records):
+def test_plain_pair_logps_against_hand_loop_and_stats(tiny_model_dir, records):
     from vlmrl.models.load import load_model
 
     model, processor = load_model(tiny_model_dir)
     batch = encode_pairs(records, processor, max_length=256)
     stats = ForwardStats()
-    result = pair_logps(model, batch, stats)
-    chosen, chosen_tokens = sequence_logps(model, batch.chosen)
-    torch.testing.assert_close(result.chosen, chosen)
-    assert torch.equal(result.chosen_tokens, chosen_tokens)
-    assert result.rejected.shape == (3,) and (result.rejected < 0).all()
+    result = plain_pair_logps(model, batch, stats)
+    with torch.no_grad():  # independently: each row alone, unpadded, its full logits gathered by hand
+        for side in ("chosen", "rejected"):
+            expected, expected_counts = hand_logps(model, getattr(batch, side))
+            torch.testing.assert_close(getattr(result, side).detach().double(), expected, atol=1e-5, rtol=1e-6)
+            assert torch.equal(getattr(result, f"{side}_tokens"), expected_counts)
+    assert not torch.allclose(result.chosen, result.rejected)  # two different answers, two different values
 
     n_answer = int(result.chosen_tokens.sum() + result.rejected_tokens.sum())
     assert stats.passes == 2
@@ -114,5 +116,5 @@ def test_real_photos_fit_the_tiny_budget(tiny_model_dir, shared_data):
     batch = encode_pairs(records, processor, max_length=128)
     assert batch.chosen["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
     with torch.no_grad():
-        result = pair_logps(model, batch)
+        result = plain_pair_logps(model, batch)
     assert torch.isfinite(result.chosen).all() and torch.isfinite(result.rejected).all()

@@ -87,7 +87,31 @@ def test_bad_items_are_clear_errors(model_and_processor, items):
     images, _ = items[0]
     with pytest.raises(VlmrlError, match="image slot"):
         generate(model, processor, [(images + images, user_prompt("Count."))], 4, 1)
-    with pytest.raises(VlmrlError, match="does not exist"):
-        generate(model, processor, [(["/nonexistent/x.png"], user_prompt("Count."))], 4, 1)
+    with pytest.raises(VlmrlError, match=r"item 2: image /nonexistent/x.png does not exist"):
+        # the third item, in the second batch: named by its place in the whole list
+        generate(model, processor, items[:2] + [(["/nonexistent/x.png"], user_prompt("Count."))], 4, 2)
+    with pytest.raises(VlmrlError, match=r"item 1: 2 image\(s\) but the prompt has 1 image slot"):
+        generate(model, processor, [items[0], (images + images, user_prompt("Count."))], 4, 1)
     with pytest.raises(VlmrlError, match="sampling"):
         generate(model, processor, items[:1], 4, 1, num_return_sequences=2)
+
+
+def test_prompts_padded_left_without_touching_the_tokenizer(model_and_processor, items):
+    from vlmrl.generate import encode_prompts
+
+    _, processor = model_and_processor
+    assert processor.tokenizer.padding_side == "right"
+    inputs = encode_prompts(items[:3], processor)
+    mask = inputs["attention_mask"]
+    assert mask[:, 0].min() == 0 and mask[:, -1].min() == 1  # padding on the left, every row ends on its prompt
+    assert processor.tokenizer.padding_side == "right"  # the shared tokenizer is as it was
+
+
+def test_answers_cut_before_or_through_the_stop_token():
+    from vlmrl.generate import before_stop, through_stop
+
+    stop = {7, 9}
+    assert before_stop([1, 2, 9, 3, 7], stop) == [1, 2]
+    assert through_stop([1, 2, 9, 3, 7], stop) == [1, 2, 9]
+    assert before_stop([7, 1], stop) == [] and through_stop([7, 1], stop) == [7]
+    assert before_stop([1, 2], stop) == [1, 2] == through_stop([1, 2], stop)  # never stopped: all kept

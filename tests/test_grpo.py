@@ -14,10 +14,10 @@ from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.group import build_group_batch, group_logps
 from vlmrl.forward.plain import sequence_logps
-from vlmrl.generate import vision_token_ids
+from vlmrl.generate import encode_prompts, stop_token_ids, vision_token_ids
 from vlmrl.models.load import add_lora, load_model
 from vlmrl.tasks.counting import CountingTask
-from vlmrl.train.grpo import GrpoConfig, GrpoStep, resolve_reward, score, stop_token_ids
+from vlmrl.train.grpo import GrpoConfig, GrpoStep, resolve_reward, score
 
 
 def random_weights(model, seed=0):
@@ -94,9 +94,7 @@ def plain_token_logps(model, prompts, completions, group_size):
 
 
 def left_padded_prompts(records, processor):
-    from vlmrl.train.grpo import _encode_prompts_left
-
-    return _encode_prompts_left(records, processor)
+    return encode_prompts([(r.images, r.prompt) for r in records], processor)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +197,27 @@ def test_completions_end_at_their_stop_token(tiny_model_dir, image_records):
     assert batch.metrics["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
 
 
+def test_a_sampler_replaces_generation(tiny_model_dir, image_records):
+    """The ``sampler`` hook gets the records and their left-padded prompts; its token ids are scored as given."""
+    model, processor = load_model(tiny_model_dir)
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seen = []
+
+    def sampler(records, prompts):
+        seen.append(([r.id for r in records], prompts["attention_mask"][:, 0].tolist()))
+        return [[30, 31, im_end], [32]] * len(records)
+
+    step = GrpoStep(model, processor, GrpoConfig(group_size=2, max_new_tokens=3), sampler=sampler)
+    batch = step.encode(image_records[:2])
+    assert seen == [(["a", "b"], [0, 1])]  # the shorter prompt is padded on the left
+    assert processor.tokenizer.padding_side == "right"  # and the shared tokenizer was not flipped for it
+    pad = processor.tokenizer.pad_token_id
+    assert batch.group.completion_ids.tolist() == [[30, 31, im_end], [32, pad, pad]] * 2
+    assert batch.texts == [processor.tokenizer.decode([30, 31], skip_special_tokens=True).strip(),
+                           processor.tokenizer.decode([32], skip_special_tokens=True).strip()] * 2
+    assert batch.metrics["completions/clipped_ratio"] == 0.5  # [32] never stopped
+
+
 def test_groups_with_equal_rewards_change_nothing(tiny_model_dir, image_records):
     model, processor = load_model(tiny_model_dir)
     model = add_lora(random_weights(model), rank=4, alpha=8)
@@ -270,7 +289,7 @@ def test_config_section():
     )
     assert [(r.name, r.weight) for r in config.rewards] == [("count_exact", 1.0), ("count_format", 0.1)]
     for bad in ({"group_size": 1}, {"num_iterations": 2}, {"normalize": "tokens"}, {"temprature": 1.0},
-                {"rewards": []}):
+                {"rewards": []}, {"backend": "vllm"}):
         with pytest.raises(ValueError):
             GrpoConfig.model_validate(bad)
 
@@ -280,20 +299,6 @@ def test_records_without_counts_are_refused(tiny_model_dir, image_records):
     step = GrpoStep(model, processor, GrpoConfig(group_size=2, max_new_tokens=2))
     with pytest.raises(VlmrlError, match="record a: .*metadata.counts"):
         step.encode([replace(image_records[0], metadata={})])
-    with pytest.raises(VlmrlError, match="vllm"):
-        GrpoStep(model, processor, GrpoConfig(backend="vllm"))
-
-
-def test_vllm_backend_says_what_is_missing():
-    import importlib.util
-
-    from vlmrl.generation_vllm import check_available
-
-    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
-        check_available()  # nothing missing: no error
-        return
-    with pytest.raises(VlmrlError, match="grpo.backend=transformers"):
-        check_available()
 
 
 def test_reward_rises_in_a_short_run(tiny_model_dir, synth_pairs_file):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlmrl.batch import encode_sft
+from vlmrl.batch import EncodedRecordCache, encode_sft
 from vlmrl.data.formats import read_records
-from vlmrl.forward.vision_cache import EncodedRecordCache, encode_sft_cached
 from vlmrl.models.load import load_model
 
 
@@ -17,7 +16,7 @@ def test_cached_sft_batches_equal_the_plain_ones(tiny_model_dir, synth_pairs_fil
     for epoch in range(2):
         for batch in (records[:4], records[2:6]):
             plain = encode_sft(batch, processor, 128)
-            cached = encode_sft_cached(batch, processor, 128, cache)
+            cached = encode_sft(batch, processor, 128, cache)
             assert plain.keys() == cached.keys()
             for name in plain:
                 assert torch.equal(plain[name], cached[name]), (epoch, name)

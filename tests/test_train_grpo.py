@@ -41,11 +41,12 @@ def test_grpo_from_the_cli_logs_rewards_and_held_out_exact_match(tiny_model_dir,
     assert (run / "final" / "adapter_config.json").is_file()
 
 
-def _run(model_dir, data, out, **train) -> list[dict]:
+def _trained(model_dir, data, out, data_settings=None, **train) -> tuple[list[dict], Trainer]:
+    """The training rows of a short DPOP run, and its trainer (for its step's counters)."""
     raw = {
         "model": {"name_or_path": str(model_dir)},
         "lora": {"rank": 4, "alpha": 8},
-        "data": {"train": str(data), "max_length": 128},
+        "data": {"train": str(data), "max_length": 128, **(data_settings or {})},
         "loss": {"name": "dpop", "dpop_lambda": 5.0},
         "train": {"output_dir": str(out), "lr": 1e-2, "max_steps": 3, "batch_size": 3, "schedule": "constant",
                   "progress": False, **train},
@@ -54,7 +55,11 @@ def _run(model_dir, data, out, **train) -> list[dict]:
     expected = FastPreferenceStep if (train.get("fast_path", True) or train.get("precompute_ref")) else PreferenceStep
     assert type(trainer.step_fn) is expected
     trainer.train()
-    return [r for r in rows(Path(out)) if "loss" in r]
+    return [r for r in rows(Path(out)) if "loss" in r], trainer
+
+
+def _run(model_dir, data, out, **train) -> list[dict]:
+    return _trained(model_dir, data, out, **train)[0]
 
 
 def test_fast_path_and_cached_reference_give_the_plain_loss_curve(tiny_model_dir, synth_pairs_file, tmp_path):
@@ -66,6 +71,23 @@ def test_fast_path_and_cached_reference_give_the_plain_loss_curve(tiny_model_dir
         for a, b in zip(plain, other):
             for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
                 assert math.isclose(a[name], b[name], rel_tol=1e-4, abs_tol=1e-5), (a["step"], name, a[name], b[name])
+
+
+def test_cache_vision_through_the_trainer_gives_the_same_curve(tiny_model_dir, synth_pairs_file, tmp_path):
+    """``data.cache_vision: true``: 10 steps of 3 pairs over 24 one-image records, so the last 2 steps
+    (the second epoch) read every image's vision output from disk; the curve is the uncached one."""
+    without, _ = _trained(tiny_model_dir, synth_pairs_file, tmp_path / "without", max_steps=10)
+    cached, trainer = _trained(tiny_model_dir, synth_pairs_file, tmp_path / "cached", {"cache_vision": True},
+                               max_steps=10)
+    cache = trainer.step_fn.vision_cache
+    assert cache is not None and cache.directory == tmp_path / "vision-cache"
+    assert (cache.misses, cache.hits) == (24, 6)  # each image encoded once, then read back
+    assert trainer.step_fn.stats.images_encoded == 24
+    assert len(list(cache.directory.glob("*.safetensors"))) == 24
+    assert len(cached) == len(without) == 10
+    for a, b in zip(without, cached):
+        for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert math.isclose(a[name], b[name], rel_tol=1e-5, abs_tol=1e-6), (a["step"], name, a[name], b[name])
 
 
 def length_reward(completions, **kwargs) -> list[float]:

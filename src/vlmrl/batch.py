@@ -13,10 +13,18 @@ Truncation never touches the prompt: the answer's end is cut to fit ``max_length
 leaves no room for an answer is refused, and the message says when the cut would have fallen
 inside an image's tokens (the crash other trainers give as a shape mismatch deep in the model).
 Sequences are padded on the right, for training.
+
+``EncodedRecordCache`` keeps what the processor and tokenizer make of each record (prompt ids with
+the image tokens expanded, pixel values, answer ids), so a record seen again (the next epoch) is
+not decoded, resized or templated again; ``encode_pairs`` and ``encode_sft`` read from one when
+given it and return exactly the batch they return without it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -77,16 +85,70 @@ class RecordEncoding:
         return sum(t.numel() * t.element_size() for t in self.prompt.vision.values())
 
 
-def encode_pairs(records: Sequence[PreferenceRecord], processor, max_length: int) -> PairBatch:
+class EncodedRecordCache:
+    """LRU of per-record encodings, at most ``max_bytes`` of pixel values (default 512 MiB).
+
+    Keyed by the record's content, ``max_length`` and each image's path, modification time and
+    size, so an edited image file is encoded again.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self.n_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[str, RecordEncoding] = OrderedDict()
+
+    def get(self, record: PreferenceRecord, processor, max_length: int) -> RecordEncoding:
+        key = _record_key(record, max_length)
+        item = self._items.get(key)
+        if item is not None:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return item
+        self.misses += 1
+        item = encode_record(record, processor, max_length)
+        self._items[key] = item
+        self.n_bytes += item.n_bytes
+        while self.n_bytes > self.max_bytes and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self.n_bytes -= dropped.n_bytes
+        return item
+
+
+def encode_pairs(
+    records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache | None = None
+) -> PairBatch:
     """Encode records into a chosen side and a rejected side, labels on the answers only."""
-    check_not_empty(records)
-    return collate_pairs(records, [encode_record(r, processor, max_length) for r in records], processor, max_length)
+    return collate_pairs(records, _encodings(records, processor, max_length, cache), processor, max_length)
 
 
-def encode_sft(records: Sequence[PreferenceRecord], processor, max_length: int) -> dict:
+def encode_sft(
+    records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache | None = None
+) -> dict:
     """Encode records for supervised fine-tuning on the chosen answers, labels on the answers only."""
+    return collate_sft(_encodings(records, processor, max_length, cache), processor, max_length)
+
+
+def _encodings(records, processor, max_length: int, cache: EncodedRecordCache | None) -> list[RecordEncoding]:
+    """Each record's encoding, from ``cache`` when given (encoded and kept there on a miss)."""
     check_not_empty(records)
-    return collate_sft([encode_record(r, processor, max_length) for r in records], processor, max_length)
+    if cache is None:
+        return [encode_record(r, processor, max_length) for r in records]
+    return [cache.get(r, processor, max_length) for r in records]
+
+
+def _record_key(record: PreferenceRecord, max_length: int) -> str:
+    images = []
+    for path in record.images:
+        try:
+            st = os.stat(path)
+        except OSError:  # load_images reports a missing image with the record's id
+            images.append([path, None, None])
+            continue
+        images.append([path, st.st_mtime_ns, st.st_size])
+    content = [record.id, record.prompt, record.chosen, record.rejected, images, max_length]
+    return json.dumps(content, sort_keys=True, default=str)
 
 
 def encode_record(record: PreferenceRecord, processor, max_length: int) -> RecordEncoding:
@@ -137,23 +199,28 @@ def answer_text(record: PreferenceRecord, answer: str, processor) -> str:
 
 def load_images(record: PreferenceRecord) -> list:
     """Open a record's images with PIL, in RGB, checking they match the prompt's image slots."""
-    from PIL import Image, UnidentifiedImageError
-
     if len(record.images) != record.image_slots():
         raise VlmrlError(
             f"record {record.id}: {len(record.images)} image(s) but the prompt has {record.image_slots()} "
             'image slot(s) ({"type": "image"}); make them match'
         )
-    images = []
-    for path in record.images:
-        try:
-            with Image.open(Path(path)) as image:
-                images.append(image.convert("RGB"))
-        except FileNotFoundError as e:
-            raise VlmrlError(f"record {record.id}: image {path} does not exist") from e
-        except (UnidentifiedImageError, OSError) as e:
-            raise VlmrlError(f"record {record.id}: cannot read image {path}: {e}") from e
-    return images
+    return [open_image(path, f"record {record.id}") for path in record.images]
+
+
+def open_image(image, where: str):
+    """A PIL image in RGB from a path, or a PIL image converted; ``where`` (``"record r1"``, ``"item 3"``)
+    begins the message of a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(Path(image)) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError as e:
+        raise VlmrlError(f"{where}: image {image} does not exist") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise VlmrlError(f"{where}: cannot read image {image}: {e}") from e
 
 
 def check_not_empty(records: Sequence[PreferenceRecord]) -> None:

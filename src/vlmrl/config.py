@@ -158,7 +158,6 @@ class GrpoConfig(BaseModel):
     # One update per batch of samples; several would need the loop to replay a generation batch.
     num_iterations: int = Field(default=1, ge=1, le=1)
     shared_prompt: bool = True  # one prompt | c1 | ... | cG row per group (eager/sdpa attention)
-    backend: Literal["transformers", "vllm"] = "transformers"
 
     @field_validator("rewards", mode="before")
     @classmethod

@@ -3,8 +3,13 @@
 An item is ``(images, prompt_messages)``: image paths (or PIL images) filling the prompt's
 ``{"type": "image"}`` slots in order, and the chat messages of the prompt. The model's own chat
 template renders each prompt with the assistant's turn opened, the processor pads the batch on
-the LEFT (so every row's last token is its last prompt token and new tokens line up), and
-``model.generate`` decodes with the cache.
+the LEFT (so every row's last token is its last prompt token and new tokens line up; asked for in
+the call, the shared tokenizer's own ``padding_side`` is left as it is), and ``model.generate``
+decodes with the cache.
+
+An answer ends at its first stop token (``stop_token_ids``: the generation config's EOS ids and
+``<|im_end|>``). ``before_stop`` keeps the tokens before it (the answer's text, as ``generate``
+returns it); ``through_stop`` keeps the stop token too (what GRPO scores: the decision to stop).
 
 The vision special tokens (``<|image_pad|>``, ``<|vision_start|>``, ...) are suppressed at every
 step (``suppress_tokens``: their logits are set to -inf). A sampled ``<|image_pad|>`` would
@@ -14,11 +19,11 @@ longer match the images.
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
+from vlmrl.batch import open_image
 from vlmrl.errors import VlmrlError
+from vlmrl.models.load import eval_mode
 
 # Token strings that only the processor may place in a sequence.
 VISION_TOKENS = (
@@ -87,7 +92,8 @@ def generate_ids(
         raise VlmrlError("several answers per prompt need sampling: set a temperature > 0 (do_sample)")
     if do_sample:
         torch.manual_seed(seed)
-    stop = _stop_ids(model, processor)
+    # Rows that stopped early are filled with padding; a padding token also ends an answer.
+    stop = stop_token_ids(model, processor) | {processor.tokenizer.pad_token_id}
     options = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -101,75 +107,53 @@ def generate_ids(
         options.update(temperature=None, top_p=None, top_k=None)
     out: list[list[int]] = []
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with _left_padding(processor), torch.inference_mode():
-            for start in range(0, len(items), batch_size):
-                inputs = encode_prompts(items[start : start + batch_size], processor).to(device)
-                generated = model.generate(**inputs, **options)
-                new = generated[:, inputs["input_ids"].shape[1] :].tolist()
-                out.extend(_until_stop(row, stop) for row in new)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            inputs = encode_prompts(items[start : start + batch_size], processor, first=start).to(device)
+            generated = model.generate(**inputs, **options)
+            new = generated[:, inputs["input_ids"].shape[1] :].tolist()
+            out.extend(before_stop(row, stop) for row in new)
     return out
 
 
-def encode_prompts(items: Sequence[Item], processor):
-    """The processor's batch for ``items``: chat template with the generation prompt, images opened."""
+def encode_prompts(items: Sequence[Item], processor, first: int = 0):
+    """The processor's batch for ``items``, padded on the left: chat template with the generation
+    prompt, images opened. ``first`` is the position of ``items[0]`` in the caller's list (messages
+    name an item by it)."""
     texts, images = [], []
-    for position, (item_images, messages) in enumerate(items):
+    for position, (item_images, messages) in enumerate(items, start=first):
         slots = sum(1 for m in messages for p in _parts(m) if p.get("type") == "image")
         if slots != len(item_images):
             raise VlmrlError(
                 f"item {position}: {len(item_images)} image(s) but the prompt has {slots} image slot(s); make them match"
             )
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        images.extend(open_image(i) for i in item_images)
-    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        images.extend(open_image(i, f"item {position}") for i in item_images)
+    return processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
 
 
-def open_image(image: Any):
-    """A PIL image in RGB from a path (or a PIL image as given, converted)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(Path(image)) as opened:
-            return opened.convert("RGB")
-    except FileNotFoundError:
-        raise VlmrlError(f"image {image} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise VlmrlError(f"cannot read image {image}: {e}") from None
-
-
-@contextlib.contextmanager
-def _left_padding(processor) -> Iterator[None]:
-    """Pad on the left while generating, and give the tokenizer back as it was."""
-    tokenizer = processor.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = side
-
-
-def _stop_ids(model, processor) -> set[int]:
+def stop_token_ids(model, processor) -> set[int]:
+    """The ids that end an answer: the generation config's EOS ids and ``<|im_end|>``."""
     eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    ids.add(processor.tokenizer.pad_token_id)
-    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end is not None:
-        ids.add(im_end)
-    return {i for i in ids if i is not None}
+    ids = set(eos if isinstance(eos, list) else [eos])
+    ids.add(processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    ids.discard(None)
+    return ids
 
 
-def _until_stop(row: list[int], stop: set[int]) -> list[int]:
+def before_stop(row: list[int], stop: set[int]) -> list[int]:
+    """The tokens before the first stop token, the stop token left out (all of them when none is there)."""
     for i, token in enumerate(row):
         if token in stop:
             return row[:i]
+    return row
+
+
+def through_stop(row: list[int], stop: set[int]) -> list[int]:
+    """The tokens up to and including the first stop token (all of them when none is there)."""
+    for i, token in enumerate(row):
+        if token in stop:
+            return row[: i + 1]
     return row
 
 

@@ -154,12 +154,12 @@ def score_counts(records, answers, samples, seed: int) -> dict[str, dict]:
 def score_preferences(model, processor, records, samples, reference, batch_size: int, max_length: int,
                       beta: float, seed: int) -> dict[str, dict]:
     """Log-prob accuracy, and implicit-reward accuracy and margin against the reference."""
-    policy_c, policy_r = pair_logps_all(model, processor, records, batch_size, max_length, None)
+    policy_c, policy_r = plain_pair_logps_per_record(model, processor, records, batch_size, max_length, None)
     context = reference_context(model, reference)
     ref_c = ref_r = None
     if context is not None:
         ref_model = reference if _is_module(reference) else model
-        ref_c, ref_r = pair_logps_all(ref_model, processor, records, batch_size, max_length, context)
+        ref_c, ref_r = plain_pair_logps_per_record(ref_model, processor, records, batch_size, max_length, context)
     for i, sample in enumerate(samples):
         sample.update(
             chosen_logp=policy_c[i], rejected_logp=policy_r[i],
@@ -194,12 +194,14 @@ def reference_context(model, reference: Any) -> Callable[[], Any] | None:
     raise VlmrlError(f"reference must be a model or a context factory, not {type(reference).__name__}")
 
 
-def pair_logps_all(model, processor, records, batch_size: int, max_length: int, context) -> tuple[list[float], list[float]]:
-    """Summed answer log-probs of chosen and rejected for every record, in batches, no grad."""
+def plain_pair_logps_per_record(
+    model, processor, records, batch_size: int, max_length: int, context
+) -> tuple[list[float], list[float]]:
+    """Summed answer log-probs of chosen and rejected for every record (the plain forward, in batches, no grad)."""
     import torch
 
     from vlmrl.batch import encode_pairs
-    from vlmrl.forward.plain import pair_logps
+    from vlmrl.forward.plain import plain_pair_logps
 
     device = next(model.parameters()).device
     chosen: list[float] = []
@@ -207,7 +209,7 @@ def pair_logps_all(model, processor, records, batch_size: int, max_length: int, 
     with torch.inference_mode(), (context() if context else contextlib.nullcontext()):
         for start in range(0, len(records), batch_size):
             batch = encode_pairs(records[start : start + batch_size], processor, max_length).to(device)
-            out = pair_logps(model, batch)
+            out = plain_pair_logps(model, batch)
             chosen.extend(out.chosen.tolist())
             rejected.extend(out.rejected.tolist())
     return chosen, rejected

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 from vlmrl.errors import VlmrlError
 from vlmrl.forward import last_layer
+from vlmrl.forward.inner import attention_implementation, attention_mask, unwrap
+from vlmrl.models.load import MASKED_ATTENTION
 
 if TYPE_CHECKING:
     import torch
@@ -142,14 +144,14 @@ def shared_prompt_logps(model, batch: GroupBatch, temperature: float = 1.0):
     """One sequence ``prompt | c1 | ... | cG`` per prompt with a block mask; see the module docstring."""
     import torch
 
-    base = _base_model(model)
-    attn = base.config._attn_implementation
-    if attn not in ("eager", "sdpa"):
+    base = unwrap(model)
+    attention = attention_implementation(model)
+    if attention not in MASKED_ATTENTION:
         raise VlmrlError(
-            f"the shared-prompt GRPO forward needs eager or sdpa attention (a custom block mask), not {attn}; "
-            "set grpo.shared_prompt=false"
+            f"the shared-prompt GRPO forward needs {' or '.join(MASKED_ATTENTION)} attention (a custom block mask), "
+            f"not {attention}; set grpo.shared_prompt=false"
         )
-    layout = _shared_layout(base, batch)
+    layout = _shared_layout(base, batch, attention)
     inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids, "attention_mask": layout.mask}
     if batch.pixel_values is not None:
         order = list(range(len(batch.image_grid_thw)))
@@ -191,7 +193,7 @@ def image_features(model, batch: GroupBatch, order: list[int]):
     Returns the model's own output object (``pooler_output``: a tuple of per-image features; for
     Qwen3-VL also ``deepstack_features``) for ``mm_encoder_outputs={"image": ...}``.
     """
-    base = _base_model(model)
+    base = unwrap(model)
     encoded = base.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True)
     laid_out = {"pooler_output": tuple(encoded.pooler_output[i] for i in order)}
     if encoded.get("deepstack_features") is not None:
@@ -208,25 +210,16 @@ def _image_order(images_per_prompt: list[int], group_size: int) -> list[int]:
     return order
 
 
-def _base_model(model):
-    """The transformers model under any distributed wrapper and peft adapter (LoRA layers stay active)."""
-    from accelerate.utils import extract_model_from_parallel
-    from peft import PeftModel
-
-    model = extract_model_from_parallel(model)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 @dataclass
 class _SharedLayout:
     input_ids: torch.Tensor  # (N, L): prompt | c1 | ... | cG | padding
     position_ids: torch.Tensor  # (3, N, L)
-    mask: torch.Tensor  # (N, 1, L, L) additive float mask
+    mask: torch.Tensor  # (N, 1, L, L): boolean for sdpa (True: attend), additive float for eager
     row_of_completion: torch.Tensor  # (N*G,)
     predictor: torch.Tensor  # (N*G, T): position whose logits predict completion token t
 
 
-def _shared_layout(base, batch: GroupBatch) -> _SharedLayout:
+def _shared_layout(base, batch: GroupBatch, attention: str) -> _SharedLayout:
     import torch
 
     g = batch.group_size
@@ -268,7 +261,7 @@ def _shared_layout(base, batch: GroupBatch) -> _SharedLayout:
     return _SharedLayout(
         input_ids=input_ids,
         position_ids=position_ids,
-        mask=_block_mask(block_ids, base.dtype, boolean=base.config._attn_implementation == "sdpa"),
+        mask=_block_mask(block_ids, base.dtype, attention),
         row_of_completion=torch.arange(n_rows, device=device).repeat_interleave(g),
         predictor=torch.stack(predictors),
     )
@@ -290,10 +283,11 @@ def _prompt_positions(base, batch: GroupBatch):
     return positions.to(torch.long)
 
 
-def _block_mask(block_ids, dtype, boolean: bool):
+def _block_mask(block_ids, dtype, attention: str):
     """``(N, 1, L, L)`` mask: query q sees key k <= q when k is prompt or in q's own block.
 
-    SDPA takes it as booleans (True: attend), eager attention as an additive float mask.
+    In the form ``attention`` takes it (``vlmrl.forward.inner.attention_mask``): booleans for sdpa,
+    an additive float mask for eager.
     """
     import torch
 
@@ -301,7 +295,4 @@ def _block_mask(block_ids, dtype, boolean: bool):
     causal = torch.ones(length, length, dtype=torch.bool, device=block_ids.device).tril()
     key, query = block_ids.unsqueeze(1), block_ids.unsqueeze(2)
     allowed = causal & ((key == 0) | (key == query))
-    if boolean:
-        return allowed.unsqueeze(1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=block_ids.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return attention_mask(allowed.unsqueeze(1), attention, dtype)

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
+from vlmrl.forward.inner import attention_mask
+
 if TYPE_CHECKING:
     import torch
 
@@ -116,14 +118,11 @@ def _rows_forward(layer, index, hidden_states, attention_mask=None, position_emb
 
 
 def _causal(attn, index, length: int, dtype):
-    """The causal mask of queries at ``index`` over ``length`` keys: bool for sdpa, additive otherwise."""
+    """The causal mask of queries at ``index`` over ``length`` keys, in the form the layer's attention takes."""
     import torch
 
     allowed = torch.arange(length, device=index.device) <= index.unsqueeze(-1)
-    allowed = allowed.unsqueeze(1)
-    if attn.config._attn_implementation == "sdpa":
-        return allowed
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=index.device), torch.finfo(dtype).min)
+    return attention_mask(allowed.unsqueeze(1), attn.config._attn_implementation, dtype)
 
 
 def _attention(attn):

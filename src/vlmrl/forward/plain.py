@@ -84,7 +84,7 @@ def token_logps_sum(logits, labels):
     return logps, mask.sum(dim=1)
 
 
-def pair_logps(model, batch: PairBatch, stats: ForwardStats | None = None) -> PairLogps:
+def plain_pair_logps(model, batch: PairBatch, stats: ForwardStats | None = None) -> PairLogps:
     """Chosen and rejected answers' summed log-probabilities, as two separate forward passes."""
     chosen, chosen_tokens = sequence_logps(model, batch.chosen, stats)
     rejected, rejected_tokens = sequence_logps(model, batch.rejected, stats)

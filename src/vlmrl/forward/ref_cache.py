@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
-from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
-from vlmrl.forward.shared_prefix import pack_pairs, packed_logps, unsupported_reason, unwrap
-from vlmrl.forward.vision_cache import EncodedRecordCache, encode_pairs_cached, processor_settings
+from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
+from vlmrl.forward.plain import ForwardStats, PairLogps, plain_pair_logps
+from vlmrl.forward.inner import unsupported_reason, unwrap
+from vlmrl.forward.shared_prefix import pack_pairs, packed_pair_logps
+from vlmrl.forward.vision_cache import processor_settings
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +83,8 @@ def precompute_reference(
     """Reference log-probs of ``records``, read from ``cache_dir`` when stored there, else computed.
 
     ``model`` is the LoRA policy (its adapter is switched off) unless ``reference``, a separate
-    frozen model, is given. Record ids must be unique.
+    frozen model, is given. Record ids must be unique. ``encode_cache``, when given, supplies (and
+    keeps) each record's processor output.
     """
     _check_unique(records)
     net = reference if reference is not None else model
@@ -105,14 +107,7 @@ def cache_key(model, processor, records: Sequence[PreferenceRecord], max_length:
 
 def reference_fingerprint(model) -> str:
     """sha256 of the reference weights: adapter parameters left out, wrapper names normalised."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(_reference_state(model).items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return weights_fingerprint(_reference_state(model))
 
 
 def data_fingerprint(records: Sequence[PreferenceRecord], processor, max_length: int) -> str:
@@ -145,7 +140,6 @@ def _compute(net, processor, records, max_length, batch_size, encode_cache, sepa
 
     from vlmrl.models.load import reference_forward
 
-    cache = encode_cache or EncodedRecordCache()
     fast = unsupported_reason(net) is None
     pad_id = processor.tokenizer.pad_token_id
     device = next(net.parameters()).device
@@ -153,11 +147,11 @@ def _compute(net, processor, records, max_length, batch_size, encode_cache, sepa
     with reference_forward(net if separate else None, net) as net:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            pairs = encode_pairs_cached(chunk, processor, max_length, cache)
+            pairs = encode_pairs(chunk, processor, max_length, encode_cache)
             if fast:
-                out = packed_logps(net, pack_pairs(pairs, pad_id).to(device), stats=stats)
+                out = packed_pair_logps(net, pack_pairs(pairs, pad_id).to(device), stats=stats)
             else:
-                out = pair_logps(net, pairs.to(device), stats)
+                out = plain_pair_logps(net, pairs.to(device), stats)
             parts.append(out)
     columns = [torch.cat([getattr(p, name).detach().cpu() for p in parts]) for name in _COLUMNS]
     return ReferenceLogps([r.id for r in records], *columns)
@@ -184,16 +178,5 @@ def _read(path: Path) -> ReferenceLogps:
 
 
 def _write(path: Path, result: ReferenceLogps) -> None:
-    """Atomic: a temporary file in the same folder, renamed into place."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: getattr(result, k).contiguous() for k in _COLUMNS}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"ids": json.dumps(result.ids)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensors = {k: getattr(result, k) for k in _COLUMNS}
+    save_safetensors_atomic(path, tensors, metadata={"ids": json.dumps(result.ids)})

@@ -48,13 +48,11 @@ from typing import TYPE_CHECKING
 from vlmrl.batch import IGNORE_INDEX, PairBatch
 from vlmrl.errors import VlmrlError
 from vlmrl.forward import last_layer
+from vlmrl.forward.inner import attention_implementation, attention_mask, unsupported_reason, unwrap
 from vlmrl.forward.plain import ForwardStats, PairLogps
 
 if TYPE_CHECKING:
     import torch
-
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-SUPPORTED_ATTENTION = ("sdpa", "eager")  # the implementations that take an arbitrary 4D mask
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 
@@ -196,31 +194,6 @@ def _images_per_pair(pairs: PairBatch) -> list[int]:
     return (starts.sum(dim=1) + (types[:, 0] != 0)).tolist()
 
 
-def unwrap(model):
-    """The ``...ForConditionalGeneration`` inside ``model`` (distributed and peft wrappers removed).
-
-    With peft the adapters are injected in place, so calling this object's ``model`` runs them (or
-    not, inside ``disable_adapter``). Only read from it: the forward itself goes through ``model``.
-    """
-    from accelerate.utils import extract_model_from_parallel
-    from peft import PeftModel
-
-    model = extract_model_from_parallel(model)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def unsupported_reason(model) -> str | None:
-    """Why the fast forward cannot run ``model`` exactly, or None when it can."""
-    net = unwrap(model)
-    model_type = getattr(net.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    attention = net.model.language_model.config._attn_implementation
-    if attention not in SUPPORTED_ATTENTION:
-        return f"attention implementation {attention!r} takes no 4D mask (use sdpa or eager)"
-    return None
-
-
 def rope_positions(model, packed: PackedPairs):
     """M-RoPE position ids ``(3, B, L)`` of the packed rows, each side as the model numbers it alone."""
     import torch
@@ -257,11 +230,7 @@ def attention_mask_4d(segments, attention: str, dtype):
     allowed = causal & (key != PAD) & (query != PAD)
     allowed &= ~((query == REJECTED) & (key == CHOSEN))
     allowed |= torch.eye(width, dtype=torch.bool, device=segments.device) & (query == PAD)
-    allowed = allowed.unsqueeze(1)
-    if attention == "sdpa":
-        return allowed
-    zero = torch.zeros((), dtype=dtype, device=segments.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return attention_mask(allowed.unsqueeze(1), attention, dtype)
 
 
 def encode_images(model, packed: PackedPairs, stats: ForwardStats | None = None):
@@ -274,14 +243,16 @@ def encode_images(model, packed: PackedPairs, stats: ForwardStats | None = None)
     return inner.get_image_features(packed.pixel_values, packed.image_grid_thw, return_dict=True)
 
 
-def packed_logps(model, packed: PackedPairs, image_features=None, stats: ForwardStats | None = None) -> PairLogps:
+def packed_pair_logps(model, packed: PackedPairs, image_features=None, stats: ForwardStats | None = None) -> PairLogps:
     """Chosen and rejected answers' summed log-probabilities from one packed forward pass.
 
     ``image_features``: the vision tower's output for the batch's images (``encode_images`` or the
     vision cache); None passes the pixels to the model, which runs the tower once per image inside
     this call's grad context. The call goes through ``model`` itself (peft, a DistributedDataParallel
     wrapper: their hooks run), asking it for logits only at the read positions (transformers'
-    ``logits_to_keep`` as a boolean mask).
+    ``logits_to_keep`` as a boolean mask). ``packed.position_ids`` are used when set
+    (``FastPreferenceStep.encode`` sets them once for policy and reference), else computed for this
+    call; ``packed`` itself is left unchanged.
     """
     import torch
 
@@ -289,13 +260,12 @@ def packed_logps(model, packed: PackedPairs, image_features=None, stats: Forward
     if reason is not None:
         raise VlmrlError(f"the fast pair forward cannot run this model: {reason}; use the plain forward")
     inner = unwrap(model).model
-    if packed.position_ids is None:
-        packed.position_ids = rope_positions(model, packed)
+    positions = packed.position_ids if packed.position_ids is not None else rope_positions(model, packed)
     embed_dtype = inner.get_input_embeddings().weight.dtype
     inputs = dict(
         input_ids=packed.input_ids,
-        attention_mask=attention_mask_4d(packed.segments, inner.language_model.config._attn_implementation, embed_dtype),
-        position_ids=packed.position_ids,
+        attention_mask=attention_mask_4d(packed.segments, attention_implementation(model), embed_dtype),
+        position_ids=positions,
         use_cache=False,
     )
     if image_features is not None:

@@ -1,16 +1,13 @@
-"""Images done once: processor outputs kept in memory, vision-tower outputs kept on disk.
+"""The vision tower's outputs computed once per image: shared by policy and reference, kept on disk.
 
-Two caches, both exact:
+``VisionFeatureCache`` stores the vision tower's (and merger's) output per image on disk, as
+safetensors files written atomically (``vlmrl.forward.cache_files``). It is exact and valid only
+while the tower is frozen (``vision_is_frozen``): the key is a fingerprint of the tower's weights,
+the image file's bytes and the image processor's settings, so any change to one of them gives new
+keys (old files are simply not read). ``split_features`` / ``join_features`` convert between the
+model's batch output and one dict of tensors per image.
 
-- ``EncodedRecordCache``: an LRU (bounded in bytes) of what the processor and tokenizer make of a
-  record (prompt ids with the image tokens expanded, pixel values, answer ids), keyed by the
-  record's content and each image's path, modification time and size. A record seen again (the
-  next epoch) is not decoded, resized or templated again. ``encode_pairs_cached`` gives exactly
-  ``vlmrl.batch.encode_pairs``'s batch.
-- ``VisionFeatureCache``: the vision tower's (and merger's) output per image on disk, as
-  safetensors files written atomically. Valid only while the tower is frozen (``vision_is_frozen``):
-  the key is a fingerprint of the tower's weights, the image file's bytes and the image processor's
-  settings, so any change to one of them gives new keys (old files are simply not read).
+(The processor-output cache, ``EncodedRecordCache``, lives beside the encoding in ``vlmrl.batch``.)
 """
 
 from __future__ import annotations
@@ -18,81 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-from vlmrl.batch import PairBatch, RecordEncoding, check_not_empty, collate_pairs, collate_sft, encode_record
-from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
+from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
+from vlmrl.forward.inner import unwrap
 from vlmrl.forward.plain import ForwardStats
-from vlmrl.forward.shared_prefix import PackedPairs, unwrap
+from vlmrl.forward.shared_prefix import PackedPairs
 
 if TYPE_CHECKING:
     import torch
-
-
-# --- processor outputs, in memory -------------------------------------------------------------
-
-
-class EncodedRecordCache:
-    """LRU of per-record encodings, at most ``max_bytes`` of pixel values (default 512 MiB)."""
-
-    def __init__(self, max_bytes: int = 512 * 2**20):
-        self.max_bytes = max_bytes
-        self.n_bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[str, RecordEncoding] = OrderedDict()
-
-    def get(self, record: PreferenceRecord, processor, max_length: int) -> RecordEncoding:
-        key = _record_key(record, max_length)
-        item = self._items.get(key)
-        if item is not None:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return item
-        self.misses += 1
-        item = encode_record(record, processor, max_length)
-        self._items[key] = item
-        self.n_bytes += item.n_bytes
-        while self.n_bytes > self.max_bytes and len(self._items) > 1:
-            _, dropped = self._items.popitem(last=False)
-            self.n_bytes -= dropped.n_bytes
-        return item
-
-
-def encode_pairs_cached(
-    records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache
-) -> PairBatch:
-    """``vlmrl.batch.encode_pairs``, reading each record's processor output from ``cache``."""
-    check_not_empty(records)
-    return collate_pairs(records, [cache.get(r, processor, max_length) for r in records], processor, max_length)
-
-
-def encode_sft_cached(
-    records: Sequence[PreferenceRecord], processor, max_length: int, cache: EncodedRecordCache
-) -> dict:
-    """``vlmrl.batch.encode_sft``, reading each record's processor output from ``cache``."""
-    check_not_empty(records)
-    return collate_sft([cache.get(r, processor, max_length) for r in records], processor, max_length)
-
-
-def _record_key(record: PreferenceRecord, max_length: int) -> str:
-    images = []
-    for path in record.images:
-        try:
-            st = os.stat(path)
-        except OSError:  # load_images reports a missing image with the record's id
-            images.append([path, None, None])
-            continue
-        images.append([path, st.st_mtime_ns, st.st_size])
-    content = [record.id, record.prompt, record.chosen, record.rejected, images, max_length]
-    return json.dumps(content, sort_keys=True, default=str)
-
-
-# --- vision features, shared and on disk ------------------------------------------------------
 
 
 def vision_is_frozen(model) -> bool:
@@ -174,7 +107,7 @@ class VisionFeatureCache:
                 stats.images_encoded += len(missing)
             for i, item in zip(missing, split_features(fresh)):
                 stored[i] = item
-                _save_atomic(paths[i], item)
+                save_safetensors_atomic(paths[i], item)
         device = packed.input_ids.device
         return join_features([{k: v.to(device) for k, v in item.items()} for item in stored])
 
@@ -186,18 +119,6 @@ class VisionFeatureCache:
         return hashlib.sha256(f"{self.settings}:{self._file_hashes[stamp]}".encode()).hexdigest()
 
 
-def weights_fingerprint(module) -> str:
-    """sha256 of a module's parameter and buffer names, dtypes, shapes and bytes."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def processor_settings(processor) -> str:
     """The image processor's settings as canonical JSON (sizes, pixels bounds, normalisation)."""
     return json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str)
@@ -205,7 +126,7 @@ def processor_settings(processor) -> str:
 
 def _settings_hash(model, processor) -> str:
     visual = unwrap(model).model.visual
-    text = f"{weights_fingerprint(visual)}:{processor_settings(processor)}"
+    text = f"{weights_fingerprint(visual.state_dict())}:{processor_settings(processor)}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -215,17 +136,3 @@ def _load(path: Path) -> dict | None:
     if not path.is_file():
         return None
     return load_file(path)
-
-
-def _save_atomic(path: Path, tensors: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

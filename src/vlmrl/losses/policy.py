@@ -60,12 +60,9 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def _normalise(
-    per_token: Tensor, mask: Tensor, normalize: str, max_tokens: int | None, total_tokens: float | None
-) -> Tensor:
+def _normalise(per_token: Tensor, mask: Tensor, normalize: str, max_tokens: int | None) -> Tensor:
     if normalize == "token":
-        denominator = mask.sum() if total_tokens is None else per_token.new_tensor(float(total_tokens))
-        return (per_token * mask).sum() / denominator.clamp(min=1.0)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     if normalize == "sequence":
         return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
     if normalize == "constant":
@@ -84,7 +81,6 @@ def grpo_objective(
     clip_eps_high: float | None = None,
     normalize: str = "token",
     max_tokens: int | None = None,
-    total_tokens: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped GRPO loss (see the module docstring for the exact variant).
 
@@ -93,9 +89,9 @@ def grpo_objective(
     are those of the policy that sampled the completions; pass ``logps.detach()`` when there is
     one update per batch (the ratio is then 1 and only its gradient matters).
 
-    ``max_tokens`` is the constant length of ``normalize="constant"`` (default: ``T``).
-    ``total_tokens`` replaces the token count of ``normalize="token"`` when a batch is split over
-    accumulation steps, so every token of the whole batch weighs the same (TRL's "dapo").
+    ``max_tokens`` is the constant length of ``normalize="constant"`` (default: ``T``). Token
+    normalisation divides by this batch's own token count: with gradient accumulation each
+    micro-batch is normalised on its own.
 
     Returns ``(loss, metrics)``; metrics (floats): ``kl`` (mean k3 over tokens, when ``ref_logps``
     is given), ``clip_fraction`` (share of tokens whose gradient the clip removed),
@@ -115,7 +111,7 @@ def grpo_objective(
     kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
     if beta > 0:
         per_token = per_token + beta * kl
-    loss = _normalise(per_token, mask, normalize, max_tokens, total_tokens)
+    loss = _normalise(per_token, mask, normalize, max_tokens)
 
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1.0)

@@ -9,12 +9,13 @@ Per pair and step, against the plain step's 4 vision passes and 4 prompt passes:
   or never (``cache_vision``: read from disk after the first epoch);
 - the prompt goes through the language model once for both answers (``vlmrl.forward.shared_prefix``);
 - the reference costs nothing per step with ``reference_logps`` from ``precompute_reference``;
-- each record's processor output is kept in memory (``EncodedRecordCache``).
+- each record's processor output is kept in memory (``vlmrl.batch.EncodedRecordCache``).
 
 Where the fast forward cannot run a model exactly (a family other than Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL, an attention implementation without 4D masks such as flash-attention) the step warns
-once and runs the plain path. Under DistributedDataParallel the packed forward goes through the
-wrapper, so gradients are reduced as usual (``tests/test_multiprocess.py``).
+Qwen3-VL, an attention implementation without 4D masks such as flash-attention) the step logs a
+warning (once per step object and reason) and runs the plain path. Under DistributedDataParallel
+the packed forward goes through the wrapper, so gradients are reduced as usual
+(``tests/test_multiprocess.py``).
 
 Config keys (``vlmrl.config``; ``Trainer._make_step`` builds this step from them):
 
@@ -32,33 +33,23 @@ when an id is missing from ``reference_logps``).
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 
 import torch
 
+from vlmrl.batch import EncodedRecordCache, encode_pairs
 from vlmrl.config import LossConfig
 from vlmrl.errors import VlmrlError
-from vlmrl.forward.plain import ForwardStats, PairLogps, pair_logps
+from vlmrl.forward.plain import ForwardStats, PairLogps, plain_pair_logps
 from vlmrl.forward.ref_cache import ReferenceLogps
-from vlmrl.forward.shared_prefix import (
-    PackedPairs,
-    encode_images,
-    pack_pairs,
-    packed_logps,
-    rope_positions,
-    unsupported_reason,
-)
-from vlmrl.forward.vision_cache import (
-    EncodedRecordCache,
-    VisionFeatureCache,
-    encode_pairs_cached,
-    vision_is_frozen,
-)
+from vlmrl.forward.inner import unsupported_reason
+from vlmrl.forward.shared_prefix import PackedPairs, encode_images, pack_pairs, packed_pair_logps, rope_positions
+from vlmrl.forward.vision_cache import VisionFeatureCache, vision_is_frozen
 from vlmrl.models.load import reference_forward
 from vlmrl.train.steps import PreferenceStep, pair_loss
 
-_warned: set[str] = set()
+log = logging.getLogger(__name__)
 
 
 class FastPreferenceStep(PreferenceStep):
@@ -83,6 +74,7 @@ class FastPreferenceStep(PreferenceStep):
         encode_cache: EncodedRecordCache | None = None,
     ):
         super().__init__(model, processor, max_length, loss, reference, unwrapped)
+        self._warned: set[str] = set()
         self.reference_logps = reference_logps
         self.encode_cache = encode_cache or EncodedRecordCache()
         self.stats = ForwardStats()
@@ -94,7 +86,7 @@ class FastPreferenceStep(PreferenceStep):
         if vision_cache_dir is not None and self.share_vision:
             self.vision_cache = VisionFeatureCache(vision_cache_dir, self.unwrapped, processor)
         elif vision_cache_dir is not None and not self.fast:
-            _warn_once("the vision cache needs the fast pair forward; images are encoded every step")
+            self._warn_once("the vision cache needs the fast pair forward; images are encoded every step")
         elif vision_cache_dir is not None:
             raise VlmrlError(
                 "data.cache_vision needs a frozen vision tower and merger and the reference to be the policy "
@@ -102,7 +94,7 @@ class FastPreferenceStep(PreferenceStep):
             )
 
     def encode(self, records, device="cpu"):
-        pairs = encode_pairs_cached(records, self.processor, self.max_length, self.encode_cache)
+        pairs = encode_pairs(records, self.processor, self.max_length, self.encode_cache)
         if not self.fast:
             return pairs.to(device)
         images = [path for record in records for path in record.images]
@@ -117,9 +109,9 @@ class FastPreferenceStep(PreferenceStep):
         features = None
         if isinstance(batch, PackedPairs):
             features = self._frozen_features(batch)
-            policy = packed_logps(model, batch, features, self.stats)
+            policy = packed_pair_logps(model, batch, features, self.stats)
         else:
-            policy = pair_logps(model, batch, self.stats)
+            policy = plain_pair_logps(model, batch, self.stats)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref = self._reference_logps(batch, features)
@@ -130,7 +122,7 @@ class FastPreferenceStep(PreferenceStep):
         reasons = [unsupported_reason(m) for m in models if m is not None]
         reason = next((r for r in reasons if r is not None), None)
         if reason is not None:
-            _warn_once(f"fast pair forward off, using the plain one: {reason}")
+            self._warn_once(f"fast pair forward off, using the plain one: {reason}")
         return reason is None
 
     def _frozen_features(self, batch: PackedPairs):
@@ -149,11 +141,11 @@ class FastPreferenceStep(PreferenceStep):
             return cached.lookup(batch.ids, device=device)
         with reference_forward(self.reference, self.unwrapped) as model:
             if isinstance(batch, PackedPairs):
-                return packed_logps(model, batch, features if self.share_vision else None, self.stats)
-            return pair_logps(model, batch, self.stats)
+                return packed_pair_logps(model, batch, features if self.share_vision else None, self.stats)
+            return plain_pair_logps(model, batch, self.stats)
 
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+    def _warn_once(self, message: str) -> None:
+        """Log ``message`` the first time this step meets it (the check runs again for each eval model)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning(message)

@@ -55,10 +55,10 @@ import torch
 from vlmrl.config import GrpoConfig
 from vlmrl.errors import VlmrlError
 from vlmrl.forward.group import GroupBatch, build_group_batch, group_logps
-from vlmrl.generate import encode_prompts, vision_token_ids
+from vlmrl.generate import encode_prompts, stop_token_ids, through_stop, vision_token_ids
 from vlmrl.losses.policy import grpo_objective, group_advantages
+from vlmrl.models.load import eval_mode, reference_forward
 from vlmrl.rewards import count_exact_reward, count_format_reward, count_partial_reward
-from vlmrl.models.load import reference_forward
 
 BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
     "count_exact": count_exact_reward,
@@ -131,8 +131,10 @@ class GrpoStep:
     ``model`` is what the loop trains (possibly wrapped for distributed training); ``unwrapped``
     the same model outside any wrapper (it samples, and its adapter is switched off for the
     reference); ``reference`` a separate frozen model for full fine-tuning with ``beta > 0``.
-    ``sampler`` replaces transformers' generation: a callable ``(records, prompts) -> token ids``,
-    ``group_size`` lists per record, each cut after its stop token (``vlmrl.generation_vllm.VllmSampler``).
+    ``sampler`` replaces transformers' generation: a callable ``(records, prompts) -> token ids``
+    taking the records and their left-padded processor batch and returning ``group_size`` lists per
+    record (a record's together), each cut after its stop token, the stop token kept (``sample``'s
+    layout). No sampler ships with vlmrl yet; the hook is there for a faster one.
     """
 
     def __init__(self, model, processor, config: GrpoConfig, reference=None, unwrapped=None, sampler=None):
@@ -146,8 +148,6 @@ class GrpoStep:
             label, function = resolve_reward(spec.name)
             self.rewards.append((label, spec.weight, function))
         self.sampler = sampler
-        if config.backend == "vllm" and sampler is None:
-            raise VlmrlError("grpo.backend=vllm needs a sampler: build one with vlmrl.generation_vllm.VllmSampler")
         self.vision_ids = vision_token_ids(self.unwrapped, processor)
 
     def encode(self, records, device="cpu") -> GrpoBatch:
@@ -155,7 +155,7 @@ class GrpoStep:
         if not records:
             raise VlmrlError("no records to encode: the batch is empty")
         counts = [_gold_counts(r) for r in records]
-        prompts = _encode_prompts_left(records, self.processor)
+        prompts = encode_prompts([(r.images, r.prompt) for r in records], self.processor)
         if self.sampler is not None:
             completions = self.sampler(records, prompts)
         else:
@@ -185,9 +185,7 @@ class GrpoStep:
         c = self.config
         model = self.unwrapped
         stop = stop_token_ids(model, self.processor)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             generated = model.generate(
                 **prompts.to(next(model.parameters()).device),
                 do_sample=True,
@@ -199,10 +197,8 @@ class GrpoStep:
                 suppress_tokens=self.vision_ids,
                 pad_token_id=self.processor.tokenizer.pad_token_id,
             )
-        finally:
-            model.train(was_training)
         new = generated[:, prompts["input_ids"].shape[1] :].tolist()
-        return [_through_stop(row, stop) for row in new]
+        return [through_stop(row, stop) for row in new]
 
     def loss_and_metrics(self, batch: GrpoBatch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
@@ -240,35 +236,6 @@ def _gold_counts(record) -> dict[str, int]:
             "which this record lacks; build the data with `vlmrl data` from detections or synthetic scenes"
         )
     return counts
-
-
-def _encode_prompts_left(records, processor):
-    """The processor's batch of chat-templated prompts, padded on the left (sampling appends on the right)."""
-    tokenizer = processor.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return encode_prompts([(r.images, r.prompt) for r in records], processor)
-    finally:
-        tokenizer.padding_side = side
-
-
-def stop_token_ids(model, processor) -> set[int]:
-    """The ids that end an answer: the generation config's EOS ids and ``<|im_end|>``."""
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end is not None:
-        ids.add(im_end)
-    return ids
-
-
-def _through_stop(row: list[int], stop: set[int]) -> list[int]:
-    """The tokens up to and including the first stop token (all of them when it never stopped)."""
-    for i, token in enumerate(row):
-        if token in stop:
-            return row[: i + 1]
-    return row
 
 
 def _sampling_metrics(total, per_function, texts, counts, group: GroupBatch, group_size: int) -> dict[str, float]:

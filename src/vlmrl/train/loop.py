@@ -40,7 +40,7 @@ from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
 from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.train.fast_step import FastPreferenceStep
 from vlmrl.train.grpo import GrpoStep
-from vlmrl.train.steps import PreferenceStep, SftStep
+from vlmrl.train.steps import PreferenceStep, SftStep, needs_reference
 
 
 class TrainingDiverged(VlmrlError):
@@ -130,8 +130,7 @@ class Trainer:
             return PreferenceStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
         caches = self.out.parent
         reference_logps = None
-        needs_reference = not c.loss.reference_free and c.loss.name != "simpo"
-        if t.precompute_ref and needs_reference:
+        if t.precompute_ref and needs_reference(c):
             # The main process writes the cache first; the others then read it instead of recomputing.
             with self.accelerator.main_process_first():
                 reference_logps = precompute_reference(

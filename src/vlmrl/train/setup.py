@@ -9,6 +9,7 @@ import torch
 from vlmrl.config import Config
 from vlmrl.errors import VlmrlError
 from vlmrl.models.load import add_lora, frozen_copy, load_model
+from vlmrl.train.steps import needs_reference
 
 
 def build_model(config: Config, trust_remote_code: bool = False):
@@ -40,12 +41,7 @@ def build_model(config: Config, trust_remote_code: bool = False):
         model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, lora.vision, lora.merger)
         return model, processor, None
     freeze_for_full_finetuning(model, lora.vision, lora.merger)
-    loss = config.loss
-    algo = config.train.algo
-    needs_reference = (algo == "dpo" and not loss.reference_free and loss.name != "simpo") or (
-        algo == "grpo" and config.grpo.beta > 0
-    )
-    return model, processor, frozen_copy(model) if needs_reference else None
+    return model, processor, frozen_copy(model) if needs_reference(config) else None
 
 
 def check_unsloth_settings(config: Config) -> None:

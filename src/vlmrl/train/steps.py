@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from vlmrl.batch import encode_pairs
-from vlmrl.config import LossConfig
-from vlmrl.forward.plain import pair_logps, sequence_logps
-from vlmrl.forward.vision_cache import EncodedRecordCache, encode_sft_cached
+from vlmrl.batch import EncodedRecordCache, encode_pairs, encode_sft
+from vlmrl.config import Config, LossConfig
+from vlmrl.forward.plain import plain_pair_logps, sequence_logps
 from vlmrl.losses.preference import nll, preference_loss, preference_metrics
 from vlmrl.models.load import reference_forward
 
@@ -35,7 +34,7 @@ class SftStep:
         self.encode_cache = encode_cache if encode_cache is not None else EncodedRecordCache()
 
     def encode(self, records, device="cpu") -> dict:
-        inputs = encode_sft_cached(records, self.processor, self.max_length, self.encode_cache)
+        inputs = encode_sft(records, self.processor, self.max_length, self.encode_cache)
         return {k: v.to(device) for k, v in inputs.items()}
 
     def loss_and_metrics(self, batch: dict, model=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -60,13 +59,13 @@ class PreferenceStep:
         self.loss = loss
         self.reference = reference
         self.unwrapped = unwrapped if unwrapped is not None else model
-        self.needs_reference = not loss.reference_free and loss.name != "simpo"
+        self.needs_reference = loss_needs_reference(loss)
 
     def encode(self, records, device="cpu"):
         return encode_pairs(records, self.processor, self.max_length).to(device)
 
     def loss_and_metrics(self, batch, model=None) -> tuple[torch.Tensor, dict[str, float]]:
-        policy = pair_logps(model or self.model, batch)
+        policy = plain_pair_logps(model or self.model, batch)
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref = self._reference_logps(batch)
@@ -75,7 +74,22 @@ class PreferenceStep:
 
     def _reference_logps(self, batch):
         with reference_forward(self.reference, self.unwrapped) as model:
-            return pair_logps(model, batch)
+            return plain_pair_logps(model, batch)
+
+
+def loss_needs_reference(loss: LossConfig) -> bool:
+    """Whether a preference loss compares with a reference model: all but SimPO and reference-free ones."""
+    return not loss.reference_free and loss.name != "simpo"
+
+
+def needs_reference(config: Config) -> bool:
+    """Whether a run of ``config`` needs a reference model: DPO with a loss that compares with one
+    (``loss_needs_reference``), or GRPO with a KL penalty (``grpo.beta > 0``); never SFT."""
+    if config.train.algo == "dpo":
+        return loss_needs_reference(config.loss)
+    if config.train.algo == "grpo":
+        return config.grpo.beta > 0
+    return False
 
 
 def pair_loss(loss: LossConfig, policy, ref_chosen, ref_rejected) -> tuple[torch.Tensor, dict[str, float]]:
