@@ -210,7 +210,7 @@ def scan(path: str | Path, fmt: str | None, max_chars: int, check_images: bool, 
         try:
             fmt = detect_format(path)
         except VlmrlError as e:
-            problem = Problem(str(path), "unknown-format", str(e))
+            problem = Problem(str(path), "unknown-format", str(e).removeprefix(f"{path}: "))
             return CheckReport(str(path), None, problems=[problem]), [], True
     report = CheckReport(str(path), fmt)
     found: list[tuple[int, Problem]] = []  # (record position, problem), position -1 = whole file

@@ -202,11 +202,11 @@ def _indexed_names(path: Path, names: dict) -> list:
     for key in names:
         if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and _whole_number(key))):
             raise VlmrlError(f"{path}: 'names' key {key!r} is not a class index; write names as a list, "
-                             "or as 0: name, 1: name, ...")
+                             "or as 0: name, 1: name, ...; or pass --classes")
         indexes[int(key)] = names[key]
     if sorted(indexes) != list(range(len(indexes))):
         raise VlmrlError(f"{path}: 'names' keys are {sorted(indexes)}, not 0..{len(indexes) - 1}; "
-                         "number the classes from 0 without gaps")
+                         "number the classes from 0 without gaps, or pass --classes")
     return [indexes[i] for i in range(len(indexes))]
 
 

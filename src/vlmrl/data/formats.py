@@ -87,18 +87,21 @@ def detect_format(path: str | Path) -> str:
     require_path(path)
     if path.is_dir() or path.suffix == ".parquet":
         return "hf"
-    keys_seen = None
+    found, unreadable = "it has no JSON record", None
     for _, _, row in _json_rows(path):
-        if isinstance(row, Problem):  # the first record cannot be read: say why, not "no record"
-            raise VlmrlError(f"{row.location}: cannot tell the data format: {row.message}")
-        if isinstance(row, dict):
-            fmt = _format_of_row(row)
-            if fmt:
-                return fmt
-            keys_seen = sorted(row)
-            break
+        if isinstance(row, Problem):  # detect from the first readable record; the check reports this one
+            unreadable = unreadable or row
+            continue
+        fmt = _format_of_row(row) if isinstance(row, dict) else None
+        if fmt:
+            return fmt
+        found = (f"its first record has keys {sorted(row)}" if isinstance(row, dict)
+                 else f"its first record is a JSON {type(row).__name__}, not an object")
+        break
+    else:
+        if unreadable is not None:  # say why no record could be read, not just "no record"
+            raise VlmrlError(f"{unreadable.location}: cannot tell the data format: {unreadable.message}")
     expected = "; ".join(f"{name} ({keys})" for name, keys in FORMATS.items())
-    found = f"its first record has keys {keys_seen}" if keys_seen is not None else "it has no JSON record"
     raise VlmrlError(f"{path}: cannot tell the data format: {found}. Expected one of: {expected}. "
                      f"Pass the format explicitly (--format / --from) if it is one of these.")
 
@@ -205,7 +208,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
         line = re.search(r"\bline (\d+)", message)
         where = f"{path}:{line[1]}" if line else str(path)
         yield -1, where, Problem(where, "malformed-json",
-                                 f"{path} is {message}; fix it, or write one record per line "
+                                 f"the file is {message}; fix it, or write one record per line "
                                  f"(JSONL) so one bad line spoils only itself")
         return
     for index, row in enumerate(data):

@@ -27,7 +27,10 @@ def load_records(path: str | Path, fmt: str | None = None, skip_bad: bool = Fals
         log.warning("%s: %d warning(s):\n%s", path, len(report.warnings), problem_lines(report.warnings))
     if report.ok:
         return records
-    if not skip_bad or whole_file:
+    if whole_file:
+        raise VlmrlError(f"{path} cannot be read as data:\n{problem_lines(report.problems)}\n"
+                         f"Fix it (`vlmrl data check {path}` lists every problem).")
+    if not skip_bad:
         raise VlmrlError(f"{path}: {len(report.problems)} problem(s) in {report.bad_records} of "
                          f"{report.records_read} records:\n{problem_lines(report.problems)}\n"
                          f"Fix them (`vlmrl data check {path}` lists them all) or pass --skip-bad.")
