@@ -3,9 +3,9 @@
 A file that is missing, a symbolic link that loops, a folder where a file is expected, bytes that
 are not UTF-8 (named by byte offset and line), JSON or YAML that does not parse, nesting too deep
 for Python's parsers (100,000 ``[`` make them raise ``RecursionError``), a number too long for
-Python's int limit, input too large for memory: each becomes a :class:`VlmrlError` (file-level
-functions) or a :class:`BadText` (functions over one fragment, such as a JSONL line, whose caller
-knows the location) whose message says what is wrong; the caller adds what to do.
+Python's int limit, input too large for memory: each becomes a :class:`VlmrlError` naming the file
+(file-level functions) or a :class:`BadText` (functions over one fragment, such as a JSONL line,
+whose caller knows the location and adds it) whose message says what is wrong.
 
 Parsed JSON is also refused when nested deeper than :data:`MAX_DEPTH` levels: real records are a
 few levels deep, and a value a few hundred levels deep parses but then overflows the stack of
