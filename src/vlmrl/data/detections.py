@@ -179,6 +179,7 @@ def _yaml_names(root: Path) -> list[str]:
         )
     try:
         data = read_yaml(path)
+        data = {} if data is None else data  # an empty file
     except VlmrlError as e:
         raise VlmrlError(f"{e}; fix it or pass --classes") from None
     if not isinstance(data, dict):
@@ -191,7 +192,7 @@ def _yaml_names(root: Path) -> list[str]:
         raise VlmrlError(f"{path}: no 'names' list of classes; add one or pass --classes")
     for k, name in enumerate(names):
         if isinstance(name, bool) or not isinstance(name, (str, int)) or not str(name).strip():
-            raise VlmrlError(f"{path}: names[{k}] is {name!r}, not a class name; give each class one "
+            raise VlmrlError(f"{path}: names[{k}] is {repr(name)[:80]}, not a class name; give each class one "
                              "name (quote names YAML reads otherwise, e.g. 'no', 'on') or pass --classes")
     return [str(n).strip().lower() for n in names]
 
@@ -289,11 +290,11 @@ def _coco_tables(path: Path) -> tuple[dict, list, list]:
                          "and 'categories'")
     categories = {}
     for k, c in enumerate(data["categories"]):
-        if not (isinstance(c, dict) and _coco_id(c.get("id")) and isinstance(c.get("name"), str)
-                and c["name"].strip()):
+        if not (isinstance(c, dict) and _coco_id(c.get("id")) and _coco_id(c.get("name"))
+                and str(c["name"]).strip()):
             raise VlmrlError(f"{path}: category #{k} must be {{\"id\": <number>, \"name\": <text>}}, "
                              f"got {str(c)[:80]}; fix the file")
-        categories[c["id"]] = c["name"].strip().lower()
+        categories[c["id"]] = str(c["name"]).strip().lower()
     return categories, data["images"], data["annotations"]
 
 
