@@ -30,7 +30,8 @@ PER_FORMAT = settings(FUZZ, max_examples=40)  # five formats each
 JSON_FILES = {"vlmrl": "d.jsonl", "seed": "d.json", "trl": "d.jsonl", "llamafactory": "d.json", "swift": "d.jsonl"}
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    | st.sampled_from(["\ud800", "a\udc00b", "../../etc/passwd", "<image>", "<|user|>"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )

@@ -325,6 +325,16 @@ def test_symlink_loop_is_named_not_no_such_file(folder, capsys):
     assert code == 1 and "missing-image: " in out and "loop.png is a symbolic link that loops" in out
 
 
+def test_lone_surrogate_escape_is_refused_not_a_crash_when_written(folder, capsys):
+    line = json.dumps(seed_row(1, chosen="a\ud800"))  # json writes the escape \ud800, no pair
+    path = write_lines(folder / "d.jsonl", [seed_row(0), line])
+    code, out, _ = run(["data", "check", path], capsys)
+    assert code == 1 and f"{path}:2: malformed-json: line 2 is not readable JSON: a string holds the " \
+        "escape \\ud800, half of a UTF-16 surrogate pair" in out
+    code, _, err = run(["data", "convert", path, folder / "o.jsonl", "--to", "trl"], capsys)
+    assert code == 2 and f"{path}:2: line 2 is not readable JSON" in err
+
+
 # ---------------------------------------------------------------- 6. config files
 
 

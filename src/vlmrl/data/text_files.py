@@ -7,9 +7,11 @@ Python's int limit, input too large for memory: each becomes a :class:`VlmrlErro
 (file-level functions) or a :class:`BadText` (functions over one fragment, such as a JSONL line,
 whose caller knows the location and adds it) whose message says what is wrong.
 
-Parsed JSON is also refused when nested deeper than :data:`MAX_DEPTH` levels: real records are a
+Parsed JSON is also refused when nested deeper than :data:`MAX_DEPTH` levels (real records are a
 few levels deep, and a value a few hundred levels deep parses but then overflows the stack of
-whatever walks it later (``str``, ``json.dumps``, ``copy``).
+whatever walks it later: ``str``, ``json.dumps``, ``copy``), and when a string holds a lone UTF-16
+surrogate (the escape ``"\\ud800"`` without its pair parses, but is no character: writing it as
+UTF-8, or tokenizing it, fails later).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ import yaml
 from vlmrl.errors import VlmrlError
 
 MAX_DEPTH = 100
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -108,9 +112,9 @@ def parse_json(text: str | bytes) -> Any:
         raise BadText("not readable JSON: too large to hold in memory") from None
     except ValueError as e:  # Python's limit on the digits of an integer (4,300)
         raise BadText(f"not readable JSON: a number too long to read ({str(e).split(';')[0]})") from None
-    if _deeper_than(value, MAX_DEPTH):
-        raise BadText(f"not readable JSON: nested more than {MAX_DEPTH} levels deep "
-                      "(records are a few levels deep)")
+    problem = _value_problem(value, MAX_DEPTH, strings="\\u" in text)
+    if problem:
+        raise BadText(f"not readable JSON: {problem}")
     return value
 
 
@@ -135,16 +139,23 @@ def read_yaml(path: str | Path) -> Any:
         raise VlmrlError(f"{path}: not readable YAML: nested too deeply for the parser") from None
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether lists and dicts in ``value`` nest more than ``limit`` levels (walked without recursion)."""
+def _value_problem(value: Any, limit: int, strings: bool) -> str | None:
+    """Why a parsed JSON value cannot be used: lists and dicts nested more than ``limit`` levels,
+    or (when ``strings``) a string or key holding a lone surrogate. Walked without recursion."""
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
+        if strings and isinstance(node, str) and _SURROGATE.search(node):
+            found = _SURROGATE.search(node)[0]
+            return (f"a string holds the escape \\u{ord(found):04x}, half of a UTF-16 surrogate pair "
+                    "without its other half, which is no character")
         if isinstance(node, dict):
-            node = node.values()
-        elif not isinstance(node, list):
+            children = [*node.keys(), *node.values()] if strings else node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
             continue
         if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
-    return False
+            return f"nested more than {limit} levels deep (records are a few levels deep)"
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, str)))
+    return None
