@@ -383,3 +383,12 @@ def test_doctests_of_the_new_rules_pass():
     for module in (check, formats):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_pipe_or_device_is_refused_instead_of_blocking_or_reading_forever(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    code, out, _ = run(["data", "check", tmp_path / "pipe.jsonl"], capsys)
+    assert code == 1 and "pipe.jsonl is not a regular file" in out
+    os.symlink("/dev/zero", tmp_path / "c.yaml")
+    code, _, err = run(["config", "validate", tmp_path / "c.yaml"], capsys)
+    assert code == 2 and "c.yaml is not a regular file" in err

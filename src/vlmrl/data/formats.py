@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmrl.data.records import Message, PreferenceRecord
-from vlmrl.data.text_files import BadText, decode_utf8, parse_json, read_text, require_path
+from vlmrl.data.text_files import BadText, decode_utf8, parse_json, read_text, require_file, require_path
 from vlmrl.errors import VlmrlError
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def read_records(path: str | Path, fmt: str | None = None, skip_bad: bool = Fals
 
 def _json_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
     """Raw rows of a JSON array or JSONL file, malformed ones as Problems."""
+    require_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()

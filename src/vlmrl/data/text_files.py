@@ -75,13 +75,21 @@ def decode_utf8(raw: bytes, offset: int = 0) -> str:
                       f"({e.reason}); save the file as UTF-8") from None
 
 
+def require_file(path: str | Path) -> None:
+    """Raise VlmrlError unless ``path`` is a regular file (not missing, a folder, a device or a pipe,
+    which would block or never end)."""
+    require_path(path)
+    if os.path.isdir(path):
+        raise VlmrlError(f"{path} is a folder where a file was expected")
+    if not os.path.isfile(path):
+        raise VlmrlError(f"{path} is not a regular file (a device or a pipe?); give a file")
+
+
 def read_text(path: str | Path) -> str:
     """The UTF-8 text of a file; VlmrlError naming the file and what is wrong."""
-    require_path(path)
+    require_file(path)
     try:
         raw = Path(path).read_bytes()
-    except IsADirectoryError:
-        raise VlmrlError(f"{path} is a folder where a file was expected") from None
     except OSError as e:
         raise VlmrlError(f"{path} cannot be read ({e.strerror or e})") from None
     except MemoryError:
