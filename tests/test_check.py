@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vlmrl.cli import main
-from vlmrl.data.check import check_records, image_error
+from vlmrl.data.check import check_records, image_problem
 from vlmrl.data.load import load_records
 from vlmrl.errors import VlmrlError
 
@@ -183,10 +183,11 @@ def test_worker_pool_finds_the_same_bad_images(tmp_path):
     assert pooled.problems == check_records(path, workers=1).problems
 
 
-def test_image_error_accepts_a_png_and_names_a_missing_file(tmp_path):
+def test_image_problem_accepts_a_png_and_names_a_missing_file(tmp_path):
     Image.new("L", (5, 5)).save(tmp_path / "a.png")
-    assert image_error(str(tmp_path / "a.png")) is None
-    assert "not found" in image_error(str(tmp_path / "zz.png"))
+    assert image_problem(str(tmp_path / "a.png")) is None
+    kind, message = image_problem(str(tmp_path / "zz.png"))
+    assert kind == "missing-image" and "not found" in message
 
 
 # ---------------------------------------------------------------- load_records
@@ -198,12 +199,12 @@ def test_load_records_raises_with_the_problems(folder):
         load_records(path)
 
 
-def test_load_records_skip_bad_keeps_good_records_and_says_why(folder, capsys):
+def test_load_records_skip_bad_keeps_good_records_and_logs_why(folder, caplog):
     path = jsonl(folder / "d.jsonl", [row(0), row(1, chosen=""), row(2), row(3, id="r0")])
     records = load_records(path, skip_bad=True)
     assert [r.id for r in records] == ["r0", "r2"]
-    err = capsys.readouterr().err
-    assert "skipped 2 of 4 records" in err and "empty-answer" in err and "duplicate-id" in err
+    [message] = [r.getMessage() for r in caplog.records if r.name == "vlmrl.data.load"]
+    assert "skipped 2 of 4 records" in message and "empty-answer" in message and "duplicate-id" in message
 
 
 def test_load_records_lists_twenty_problems_then_a_count(folder):

@@ -102,7 +102,7 @@ def test_coco_unknown_category_is_an_error(tmp_path):
     with pytest.raises(VlmrlError, match=r"ann\.json: annotation #0 \(id 5\): category_id 9"):
         list(read_detections(tmp_path))
     (tmp_path / "ann.json").write_text("{not json")
-    with pytest.raises(VlmrlError, match="ann.json: not a COCO"):
+    with pytest.raises(VlmrlError, match=r"ann\.json: not valid JSON: .* at column 2; fix the annotation file"):
         list(read_detections(tmp_path, "coco"))
 
 
@@ -127,6 +127,7 @@ def test_voc_annotations_folder_and_beside_images(tmp_path):
 
 
 def test_voc_bad_xml(tmp_path):
+    _image(tmp_path / "a.jpg")
     _voc(tmp_path / "a.xml", "a.jpg", ["car"])
     (tmp_path / "b.xml").write_text("<annotation><filename>b.jpg")
     with pytest.raises(VlmrlError, match=r"b\.xml: not valid XML"):
@@ -140,6 +141,8 @@ def test_unknown_folder_contents(tmp_path):
     with pytest.raises(VlmrlError, match="found no YOLO"):
         detect_format(tmp_path)
     with pytest.raises(VlmrlError, match="not a folder"):
+        detect_format(tmp_path / "notes.txt")
+    with pytest.raises(VlmrlError, match="missing: no such file or folder"):
         detect_format(tmp_path / "missing")
 
 

@@ -254,7 +254,7 @@ def test_unknown_format_names_every_expected_format(tmp_path):
         assert name in message
 
 
-def test_jsonl_is_streamed_and_stops_at_the_first_bad_line(tmp_path, capsys):
+def test_jsonl_is_streamed_and_stops_at_the_first_bad_line(tmp_path, caplog):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(SEED_ROW) + "\n\n{not json\n" + json.dumps(SEED_ROW) + "\n")
     stream = iter_records(path)
@@ -263,15 +263,15 @@ def test_jsonl_is_streamed_and_stops_at_the_first_bad_line(tmp_path, capsys):
         next(stream)
     kept = read_records(path, skip_bad=True)
     assert [r.id for r in kept] == ["d-0", "d-2"]
-    assert "skipped " + str(path) + ":3" in capsys.readouterr().err
+    assert "skipped " + str(path) + ":3" in caplog.text
 
 
-def test_skip_bad_says_what_it_skipped(tmp_path, capsys):
+def test_skip_bad_says_what_it_skipped(tmp_path, caplog):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(SEED_ROW) + "\n" + json.dumps({"image_path": "x"}) + "\n")
     assert len(read_records(path, skip_bad=True)) == 1
-    err = capsys.readouterr().err
-    assert "skipped" in err and "d.jsonl:2" in err and "missing key(s) prompt, chosen, rejected" in err
+    logged = caplog.text
+    assert "skipped" in logged and "d.jsonl:2" in logged and "missing key(s) prompt, chosen, rejected" in logged
 
 
 def test_format_that_does_not_fit_the_path_is_refused(tmp_path):

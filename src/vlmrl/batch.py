@@ -231,7 +231,14 @@ def check_not_empty(records: Sequence[PreferenceRecord]) -> None:
 def _encode_prompt(record: PreferenceRecord, processor, max_length: int) -> EncodedPrompt:
     images = load_images(record)
     text = prompt_text(record, processor)
-    encoded = processor(text=[text], images=images or None, return_tensors="pt")
+    try:
+        encoded = processor(text=[text], images=images or None, return_tensors="pt")
+    except (ValueError, RuntimeError) as e:  # e.g. smart_resize: "absolute aspect ratio must be smaller than 200"
+        sizes = ", ".join(f"{path} ({im.width}x{im.height})" for path, im in zip(record.images, images))
+        raise VlmrlError(
+            f"record {record.id}: the model's processor cannot encode it ({e}); images: {sizes or 'none'}. "
+            "`vlmrl data check FILE` finds such images; fix the image or drop the record"
+        ) from e
     prompt_ids = encoded["input_ids"][0].tolist()
     if "mm_token_type_ids" in encoded:
         mm_types = encoded["mm_token_type_ids"][0].tolist()

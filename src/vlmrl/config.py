@@ -194,13 +194,13 @@ class Config(_Section):
 
 def load_config(path: str | Path, overrides: list[str] | None = None, algo: str | None = None) -> Config:
     """Read ``path`` (YAML), apply ``key.sub=value`` overrides and ``--algo``, and validate."""
+    from vlmrl.data.text_files import read_yaml
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise VlmrlError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise VlmrlError(f"{path}: not valid YAML: {e}") from e
+    # Names the file and what is wrong: a looping link, a folder, the byte offset of bad UTF-8, bad YAML.
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise VlmrlError(f"{path}: the config must be a mapping of sections (model:, data:, train:, ...)")
     for item in overrides or []:

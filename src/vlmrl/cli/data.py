@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 
 from vlmrl.data.formats import FORMATS  # light: the readers import datasets only when used
 
@@ -23,7 +24,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="report every problem in a preference data file",
                        description="Read every record and report all problems with their line "
-                       "(JSONL) or index (JSON) and what to do. Exit status 1 when any is found.")
+                       "(JSONL) or index (JSON) and what to do, images included: unreadable, or a "
+                       "shape the Qwen-VL processors refuse (aspect ratio above 200). Images above "
+                       "4096x4096 pixels are warnings. Exit status 1 when any problem is found "
+                       "(warnings alone exit 0).")
     p.add_argument("file", help="data file (.json, .jsonl, .parquet) or datasets folder")
     p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="skip auto-detection")
     p.add_argument("--max-chars", type=int, default=4000,
@@ -69,11 +73,15 @@ def _print_report(report) -> None:
     console = Console(highlight=False, soft_wrap=True)
     for p in report.problems:
         console.print(escape(f"{p.location}: {p.kind}: {p.message}"))
+    for p in report.warnings:
+        console.print(escape(f"{p.location}: warning: {p.kind}: {p.message}"))
     table = Table(title=f"{report.path} (format: {report.format or 'unknown'})")
     table.add_column("problem")
     table.add_column("count", justify="right")
     for kind, n in report.counts().items():
         table.add_row(kind, str(n))
+    for kind, n in report.warning_counts().items():
+        table.add_row(f"{kind} (warning)", str(n))
     table.add_section()
     table.add_row("records read", str(report.records_read))
     table.add_row("records ok", str(report.ok_records))
@@ -81,15 +89,21 @@ def _print_report(report) -> None:
     console.print(table)
     console.print("no problems found" if report.ok else
                   f"{len(report.problems)} problem(s) found")
+    if report.warnings:
+        console.print(f"{len(report.warnings)} warning(s)")
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from vlmrl.data.formats import detect_format, iter_records
+    from vlmrl.data.formats import detect_format, read_records
     from vlmrl.data.writers import write_records
 
     source = args.from_format or detect_format(args.input)
     # Read everything first, so a bad record stops the command before a half-written output.
-    records = list(iter_records(args.input, source, skip_bad=args.skip_bad))
+    skipped: list = []
+    records = read_records(args.input, source, skip_bad=args.skip_bad, skipped=skipped)
     write_records(records, args.output, args.to)
     print(f"wrote {len(records)} records to {args.output} ({args.to}) from {args.input} ({source})")
+    if skipped:
+        print(f"skipped {len(skipped)} bad record(s) (listed above): "
+              + ", ".join(f"{kind} {n}" for kind, n in Counter(p.kind for p in skipped).most_common()))
     return 0

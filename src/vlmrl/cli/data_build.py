@@ -132,15 +132,15 @@ def _synth(args: argparse.Namespace) -> int:
 def _report(paths: dict, stats, out) -> None:
     from rich.console import Console
 
-
-    console = Console()
+    console = Console(soft_wrap=True)
     for table in stats_tables(stats):
         console.print(table)
     for split, path in paths.items():
         console.print(f"{split}: {path}")
     console.print(f"stats: {out}/stats.json")
     if stats.skipped:
-        console.print(f"[yellow]skipped {len(stats.skipped)} bad label file(s):[/yellow]")
+        console.print(f"[yellow]skipped {len(stats.skipped)} bad label(s) (label files, images or "
+                      "annotations):[/yellow]")
         for line in stats.skipped:
             console.print(f"  {line}", markup=False)
 
@@ -156,6 +156,8 @@ def stats_tables(stats) -> list:
     for name in sorted(stats.images):
         splits.add_row(name, str(stats.images[name]), str(stats.pairs_per_split[name]))
     splits.add_row("all", str(sum(stats.images.values())), str(sum(stats.pairs_per_split.values())))
+    if stats.skipped:
+        splits.add_row("skipped (bad labels)", str(len(stats.skipped)), "0")
 
     high = max((k for d in stats.distribution.values() for k in d), default=0)
     shown = list(range(min(high, 6) + 1))

@@ -33,17 +33,20 @@ JSON writers pick a ``.json`` array or ``.jsonl`` lines by the output suffix.
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmrl.data.records import Message, PreferenceRecord
+from vlmrl.data.text_files import BadText, decode_utf8, parse_json, read_text, require_file, require_path
 from vlmrl.errors import VlmrlError
+
+log = logging.getLogger(__name__)
 
 FORMATS: dict[str, str] = {
     "vlmrl": "id, images, prompt (messages), chosen, rejected, metadata",
@@ -81,20 +84,24 @@ class _RecordProblem(Exception):
 def detect_format(path: str | Path) -> str:
     """The format name of a data file or folder, from its first readable record."""
     path = Path(path)
-    if not path.exists():
-        raise VlmrlError(f"{path}: no such file or folder; check the path")
+    require_path(path)
     if path.is_dir() or path.suffix == ".parquet":
         return "hf"
-    keys_seen = None
+    found, unreadable = "it has no JSON record", None
     for _, _, row in _json_rows(path):
-        if isinstance(row, dict):
-            fmt = _format_of_row(row)
-            if fmt:
-                return fmt
-            keys_seen = sorted(row)
-            break
+        if isinstance(row, Problem):  # detect from the first readable record; the check reports this one
+            unreadable = unreadable or row
+            continue
+        fmt = _format_of_row(row) if isinstance(row, dict) else None
+        if fmt:
+            return fmt
+        found = (f"its first record has keys {sorted(row)}" if isinstance(row, dict)
+                 else f"its first record is a JSON {type(row).__name__}, not an object")
+        break
+    else:
+        if unreadable is not None:  # say why no record could be read, not just "no record"
+            raise VlmrlError(f"{unreadable.location}: cannot tell the data format: {unreadable.message}")
     expected = "; ".join(f"{name} ({keys})" for name, keys in FORMATS.items())
-    found = f"its first record has keys {keys_seen}" if keys_seen is not None else "it has no JSON record"
     raise VlmrlError(f"{path}: cannot tell the data format: {found}. Expected one of: {expected}. "
                      f"Pass the format explicitly (--format / --from) if it is one of these.")
 
@@ -130,8 +137,7 @@ def iter_entries(path: str | Path, fmt: str | None = None
             return
     if fmt not in FORMATS:
         raise VlmrlError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    if not path.exists():
-        raise VlmrlError(f"{path}: no such file or folder; check the path")
+    require_path(path)
     if (fmt == "hf") != (path.is_dir() or path.suffix == ".parquet"):
         raise VlmrlError(f"{path}: format hf means a datasets folder or a .parquet file, the other "
                          f"formats a .json or .jsonl file; pick the format that fits the path")
@@ -149,54 +155,62 @@ def iter_entries(path: str | Path, fmt: str | None = None
             yield index, location, Problem(location, p.kind, f"{p.message} [format {fmt}]")
 
 
-def iter_records(path: str | Path, fmt: str | None = None, skip_bad: bool = False
-                 ) -> Iterator[PreferenceRecord]:
+def iter_records(path: str | Path, fmt: str | None = None, skip_bad: bool = False,
+                 skipped: list[Problem] | None = None) -> Iterator[PreferenceRecord]:
     """Records of a data file, streamed. Raises VlmrlError on the first bad row unless ``skip_bad``,
-    which skips it and says so on stderr."""
+    which skips it, logs a warning saying why and appends it to ``skipped``."""
     for index, location, item in iter_entries(path, fmt):
         if isinstance(item, PreferenceRecord):
             yield item
         elif skip_bad and index >= 0:
-            print(f"skipped {location}: {item.kind}: {item.message}", file=sys.stderr)
+            log.warning("skipped %s: %s: %s", location, item.kind, item.message)
+            if skipped is not None:
+                skipped.append(item)
         else:
             raise VlmrlError(f"{location}: {item.message} (or pass --skip-bad to skip bad records)")
 
 
-def read_records(path: str | Path, fmt: str | None = None, skip_bad: bool = False
-                 ) -> list[PreferenceRecord]:
-    return list(iter_records(path, fmt, skip_bad))
+def read_records(path: str | Path, fmt: str | None = None, skip_bad: bool = False,
+                 skipped: list[Problem] | None = None) -> list[PreferenceRecord]:
+    return list(iter_records(path, fmt, skip_bad, skipped))
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
     """Raw rows of a JSON array or JSONL file, malformed ones as Problems."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+    require_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    except OSError as e:
+        raise VlmrlError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from None
     if head.startswith(b"["):
         yield from _json_array_rows(path)
         return
-    index = 0
+    index = offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
             location = f"{path}:{lineno}"
             try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                row = Problem(location, "malformed-json",
-                              f"line {lineno} is not valid JSON ({e}); fix or delete the line")
+                row = parse_json(decode_utf8(raw, start))
+            except BadText as e:
+                row = Problem(location, "malformed-json", f"line {lineno} is {e}; fix or delete the line")
             yield index, location, row
             index += 1
 
 
 def _json_array_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
+        data = parse_json(read_text(path))
+    except VlmrlError as e:
+        message = str(e).removeprefix(f"{path}: ")
+        line = re.search(r"\bline (\d+)", message)
+        where = f"{path}:{line[1]}" if line else str(path)
         yield -1, where, Problem(where, "malformed-json",
-                                 f"{path} is not a valid JSON array ({e}); fix the JSON, or write "
-                                 f"one record per line (JSONL) so one bad line spoils only itself")
+                                 f"the file is {message}; fix it, or write one record per line "
+                                 f"(JSONL) so one bad line spoils only itself")
         return
     for index, row in enumerate(data):
         yield index, f"{path}[{index}]", row
@@ -231,15 +245,15 @@ def _parse_vlmrl(row: dict, base: str, default_id: str) -> PreferenceRecord:
     prompt = row["prompt"]
     if isinstance(prompt, str):  # hf stores the messages as a JSON string
         try:
-            prompt = json.loads(prompt)
-        except json.JSONDecodeError as e:
-            raise _RecordProblem("bad-value", f"'prompt' is not a JSON message list ({e})") from e
+            prompt = parse_json(prompt)
+        except BadText as e:
+            raise _RecordProblem("bad-value", f"'prompt' is not a JSON message list ({e})") from None
     metadata = row.get("metadata")
     if isinstance(metadata, str):
         try:
-            metadata = json.loads(metadata)
-        except json.JSONDecodeError as e:
-            raise _RecordProblem("bad-value", f"'metadata' is not a JSON object ({e})") from e
+            metadata = parse_json(metadata)
+        except BadText as e:
+            raise _RecordProblem("bad-value", f"'metadata' is not a JSON object ({e})") from None
     return _record(_id(row, default_id), _images(row["images"], base),
                    _messages(prompt, tags=False), _text(row, "chosen"), _text(row, "rejected"),
                    metadata)
@@ -269,7 +283,7 @@ def _parse_llamafactory(row: dict, base: str, default_id: str) -> PreferenceReco
         raise _RecordProblem("bad-value", "'conversations' must be a list of {\"from\", \"value\"} turns")
     messages = []
     for turn in turns:
-        role = _SHAREGPT_ROLES.get(turn["from"])
+        role = _SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise _RecordProblem("bad-value", f"unknown speaker {turn['from']!r}; use human, gpt or system")
         messages.append({"role": role, "content": turn["value"]})
@@ -429,4 +443,27 @@ def _record(id_: Any, images: list[str], prompt: list[Message], chosen: str, rej
             metadata: Any) -> PreferenceRecord:
     if metadata is not None and not isinstance(metadata, dict):
         raise _RecordProblem("bad-value", f"'metadata' must be an object, got {type(metadata).__name__}")
+    where = non_finite_key(metadata or {}, "metadata")
+    if where:
+        raise _RecordProblem("non-finite-number", f"'{where}' is NaN or infinite, which standard JSON "
+                             "cannot hold (other tools refuse the file); write null or a finite number")
     return PreferenceRecord(str(id_), images, prompt, chosen, rejected, dict(metadata or {}))
+
+
+def non_finite_key(value: Any, name: str) -> str | None:
+    """The dotted key (under ``name``) of the first NaN or infinite number in ``value``, walked
+    without recursion; None when every number is finite.
+
+    >>> non_finite_key({"counts": {"car": 2}, "scores": [0.5, float("nan")]}, "metadata")
+    'metadata.scores[1]'
+    """
+    stack = [(value, name)]
+    while stack:
+        node, key = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return key
+        if isinstance(node, dict):
+            stack.extend((v, f"{key}.{k}" if key else str(k)) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((v, f"{key}[{i}]") for i, v in reversed(list(enumerate(node))))
+    return None

@@ -1,31 +1,39 @@
 """Read a data file for training or evaluation: the records that pass every check in ``data.check``.
 
 Bad records stop the run with a message that lists them, unless ``skip_bad``: then the good records
-are returned and what was skipped, and why, is reported on stderr.
+are returned and what was skipped, and why, is logged as a warning. Warnings of the check (images
+above its pixel limit) are logged and the records kept.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 from vlmrl.data.check import DEFAULT_MAX_CHARS, problem_lines, scan
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 
+log = logging.getLogger(__name__)
+
 
 def load_records(path: str | Path, fmt: str | None = None, skip_bad: bool = False,
                  max_chars: int = DEFAULT_MAX_CHARS, check_images: bool = True,
                  workers: int = 2) -> list[PreferenceRecord]:
     """The records of ``path`` that pass every check. Raises VlmrlError naming the problems unless
-    ``skip_bad``; then it prints what it skipped and why to stderr."""
+    ``skip_bad``; then it logs what it skipped and why."""
     report, records, whole_file = scan(path, fmt, max_chars, check_images, workers, keep=True)
+    if report.warnings:
+        log.warning("%s: %d warning(s):\n%s", path, len(report.warnings), problem_lines(report.warnings))
     if report.ok:
         return records
-    if not skip_bad or whole_file:
+    if whole_file:
+        raise VlmrlError(f"{path} cannot be read as data:\n{problem_lines(report.problems)}\n"
+                         f"Fix it (`vlmrl data check {path}` lists every problem).")
+    if not skip_bad:
         raise VlmrlError(f"{path}: {len(report.problems)} problem(s) in {report.bad_records} of "
                          f"{report.records_read} records:\n{problem_lines(report.problems)}\n"
                          f"Fix them (`vlmrl data check {path}` lists them all) or pass --skip-bad.")
-    print(f"{path}: skipped {report.bad_records} of {report.records_read} records:\n"
-          f"{problem_lines(report.problems)}", file=sys.stderr)
+    log.warning("%s: skipped %d of %d records:\n%s", path, report.bad_records, report.records_read,
+                problem_lines(report.problems))
     return records

@@ -178,7 +178,7 @@ class PairStats:
     distribution: dict = field(default_factory=lambda: defaultdict(Counter))  # class -> count -> images
     pairs: Counter = field(default_factory=Counter)  # per strategy
     pairs_per_split: Counter = field(default_factory=Counter)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # bad labels --skip-bad left out, each "where: why"
 
     def to_dict(self) -> dict:
         return {
@@ -189,7 +189,7 @@ class PairStats:
                 c: {str(k): v for k, v in sorted(d.items())} for c, d in self.distribution.items()
             },
             "pairs_per_strategy": dict(self.pairs), "pairs_per_split": dict(self.pairs_per_split),
-            "skipped": self.skipped,
+            "skipped_count": len(self.skipped), "skipped": self.skipped,
         }
 
 
@@ -293,7 +293,8 @@ def pairs_from_detections(
     skipped: list[str] = []
     items = list(read_detections(root, source_format, classes, skip_bad, skipped))
     if not items:
-        raise VlmrlError(f"{root}: no labelled images found")
+        why = f"; all {len(skipped)} skipped as bad, the first: {skipped[0]}" if skipped else ""
+        raise VlmrlError(f"{root}: no labelled images found{why}")
     if count is None:
         seen = names or sorted({n for it in items for n in it.counts})
         count = [c for c in dict.fromkeys(mapping.get(n, n) for n in seen) if c not in drop]

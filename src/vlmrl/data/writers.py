@@ -1,4 +1,8 @@
-"""Write preference records in any of the formats ``vlmrl.data.formats`` reads (its docstring says what each keeps)."""
+"""Write preference records in any of the formats ``vlmrl.data.formats`` reads (its docstring says what each keeps).
+
+Only standard JSON is written: a record holding NaN or an infinite number (which Python's ``json``
+would write as the non-standard ``NaN`` / ``Infinity``) is refused with a message naming it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from vlmrl.data.formats import FORMATS, parts_text
+from vlmrl.data.formats import FORMATS, non_finite_key, parts_text
 from vlmrl.data.records import Message, PreferenceRecord
 from vlmrl.errors import VlmrlError
 
@@ -22,16 +26,30 @@ def write_records(records: Iterable[PreferenceRecord], path: str | Path, fmt: st
     base = os.path.dirname(os.path.abspath(path))
     if fmt == "hf":
         return _write_hf(records, path, base)
-    rows = (_WRITERS[fmt](r, [_relative(p, base) for p in r.images]) for r in records)
+    rows = ((r.id, _WRITERS[fmt](r, [_relative(p, base) for p in r.images])) for r in records)
     if path.suffix == ".json":
-        path.write_text(json.dumps(list(rows), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        # One row at a time, indented as json.dumps(rows, indent=1) would, so a bad row is named.
+        texts = [_json(row, id_, indent=1).replace("\n", "\n ") for id_, row in rows]
+        body = "[\n " + ",\n ".join(texts) + "\n]" if texts else "[]"
+        path.write_text(body + "\n", encoding="utf-8")
     elif path.suffix in (".jsonl", ".ndjson"):
         with open(path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for id_, row in rows:
+                f.write(_json(row, id_) + "\n")
     else:
         raise VlmrlError(f"{path}: name the output .json (one array) or .jsonl (one record a line)")
     return path
+
+
+def _json(value, record_id: str, indent: int | None = None, name: str = "") -> str:
+    """Standard JSON text of ``value`` (the record's key ``name``, or its row); VlmrlError naming the
+    record and key for NaN or Infinity."""
+    try:
+        return json.dumps(value, ensure_ascii=False, indent=indent, allow_nan=False)
+    except ValueError:
+        where = non_finite_key(value, name) or "a value"
+        raise VlmrlError(f"record {record_id}: {where} is NaN or infinite, which standard JSON cannot "
+                         "hold; write null or a finite number there before saving") from None
 
 
 def _relative(image: str, base: str) -> str:
@@ -95,8 +113,8 @@ def _write_hf(records: Iterable[PreferenceRecord], path: Path, base: str) -> Pat
         "rejected": datasets.Value("string"), "metadata": datasets.Value("string"),
     })
     rows = [{"id": r.id, "images": [_relative(p, base) for p in r.images],
-             "prompt": json.dumps(r.prompt, ensure_ascii=False), "chosen": r.chosen,
-             "rejected": r.rejected, "metadata": json.dumps(r.metadata, ensure_ascii=False)}
+             "prompt": _json(r.prompt, r.id, name="prompt"), "chosen": r.chosen,
+             "rejected": r.rejected, "metadata": _json(r.metadata, r.id, name="metadata")}
             for r in records]
     ds = datasets.Dataset.from_list(rows, features=features)
     if path.suffix == ".parquet":
