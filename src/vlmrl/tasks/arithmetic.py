@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from vlmrl.tasks.base import ProgramTask
+from vlmrl.tasks.base import ProgramTask, pick_phrasing
 from vlmrl.tasks.core import Question, Scene
 from vlmrl.tasks.counting import plural
 from vlmrl.tasks.programs import outputs
@@ -56,24 +56,25 @@ def remove_program(a: str) -> list[dict]:
 
 class ArithmeticFamily(ProgramTask):
     family = "arithmetic"
+    phrasings = len(SUM_TEMPLATES)
 
     def questions(self, scene: Scene, rng: random.Random) -> list[Question]:
         found = []
         for name, members in SUPERCLASSES.items():
             present = [c for c in scene.classes if c in members]
             if len(present) >= 2:
-                k = rng.randrange(len(SUM_TEMPLATES))
+                k = pick_phrasing(len(SUM_TEMPLATES), rng)
                 found.append(self.make("integer", SUM_TEMPLATES[k].format(s=name), sum_program(present), scene, k))
         for a in scene.classes:
             for b in scene.classes:
                 program = diff_program(a, b)
                 if a != b and outputs(program, scene)[-1] >= 0 and _any(scene, a, b):
-                    k = rng.randrange(len(DIFF_TEMPLATES))
+                    k = pick_phrasing(len(DIFF_TEMPLATES), rng)
                     found.append(self.make("integer", DIFF_TEMPLATES[k].format(a=plural(a), b=plural(b)),
                                            program, scene, k))
         for a in scene.classes:
             if _any(scene, a):
-                k = rng.randrange(len(REMOVE_TEMPLATES))
+                k = pick_phrasing(len(REMOVE_TEMPLATES), rng)
                 text = REMOVE_TEMPLATES[k].format(a=plural(a), one=a)
                 found.append(self.make("integer", text, remove_program(a), scene, k))
         return found

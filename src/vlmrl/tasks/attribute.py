@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from vlmrl.tasks.base import ProgramTask
+from vlmrl.tasks.base import ProgramTask, pick_phrasing
 from vlmrl.tasks.core import Question, Scene
 from vlmrl.tasks.counting import plural
 from vlmrl.tasks.programs import outputs
@@ -25,6 +25,7 @@ def attribute_program(cls: str, colour: str | None = None, size: str | None = No
 
 class AttributeFamily(ProgramTask):
     family = "attribute"
+    phrasings = len(TEMPLATES)
 
     def questions(self, scene: Scene, rng: random.Random) -> list[Question]:
         if not scene.objects or any(o.colour is None or o.size is None for o in scene.objects):
@@ -39,7 +40,7 @@ class AttributeFamily(ProgramTask):
                 program = attribute_program(c, colour, size)
                 if outputs(program, scene)[-1] == n:
                     continue  # degenerate: the attribute does not change the answer
-                k = rng.randrange(len(TEMPLATES))
+                k = pick_phrasing(len(TEMPLATES), rng)
                 text = TEMPLATES[k].format(w=colour or size, c=plural(c))
                 found.append(self.make("integer", text, program, scene, k))
         return found

@@ -29,6 +29,7 @@ class ProgramTask:
 
     family = ""
     kinds: tuple[str, ...] = ("integer",)
+    phrasings = 0  # number of question templates; the last is held out (0: none held out)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -85,6 +86,16 @@ class ProgramTask:
 
     def metrics(self, completion: str, meta: Mapping[str, Any]) -> dict[str, float]:
         return answers.completion_metrics(completion, meta)
+
+
+def pick_phrasing(n: int, rng: random.Random) -> int:
+    """A template index: the held-out last one 10% of the time (it only feeds the OOD file), the
+    others evenly."""
+    if n < 2:
+        return 0
+    if rng.random() < 0.1:
+        return n - 1
+    return rng.randrange(n - 1)
 
 
 def near_misses(question: Question) -> list[Negative]:

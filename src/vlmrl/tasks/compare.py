@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from vlmrl.tasks.base import ProgramTask
+from vlmrl.tasks.base import ProgramTask, pick_phrasing
 from vlmrl.tasks.core import Question, Scene
 from vlmrl.tasks.programs import outputs
 from vlmrl.tasks.counting import plural
@@ -37,6 +37,7 @@ def compare_program(a: str, b: str) -> list[dict]:
 
 class CompareFamily(ProgramTask):
     family = "compare"
+    phrasings = len(VERDICT_TEMPLATES)
     kinds = ("verdict", "compound")
 
     def questions(self, scene: Scene, rng: random.Random) -> list[Question]:
@@ -52,7 +53,7 @@ class CompareFamily(ProgramTask):
                     text = COMPOUND_TEMPLATES[k].format(a=plural(a), b=plural(b))
                     question = self.make("compound", text, program, scene, k, {"a": a, "b": b})
                 else:
-                    k = rng.randrange(len(VERDICT_TEMPLATES))
+                    k = pick_phrasing(len(VERDICT_TEMPLATES), rng)
                     question = self.make("verdict", VERDICT_TEMPLATES[k].format(a=plural(a), b=plural(b)),
                                          program, scene, k)
                 found.append(question)

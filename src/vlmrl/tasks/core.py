@@ -71,6 +71,7 @@ class Scene:
     objects: tuple[Obj, ...]
     source: str
     classes: tuple[str, ...]
+    rel: str = ""  # the image path relative to the data set root, for record ids
 
     def describe(self, i: int) -> str:
         """'the red car at (40, 52)': how a reasoning chain names object ``i``."""

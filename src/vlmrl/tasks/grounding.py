@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 
 from vlmrl.errors import VlmrlError
-from vlmrl.tasks.base import ProgramTask
+from vlmrl.tasks.base import ProgramTask, pick_phrasing
 from vlmrl.tasks.core import Question, Scene
 
 # convention -> smart_resize factor (None: 0-1000 relative)
@@ -63,6 +63,7 @@ def ground_program(cls: str, key: str) -> list[dict]:
 
 class GroundingFamily(ProgramTask):
     family = "grounding"
+    phrasings = len(TEMPLATES)
     kinds = ("box",)
 
     def __init__(self, convention: str = "qwen2_5_vl", min_pixels: int | None = None,
@@ -89,7 +90,7 @@ class GroundingFamily(ProgramTask):
                 continue
             for key in KEYS:
                 extra = extra or self.extra(scene)
-                k = rng.randrange(len(TEMPLATES))
+                k = pick_phrasing(len(TEMPLATES), rng)
                 question = self.make("box", TEMPLATES[k].format(key=key, c=c), ground_program(c, key), scene, k, extra)
                 if question is not None:
                     found.append(question)

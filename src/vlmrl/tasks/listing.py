@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+from vlmrl.tasks.base import pick_phrasing
 from vlmrl.tasks.core import Question, Scene
 from vlmrl.tasks.grounding import GroundingFamily
 from vlmrl.tasks.counting import plural
@@ -29,13 +30,14 @@ class ListFamily(GroundingFamily):
     """Same box conventions as grounding; one question per class present."""
 
     family = "list"
+    phrasings = len(TEMPLATES)
     kinds = ("boxes",)
 
     def questions(self, scene: Scene, rng: random.Random) -> list[Question]:
         found = []
         for c in scene.classes:
             if 1 <= sum(o.cls == c for o in scene.objects) <= MAX_OBJECTS:
-                k = rng.randrange(len(TEMPLATES))
+                k = pick_phrasing(len(TEMPLATES), rng)
                 text = TEMPLATES[k].format(c=plural(c), one=c)
                 found.append(self.make("boxes", text, list_program(c), scene, k, self.extra(scene)))
         return found

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from vlmrl.tasks.base import ProgramTask
+from vlmrl.tasks.base import ProgramTask, pick_phrasing
 from vlmrl.tasks.core import Question, Scene
 from vlmrl.tasks.counting import plural
 from vlmrl.tasks.programs import RELATION_WORDS, Ambiguous
@@ -41,6 +41,7 @@ def hop_program(reference: str, rel: str, key: str | None = None, candidate: str
 
 class MultihopFamily(ProgramTask):
     family = "multihop"
+    phrasings = len(TEMPLATES)
 
     def questions(self, scene: Scene, rng: random.Random) -> list[Question]:
         found = []
@@ -64,7 +65,7 @@ class MultihopFamily(ProgramTask):
                 return None
         except Ambiguous:
             return None
-        k = rng.randrange(len(TEMPLATES))
+        k = pick_phrasing(len(TEMPLATES), rng)
         noun = plural(c) if c else "objects"
         text = TEMPLATES[k].format(c=noun, rel=RELATION_WORDS[rel], r=f"{key} {r}" if key else r)
         return self.make("integer", text, program, scene, k)

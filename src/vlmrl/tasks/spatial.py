@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from vlmrl.tasks.base import ProgramTask
+from vlmrl.tasks.base import ProgramTask, pick_phrasing
 from vlmrl.tasks.core import Question, Scene
 from vlmrl.tasks.counting import plural
 from vlmrl.tasks.programs import RELATION_WORDS, ambiguous, outputs
@@ -39,6 +39,7 @@ def well_posed(program: list[dict], scene: Scene, relate_at: int) -> bool:
 
 class SpatialFamily(ProgramTask):
     family = "spatial"
+    phrasings = len(TEMPLATES)
 
     def questions(self, scene: Scene, rng: random.Random) -> list[Question]:
         found = []
@@ -51,7 +52,7 @@ class SpatialFamily(ProgramTask):
                 for rel in RELATIONS:
                     program = relate_program(c, r, rel)
                     if well_posed(program, scene, 2):
-                        k = rng.randrange(len(TEMPLATES))
+                        k = pick_phrasing(len(TEMPLATES), rng)
                         text = TEMPLATES[k].format(c=plural(c), rel=RELATION_WORDS[rel], r=r)
                         found.append(self.make("integer", text, program, scene, k))
         return found
