@@ -200,7 +200,8 @@ def balance_key(question: Question):
     if question.kind == "compound":
         return question.answer[2]
     if question.kind == "boxes":
-        return f"{len(question.answer)} boxes"
+        n = len(question.answer)
+        return f"{n} box" if n == 1 else f"{n} boxes"
     return question.answer
 
 

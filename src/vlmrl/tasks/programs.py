@@ -114,7 +114,8 @@ def _run(step: dict, out: list, scene: Scene) -> tuple[Any, str]:
     if op == "remove":
         classes = set(step["classes"])
         kept = [i for i in out[step["in"]] if scene.objects[i].cls not in classes]
-        return kept, f"Remove every {' and '.join(step['classes'])}: {len(kept)} left."
+        removed = f"every {' and every '.join(step['classes'])}" if step["classes"] else "nothing"
+        return kept, f"Remove {removed}: {len(kept)} left."
     if op == "argmax":
         i = _argmax(scene, out[step["in"]], step["key"])
         return [i], f"The {step['key']} one is {scene.describe(i)}."
@@ -142,11 +143,10 @@ def _run(step: dict, out: list, scene: Scene) -> tuple[Any, str]:
         return verdict, f"{a} against {b}: {verdict}."
     if op == "box":
         (i,) = out[step["in"]]
-        box = [round(v) for v in scene.objects[i].box]
-        return box, f"Its box is {box}."
+        return [round(v) for v in scene.objects[i].box], "Take its box."
     if op == "boxes":
         boxes = [[round(v) for v in scene.objects[i].box] for i in out[step["in"]]]
-        return boxes, f"Their boxes: {len(boxes)}."
+        return boxes, f"Take their {len(boxes)} box{'' if len(boxes) == 1 else 'es'}."
     raise ValueError(f"unknown program step {op!r}")
 
 
