@@ -84,11 +84,12 @@ def _parse_compound(text: str):
     m = _COMPOUND.match(text)
     if not m:
         return None
-    return [[int(m[1]), _singular(m[2])], [int(m[3]), _singular(m[4])], m[5].lower()]
+    return [[int(m[1]), _normal(m[2])], [int(m[3]), _normal(m[4])], m[5].lower()]
 
 
-def _singular(noun: str) -> str:
-    """A class name as the compound form wrote it, back to the singular (matched against gold)."""
+def _normal(noun: str) -> str:
+    """A noun as the compound form wrote it, lower-cased with single spaces (scoring accepts the
+    class's singular or plural)."""
     return re.sub(r"\s+", " ", noun.strip().lower())
 
 
