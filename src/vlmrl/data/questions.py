@@ -1,6 +1,6 @@
 """Scenes → task records: questions from every family, balanced, split, with hard-negative pairs.
 
-For each scene (``rng`` seeded by ``(seed, source photo, image)``) each family poses its valid
+For each scene (``rng`` seeded by ``(seed, source photo, image path within the data set)``) each family poses its valid
 questions and up to ``per_scene`` of them are kept at random. Then:
 
 1. **Out-of-distribution axes**, one per OOD file, first that applies wins:
@@ -153,7 +153,7 @@ def pose(scenes: list[Scene], opts: BuildOptions, stats: TaskStats) -> list[Pose
     posed = []
     for scene in scenes:
         stats.scenes += 1
-        rng = random.Random(f"{opts.seed}:{scene.source}:{scene.image}")
+        rng = random.Random(f"{opts.seed}:{scene.source}:{scene.rel}")  # not the absolute path: same data, same build
         found = 0
         for name, task in opts.families.items():
             questions = [q for q in task.questions(scene, rng) if q is not None]
@@ -266,7 +266,7 @@ def _prompt_text(text: str, think: bool) -> str:
 
 def _records(p: Posed, split: str, n: int, opts: BuildOptions) -> list[PreferenceRecord]:
     q, scene = p.question, p.scene
-    rng = random.Random(f"{opts.seed}:{scene.image}:{n}")
+    rng = random.Random(f"{opts.seed}:{scene.rel}:{n}")
     gold_text = answers.render(q.kind, q.answer, q.extra)
     negatives = mix_distances(p.task.negatives(q, scene), gold_text, q.kind, q.extra, rng)[: opts.rejects]
     family = _family_name(p, opts)
