@@ -46,7 +46,7 @@ def test_iou_and_edit_distance_hand_worked():
 
 
 @pytest.mark.parametrize("kind, text, expected", [
-    ("integer", "3", 3), ("integer", "three", 3), ("integer", "3.", 3), ("integer", "3 or 4", None),
+    ("integer", "3", 3), ("integer", "three", 3), ("integer", "none", 0), ("integer", "no", None), ("integer", "3.", 3), ("integer", "3 or 4", None),
     ("integer", "3, 4", None), ("integer", "There are 3.", None), ("integer", "", None),
     ("verdict", "More", "more"), ("verdict", "more or fewer", None), ("verdict", "same.", "same"),
     ("box", "[1, 2, 30, 40]", [1, 2, 30, 40]), ("box", "(1,2),(30,40)", [1, 2, 30, 40]),
@@ -123,3 +123,12 @@ def test_user_task_by_module_and_class(tmp_path, monkeypatch):
         task_of({"task": {"family": "my_tasks:Nope"}})
     with pytest.raises(VlmrlError, match="cannot import module"):
         task_of({"task": {"family": "no_such_module_xyz:Task"}})
+
+
+def test_doctests_pass():
+    import doctest
+
+    from vlmrl.tasks import core, grounding, programs, rewards
+
+    for module in (core, answers, grounding, programs, rewards):
+        assert doctest.testmod(module).failed == 0, module.__name__

@@ -111,8 +111,12 @@ def _tasks(args: argparse.Namespace) -> int:
                                        args.min_area, args.skip_bad, stats.skipped)
     else:
         scenes = read_scenes(args.scenes)
+    split = parse_split(args.split)
+    if split is None:
+        raise VlmrlError("--split keep: data tasks splits by source photo only; give fractions, "
+                         "e.g. --split train=0.8,val=0.1,test=0.1")
     opts = BuildOptions(families, args.think, args.per_scene, args.rejects, args.max_hops, args.ood_objects,
-                        _combos(args.holdout_combos), parse_split(args.split), args.seed)
+                        _combos(args.holdout_combos), split, args.seed)
     paths, stats = build_task_files(scenes, args.out, opts, args.format, stats)
     _print_stats(stats, paths, args.out)
     return 0

@@ -27,6 +27,8 @@ from vlmrl.tasks.core import answer_block, iou, over_long
 from vlmrl.tasks.counting import NUMBER_WORDS, CountingTask, plural
 
 VERDICTS = ("more", "fewer", "same")
+# Number words that can stand alone as an answer ("three", "none"); not "a", "an", "no", "single".
+_ANSWER_WORDS = {w: n for w, n in NUMBER_WORDS.items() if w not in ("a", "an", "no", "single")}
 _INT = re.compile(r"^\s*(-?\d+|[a-z]+)\s*\.?\s*$", re.IGNORECASE)
 _NUM = r"(-?\d+(?:\.\d+)?)"
 _BOX = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]")
@@ -65,7 +67,7 @@ def parse(kind: str, text: str, extra: Mapping[str, Any]) -> Any:
         if not m:
             return None
         word = m[1].lower()
-        return int(word) if word.lstrip("-").isdigit() else NUMBER_WORDS.get(word)
+        return int(word) if word.lstrip("-").isdigit() else _ANSWER_WORDS.get(word)
     if kind == "verdict":
         word = text.strip().rstrip(".").strip().lower()
         return word if word in VERDICTS else None
