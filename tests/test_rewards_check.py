@@ -28,7 +28,8 @@ def test_a_substring_reward_is_caught(tmp_path, monkeypatch, capsys):
         "def contains(completions, metadata, **kwargs):\n"
         "    out = []\n"
         "    for c, m in zip(completions, metadata):\n"
-        "        t = m.get('task') or {'kind': 'counts', 'answer': m['counts'], 'extra': {'classes': list(m['counts'])}}\n"
+        "        t = m.get('task') or {'kind': 'counts', 'answer': m['counts'],\n"
+        "                              'extra': {'classes': list(m['counts'])}}\n"
         "        out.append(1.0 if render(t['kind'], t['answer'], t.get('extra') or {}) in c else 0.0)\n"
         "    return out\n"
     )

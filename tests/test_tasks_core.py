@@ -46,7 +46,8 @@ def test_iou_and_edit_distance_hand_worked():
 
 
 @pytest.mark.parametrize("kind, text, expected", [
-    ("integer", "3", 3), ("integer", "three", 3), ("integer", "none", 0), ("integer", "no", None), ("integer", "3.", 3), ("integer", "3 or 4", None),
+    ("integer", "3", 3), ("integer", "three", 3), ("integer", "none", 0), ("integer", "no", None),
+    ("integer", "3.", 3), ("integer", "3 or 4", None),
     ("integer", "3, 4", None), ("integer", "There are 3.", None), ("integer", "", None),
     ("verdict", "More", "more"), ("verdict", "more or fewer", None), ("verdict", "same.", "same"),
     ("box", "[1, 2, 30, 40]", [1, 2, 30, 40]), ("box", "(1,2),(30,40)", [1, 2, 30, 40]),

@@ -48,7 +48,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
                    help="--detections: skip images with a box under this fraction of the image (default 0.0005)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed label files and report them")
     p.add_argument("--split", default="train=0.8,val=0.1,test=0.1",
-                   help="fractions per split, by a hash of the source photo's name (default train=0.8,val=0.1,test=0.1)")
+                   help="fractions per split, by a hash of the source photo's name "
+                   "(default train=0.8,val=0.1,test=0.1)")
     p.add_argument("--format", default="vlmrl", help="output format, as `data from-detections` (default vlmrl)")
     p.add_argument("--seed", type=int, default=0, help="seed for question choice, balancing and negatives")
     p.set_defaults(func=_tasks)

@@ -1,6 +1,6 @@
 """Scenes → task records: questions from every family, balanced, split, with hard-negative pairs.
 
-For each scene (``rng`` seeded by ``(seed, source photo, image path within the data set)``) each family poses its valid
+For each scene (``rng`` seeded by ``(seed, family, source photo, image path within the data set)``) each family poses its valid
 questions and up to ``per_scene`` of them are kept at random. Then:
 
 1. **Out-of-distribution axes**, one per OOD file, first that applies wins:
@@ -136,7 +136,8 @@ def _scene(path: Path, root: Path, classes: tuple[str, ...]) -> Scene:
         return Scene(str(image), int(d["width"]), int(d["height"]), objects, path.stem, classes,
                      Path(d["image"]).as_posix())
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise VlmrlError(f"{path}: not a scene file ({type(e).__name__}: {e}); redraw it with `vlmrl data synth`") from None
+        raise VlmrlError(f"{path}: not a scene file ({type(e).__name__}: {e}); "
+                         "redraw it with `vlmrl data synth`") from None
 
 
 # ---------------------------------------------------------------------- posing
@@ -153,9 +154,11 @@ def pose(scenes: list[Scene], opts: BuildOptions, stats: TaskStats) -> list[Pose
     posed = []
     for scene in scenes:
         stats.scenes += 1
-        rng = random.Random(f"{opts.seed}:{scene.source}:{scene.rel}")  # not the absolute path: same data, same build
         found = 0
         for name, task in opts.families.items():
+            # One stream per family and scene, keyed by the path within the data set (not the absolute
+            # path): a family's questions do not depend on the other families asked, nor on where data lives.
+            rng = random.Random(f"{opts.seed}:{name}:{scene.source}:{scene.rel}")
             questions = [q for q in task.questions(scene, rng) if q is not None]
             if not questions:
                 stats.no_question_per_family[name] += 1

@@ -66,7 +66,8 @@ class ProgramTask:
                 value, trace = execute(program, scene)
             except Ambiguous:
                 continue
-            self._keep(found, seen, question, Negative(name, self.answer_of(program, value, scene, question.extra), trace))
+            answer = self.answer_of(program, value, scene, question.extra)
+            self._keep(found, seen, question, Negative(name, answer, trace))
         for negative in near_misses(question):
             self._keep(found, seen, question, negative)
         return found
