@@ -90,6 +90,16 @@ def test_answers_balanced_and_stats_written(built):
     assert sum(stats["records_per_file"].values()) == sum(len(v) for v in files.values())
 
 
+def test_a_familys_records_do_not_depend_on_the_others_asked(attribute_scenes, tmp_path):
+    scenes = read_scenes(attribute_scenes)
+    alone, _ = build_task_files(scenes, tmp_path / "alone", BuildOptions(resolve_families(["spatial"])))
+    mixed, _ = build_task_files(scenes, tmp_path / "mixed", BuildOptions(resolve_families(["compare", "spatial"])))
+    spatial = lambda paths: sorted(  # noqa: E731
+        (r.id.split("#")[0], r.prompt_text(), r.chosen, r.rejected, r.metadata["split"])
+        for p in paths.values() for r in iter_records(p) if r.metadata["task"]["family"] == "spatial")
+    assert spatial(alone) and spatial(alone) == spatial(mixed)
+
+
 def test_scenes_without_a_question_are_counted_not_dropped(tmp_path):
     scenes = generate_scenes(tmp_path / "plain", 12, seed=1, workers=1)  # no attributes
     opts = BuildOptions(resolve_families(["count", "attribute"]), ood_objects=10**6)

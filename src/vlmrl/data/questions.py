@@ -170,18 +170,22 @@ def pose(scenes: list[Scene], opts: BuildOptions, stats: TaskStats) -> list[Pose
     return posed
 
 
-def assign_axes(posed: list[Posed], opts: BuildOptions, split_of, stats: TaskStats) -> list[Posed]:
+def object_limit(scenes: list[Scene], opts: BuildOptions) -> int:
+    """Scenes with more objects than this are out of distribution: the option, or the 90th percentile."""
+    if opts.ood_objects is not None:
+        return opts.ood_objects
+    sizes = sorted(len(s.objects) for s in scenes)
+    return sizes[int(0.9 * (len(sizes) - 1))]
+
+
+def assign_axes(posed: list[Posed], opts: BuildOptions, limit: int, split_of, stats: TaskStats) -> list[Posed]:
     """Each question's OOD axis (or None); held-out questions of train/val scenes are dropped."""
-    sizes = sorted(len(p.scene.objects) for p in posed)
-    limit = opts.ood_objects
-    if limit is None and sizes:
-        limit = sizes[int(0.9 * (len(sizes) - 1))]
     stats.ood_objects = limit
     combos = {tuple(c) for c in opts.combos}
     kept = []
     for p in posed:
         q = p.question
-        if limit is not None and len(p.scene.objects) > limit:
+        if len(p.scene.objects) > limit:
             p.axis = "objects"
         elif any((s.get("colour"), c) in combos for s in q.program for c in (s.get("classes") or [])):
             p.axis = "combos"
@@ -210,7 +214,6 @@ def balance_key(question: Question):
 
 def balance(posed: list[Posed], seed: int, stats: TaskStats) -> list[Posed]:
     """Cut each family's most common answer to at most 1.1 × the next (in-distribution only)."""
-    rng = random.Random(f"balance:{seed}")
     groups: dict = defaultdict(lambda: defaultdict(list))
     for k, p in enumerate(posed):
         if p.axis is None and balance_key(p.question) is not None:
@@ -222,7 +225,7 @@ def balance(posed: list[Posed], seed: int, stats: TaskStats) -> list[Posed]:
             continue
         cap = max(len(ranked[1]), int(1.1 * len(ranked[1])))
         if len(ranked[0]) > cap:
-            cut = rng.sample(ranked[0], len(ranked[0]) - cap)
+            cut = random.Random(f"balance:{seed}:{family}").sample(ranked[0], len(ranked[0]) - cap)
             dropped.update(cut)
             stats.balanced_out[family] += len(cut)
     return [p for k, p in enumerate(posed) if k not in dropped]
@@ -235,8 +238,8 @@ def make_records(posed: list[Posed], opts: BuildOptions, split_of, stats: TaskSt
     per_scene: Counter = Counter()
     for p in posed:
         split = f"ood_{p.axis}" if p.axis else split_of(p.scene)
-        n = per_scene[p.scene.image]
-        per_scene[p.scene.image] += 1
+        n = per_scene[p.scene.image, p.question.family]  # numbered per family: ids do not depend on others
+        per_scene[p.scene.image, p.question.family] += 1
         if p.axis:
             stats.axes[p.axis] += 1
         made = _count_records(p, split, opts) if p.question.kind == "counts" else _records(p, split, n, opts)
@@ -269,7 +272,7 @@ def _prompt_text(text: str, think: bool) -> str:
 
 def _records(p: Posed, split: str, n: int, opts: BuildOptions) -> list[PreferenceRecord]:
     q, scene = p.question, p.scene
-    rng = random.Random(f"{opts.seed}:{scene.rel}:{n}")
+    rng = random.Random(f"{opts.seed}:{q.family}:{scene.rel}:{n}")
     gold_text = answers.render(q.kind, q.answer, q.extra)
     negatives = mix_distances(p.task.negatives(q, scene), gold_text, q.kind, q.extra, rng)[: opts.rejects]
     family = _family_name(p, opts)
@@ -333,7 +336,7 @@ def build_task_files(
         return split_for(scene.source, fractions)
 
     posed = pose(scenes, opts, stats)
-    posed = balance(assign_axes(posed, opts, split_of, stats), opts.seed, stats)
+    posed = balance(assign_axes(posed, opts, object_limit(scenes, opts), split_of, stats), opts.seed, stats)
     records = make_records(posed, opts, split_of, stats)
     if not records:
         raise VlmrlError(f"no question could be posed on {len(scenes)} scenes with families "
