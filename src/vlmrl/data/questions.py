@@ -48,7 +48,11 @@ AXES = ("objects", "combos", "hops", "phrasing")
 
 # ---------------------------------------------------------------------- options
 def resolve_families(names: list[str] | None, default: tuple[str, ...] | None = None) -> dict:
-    """``--families`` → {name: task}; a name is a built-in family or ``package.module:Class``."""
+    """``--families`` → {name: task}; a name is a built-in family or ``package.module:Class``.
+
+    A user's task is built like the families are: its questions must use an answer kind of
+    :mod:`vlmrl.tasks.answers` (subclassing :class:`vlmrl.tasks.base.ProgramTask` gives the rest).
+    """
     from vlmrl.tasks.families import FAMILIES
 
     names = names or list(default or FAMILIES)
