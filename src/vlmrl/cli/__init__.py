@@ -17,7 +17,7 @@ from vlmrl.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlmrl.cli import compare, data, demo, evaluate, model, study, train
+    from vlmrl.cli import compare, data, demo, evaluate, model, study, tasks, train
 
     parser = argparse.ArgumentParser(
         prog="vlmrl",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vlmrl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for area in (data, model, train, evaluate, compare, study, demo):
+    for area in (data, model, train, evaluate, compare, study, demo, tasks):
         area.add_commands(commands)
     return parser
 

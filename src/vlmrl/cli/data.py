@@ -12,13 +12,14 @@ FORMAT_NAMES = tuple(FORMATS)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from vlmrl.cli import data_build
+    from vlmrl.cli import data_build, tasks
 
     data = commands.add_parser("data", help="read, check, convert and build preference data")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     _add_check(sub)
     _add_convert(sub)
     data_build.add_commands(sub)
+    tasks.add_data_commands(sub)
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:

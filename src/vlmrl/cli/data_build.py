@@ -59,6 +59,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--count-range", default="0,4", help="LOW,HIGH objects per class (default 0,4)")
     s.add_argument("--max-overlap", type=float, default=0.1,
                    help="free layout: largest fraction of a box others may cover (default 0.1)")
+    s.add_argument("--attributes", action="store_true",
+                   help="colours independent of class and small/large sizes (for `vlmrl data tasks`)")
     s.add_argument("--workers", type=int, default=2, help="drawing processes (default 2)")
     s.add_argument("--pairs", action="store_true", help="also build preference pairs in OUT/pairs")
     _output_options(s)
@@ -121,7 +123,7 @@ def _synth(args: argparse.Namespace) -> int:
     options = _build_options(args) if args.pairs else None
     out = generate_scenes(args.out, args.n, args.seed, args.image_size, args.layout,
                           (int(low_high[0]), int(low_high[1])), workers=args.workers,
-                          max_overlap=args.max_overlap)
+                          max_overlap=args.max_overlap, attributes=args.attributes)
     print(f"wrote {args.n} scenes to {out}/images, labels in {out}/labels, classes in {out}/data.yaml")
     if options:
         paths, stats = pairs_from_detections(out, Path(out) / "pairs", **options)

@@ -191,6 +191,19 @@ class CountingTask:
         )
         return pattern, surface
 
+    def mentions(self, text: str) -> list[tuple[str, int]]:
+        """Every (class, number) the text states, in order; the class is ``""`` for a total.
+
+        >>> CountingTask().mentions("2 cars, no buses, 3 cars")
+        [('car', 2), ('bus', 0), ('car', 3)]
+        """
+        found = []
+        for m in self._pattern.finditer(text or ""):
+            num, noun = (m["num"], m["noun"]) if m["noun"] else (m["num2"], m["noun2"])
+            value = int(num) if num.isdigit() else NUMBER_WORDS[num.lower()]
+            found.append((self._surface[re.sub(r"\s+", " ", noun.lower())], value))
+        return found
+
     def parse(self, text: str) -> ParsedCounts:
         """Read counts from free text. The first mention of a class wins.
 
@@ -202,10 +215,7 @@ class CountingTask:
         """
         counts: dict[str, int | None] = {c: None for c in self.classes}
         total = None
-        for m in self._pattern.finditer(text or ""):
-            num, noun = (m["num"], m["noun"]) if m["noun"] else (m["num2"], m["noun2"])
-            value = int(num) if num.isdigit() else NUMBER_WORDS[num.lower()]
-            cls = self._surface[re.sub(r"\s+", " ", noun.lower())]
+        for cls, value in self.mentions(text):
             if cls == "":
                 total = value if total is None else total
             elif counts[cls] is None:
