@@ -181,6 +181,24 @@ def test_bad_calls_raise_clear_errors(call, message):
         call()
 
 
+def test_step_moves_the_running_shift_on_training_batches_only():
+    """β = 0.5. Training batch: rewards 0.5·(0+2) = 1 and 0.5·(−2+2) = 0, mean 0.5 → δ = 0.5.
+    An eval batch (rewards 3 and 3) uses δ = 0.5 and leaves it. Next training batch: rewards 1.5
+    and 1.5, mean 1.5 → δ = (0.5 + 1.5)/2 = 1. Without ``running`` δ stays 0."""
+    from vlmrl.train.steps import PreferenceStep
+
+    def pair(chosen, rejected):
+        return SimpleNamespace(chosen=t(chosen), rejected=t(rejected))
+
+    train, evaluate = SimpleNamespace(training=True), SimpleNamespace(training=False)
+    step = PreferenceStep(None, None, 128, LossConfig(name="bco", beta=0.5, bco_reward_shift="running"))
+    assert step._bco_delta(pair(0, -2), t(-2), t(-2), train) == pytest.approx(0.5)
+    assert step._bco_delta(pair(4, 4), t(-2), t(-2), evaluate) == pytest.approx(0.5)
+    assert step._bco_delta(pair(1, 1), t(-2), t(-2), train) == pytest.approx(1.0)
+    plain = PreferenceStep(None, None, 128, LossConfig(name="mpo", beta=0.5))
+    assert plain.reward_shift is None and plain._bco_delta(pair(0, -2), t(-2), t(-2), train) == 0.0
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -204,6 +222,7 @@ def test_config_names_and_mpo_weights():
         ({"name": "mpo", "mpo_weights": {"quality": -1}}, r"loss\.mpo_weights\.quality"),
         ({"name": "mpo", "mpo_weights": {"qualty": 1}}, r"did you mean loss\.mpo_weights\.quality"),
         ({"name": "bco", "bco_reward_shift": "ema"}, r"loss\.bco_reward_shift"),
+        ({"name": "kto"}, r"loss\.name: .*single answer .* does not read yet; for pairs use bco or mpo"),
     ],
 )
 def test_config_refuses_bad_settings(loss, message):

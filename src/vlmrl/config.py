@@ -114,6 +114,15 @@ class LossConfig(_Section):
         "running: the mean over training of each batch's mean reward, as in the BCO paper and InternVL's MPO "
         "(kept per process and in memory: a resumed run starts it again from 0)")
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _kto_not_yet(cls, value: Any) -> Any:
+        """KTO exists as a pure loss (``vlmrl.losses.unpaired``) but no step trains with it yet."""
+        if value == "kto":
+            raise ValueError("kto trains on records with a single answer marked desirable or not, which "
+                             "`train --algo dpo` does not read yet; for pairs use bco or mpo")
+        return value
+
     def loss_params(self) -> dict[str, Any]:
         """The keyword parameters ``preference_loss`` takes for this loss name (bco's δ comes from the step)."""
         if self.name in ("dpo", "robust"):

@@ -325,12 +325,13 @@ def preference_loss(
     beta: float = 0.1,
     reference_free: bool = False,
     rpo_alpha: float = 0.0,
-    **params: float,
+    **params: float | tuple[float, float, float],
 ) -> LossOutput:
     """Compute the loss called ``name`` (one of ``LOSS_NAMES``); returns ``(losses, chosen, rejected)``.
 
     ``reference_free=True`` sets the reference log-probs to 0 (the policy alone, as in "DPO without
-    reference" ablations); DPOP refuses it, since its penalty is defined against the reference.
+    reference" ablations); DPOP, BCO and MPO refuse it, since their penalty or classifier is
+    defined against the reference.
     SimPO never uses the reference, and "sft" only for its logged rewards. IPO divides its
     log-ratios by the lengths when they are given (TRL's per-token form). ``rpo_alpha > 0`` adds
     ``rpo_alpha · nll`` (RPO) to any loss but MPO, whose generation weight is that term already;
