@@ -27,6 +27,8 @@ LOSSES = [
     LossConfig(name="robust", label_smoothing=0.2),
     LossConfig(name="simpo"),
     LossConfig(name="dpo", sft_weight=1.0),  # RPO
+    LossConfig(name="bco", beta=0.5),
+    LossConfig(name="mpo"),
 ]
 
 

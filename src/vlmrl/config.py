@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlmrl.errors import VlmrlError
 
-LossName = Literal["dpo", "dpop", "ipo", "hinge", "robust", "simpo"]
+LossName = Literal["dpo", "dpop", "ipo", "hinge", "robust", "simpo", "bco", "mpo"]
 
 
 class _Section(BaseModel):
@@ -80,25 +80,60 @@ class DataConfig(_Section):
     cache_vision: bool = False
 
 
+class MpoWeights(_Section):
+    """MPO's three weights (``loss.name=mpo``); the defaults are InternVL's."""
+
+    preference: float = Field(default=0.8, ge=0.0, description="weight of the sigmoid DPO loss (which answer wins)")
+    quality: float = Field(
+        default=0.2, ge=0.0, description="weight of the BCO loss (is each answer good on its own)")
+    generation: float = Field(
+        default=1.0, ge=0.0, description="weight of the chosen answer's mean token NLL (the SFT term)")
+
+
 class LossConfig(_Section):
     """The preference loss of ``--algo dpo`` (see ``vlmrl.losses.preference``)."""
 
-    name: LossName = "dpo"
-    beta: float = Field(default=0.1, gt=0)
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # dpo (cDPO), robust, simpo
-    dpop_lambda: float = Field(default=50.0, ge=0.0)  # dpop
-    simpo_gamma: float = Field(default=0.5, ge=0.0)  # simpo
-    sft_weight: float = Field(default=0.0, ge=0.0)  # RPO: adds sft_weight * NLL of the chosen answer
-    reference_free: bool = False
+    name: LossName = Field(default="dpo", description="the loss: " + ", ".join(LossName.__args__))
+    beta: float = Field(
+        default=0.1, gt=0,
+        description="scale of the implicit reward β·(log π − log π_ref) (SimPO: of the mean log-prob)")
+    label_smoothing: float = Field(
+        default=0.0, ge=0.0, lt=0.5, description="dpo (cDPO), robust, simpo: probability that a label is flipped")
+    dpop_lambda: float = Field(
+        default=50.0, ge=0.0, description="dpop: weight of the penalty on a falling chosen answer")
+    simpo_gamma: float = Field(default=0.5, ge=0.0, description="simpo: target reward margin γ")
+    sft_weight: float = Field(
+        default=0.0, ge=0.0, description="RPO: adds sft_weight × the chosen answer's mean token NLL to the loss "
+        "(not with mpo, which has loss.mpo_weights.generation)")
+    reference_free: bool = Field(
+        default=False, description="reference log-probs set to 0 (no reference model; not for dpop, bco, mpo)")
+    mpo_weights: MpoWeights = Field(
+        default_factory=MpoWeights, description="mpo: weights of its preference, quality and generation losses")
+    bco_reward_shift: Literal["none", "running"] = Field(
+        default="none", description="bco, mpo: BCO's reward shift δ. none: δ = 0, as TRL 1.16's bco_pair; "
+        "running: the mean over training of each batch's mean reward, as in the BCO paper and InternVL's MPO "
+        "(kept per process and in memory: a resumed run starts it again from 0)")
 
-    def loss_params(self) -> dict[str, float]:
-        """The keyword parameters ``preference_loss`` takes for this loss name."""
+    @field_validator("name", mode="before")
+    @classmethod
+    def _kto_not_yet(cls, value: Any) -> Any:
+        """KTO exists as a pure loss (``vlmrl.losses.unpaired``) but no step trains with it yet."""
+        if value == "kto":
+            raise ValueError("kto trains on records with a single answer marked desirable or not, which "
+                             "`train --algo dpo` does not read yet; for pairs use bco or mpo")
+        return value
+
+    def loss_params(self) -> dict[str, Any]:
+        """The keyword parameters ``preference_loss`` takes for this loss name (bco's δ comes from the step)."""
         if self.name in ("dpo", "robust"):
             return {"label_smoothing": self.label_smoothing}
         if self.name == "dpop":
             return {"dpop_lambda": self.dpop_lambda}
         if self.name == "simpo":
             return {"gamma": self.simpo_gamma, "label_smoothing": self.label_smoothing}
+        if self.name == "mpo":
+            w = self.mpo_weights
+            return {"weights": (w.preference, w.quality, w.generation)}
         return {}
 
 
@@ -180,10 +215,14 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.train.early_stopping_patience and self.data.eval is None:
             raise ValueError("train.early_stopping_patience needs held-out data: set data.eval")
-        if self.loss.reference_free and self.loss.name == "dpop":
+        if self.loss.reference_free and self.loss.name in ("dpop", "bco", "mpo"):
             raise ValueError(
-                "loss.reference_free cannot be used with dpop: its penalty is measured against the reference"
+                f"loss.reference_free cannot be used with {self.loss.name}: its "
+                + ("penalty" if self.loss.name == "dpop" else "BCO term") + " is measured against the reference"
             )
+        if self.loss.name == "mpo" and self.loss.sft_weight > 0:
+            raise ValueError("loss.sft_weight cannot be used with mpo: set its NLL weight with "
+                             "loss.mpo_weights.generation instead")
         if self.data.cache_vision and (self.lora.vision != "frozen" or self.lora.merger):
             raise ValueError("data.cache_vision stores the vision tower's output, so it needs a frozen tower: "
                              "set lora.vision=frozen and lora.merger=false, or data.cache_vision=false")

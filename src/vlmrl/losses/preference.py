@@ -1,4 +1,4 @@
-"""The DPO family of preference losses, as pure functions of sequence log-probabilities.
+"""Paired preference losses (the DPO family, BCO, MPO), as pure functions of sequence log-probs.
 
 Every loss takes log-probabilities summed over the completion tokens (shape ``(B,)``): of the
 chosen and the rejected answer, under the policy being trained and under the frozen reference.
@@ -13,6 +13,8 @@ Notation used in the docstrings, for one pair (x, y_w chosen, y_l rejected):
 
 ``preference_loss(name, ...)`` picks one by name; ``preference_metrics`` gives the TRL-named
 metrics (``rewards/chosen``, ``rewards/margins``, ...) that every preference trainer logs.
+``RewardShift`` keeps BCO's running reward shift, the one piece of state a caller carries between
+batches. Losses on unpaired answers (KTO, unpaired BCO) are in ``vlmrl.losses.unpaired``.
 """
 
 from __future__ import annotations
@@ -209,17 +211,105 @@ def nll(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -policy_chosen / chosen_lengths.clamp(min=1)
 
 
-_WITH_REFERENCE = {"dpo": dpo, "dpop": dpop, "ipo": ipo, "hinge": hinge, "robust": robust}
-LOSS_NAMES = (*_WITH_REFERENCE, "simpo", "sft")
+def bco(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    delta: float = 0.0,
+) -> LossOutput:
+    """BCO for pairs (Jung et al. 2024, "Binary Classifier Optimization", arXiv 2404.04656).
+
+        loss = −log σ(β·(πc − rc) − δ) − log σ(−(β·(πr − rr) − δ))
+
+    The paper's BCE loss: a binary classifier whose logit is the implicit reward, the chosen
+    answer class 1, the rejected one class 0, each on its own (no margin between them). Its
+    Theorem 1: the BCE loss bounds the DPO loss from above; the reward shift δ, the mean reward
+    kept as a moving average over training (``RewardShift``), tightens that bound. TRL 1.16's
+    ``bco_pair`` is this line with δ = 0; its earlier versions, which InternVL's MPO scripts ran,
+    kept the running mean as ``RewardShift`` does. Departs from the paper by leaving out its
+    underlying-distribution matching (a density-ratio classifier that reweights rejected
+    answers). ``delta`` is a number, not a tensor with a gradient: the shift is a baseline, not
+    something to optimise.
+    """
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+MPO_WEIGHTS = (0.8, 0.2, 1.0)
+
+
+def mpo(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_lengths: Tensor,
+    *,
+    beta: float = 0.1,
+    weights: tuple[float, float, float] = MPO_WEIGHTS,
+    delta: float = 0.0,
+) -> LossOutput:
+    """MPO, InternVL's mixed preference optimisation (Wang et al. 2024, arXiv 2411.10442).
+
+        loss = w_p·L_dpo + w_q·L_bco + w_g·L_sft        (the paper's w_p·L_p + w_q·L_q + w_g·L_g)
+
+    preference loss L_dpo = −log σ(β·h) (sigmoid DPO: which answer is better), quality loss
+    L_bco = ``bco`` (is each answer good on its own), generation loss L_sft = ``nll`` (the chosen
+    answer's mean token NLL: how to write a good one). ``weights = (w_p, w_q, w_g)``; the default
+    (0.8, 0.2, 1.0) is what InternVL ships (its MPO scripts: sigmoid weight 0.8, bco_pair weight
+    0.2, rpo_alpha 1), and what TRL documents for ``loss_type=["sigmoid", "bco_pair", "sft"]``.
+    ``delta`` is BCO's reward shift (see ``bco``). TRL's ``sft`` term is the token mean over the
+    whole batch; ours is the per-pair mean (``nll``), equal when all chosen answers have the same
+    length, and independent of how a batch is split.
+    """
+    pairs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    preference, chosen_rewards, rejected_rewards = dpo(*pairs, beta=beta)
+    quality, _, _ = bco(*pairs, beta=beta, delta=delta)
+    generation = nll(policy_chosen, chosen_lengths)
+    w_p, w_q, w_g = weights
+    return w_p * preference + w_q * quality + w_g * generation, chosen_rewards, rejected_rewards
+
+
+class RewardShift:
+    """BCO's reward shift δ: the running mean, over updates, of each batch's mean implicit reward.
+
+    As TRL's ``RunningMoments`` fed one number per batch (the mean of the batch's chosen and
+    rejected rewards ``β·(π − π_ref)``), every batch counts once, whatever its size: after batches
+    with means m1..mk, δ = (m1 + ... + mk)/k. ``update`` folds the current batch in first and
+    returns the new δ, so the first batch is shifted by its own mean, as in TRL. The mean is kept
+    per process (not averaged across processes) and lives in memory only.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.count = 0
+
+    def update(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> float:
+        batch_mean = torch.cat([chosen_rewards, rejected_rewards]).detach().mean().item()
+        self.count += 1
+        self.mean += (batch_mean - self.mean) / self.count
+        return self.mean
+
+
+_WITH_REFERENCE = {"dpo": dpo, "dpop": dpop, "ipo": ipo, "hinge": hinge, "robust": robust, "bco": bco}
+LOSS_NAMES = (*_WITH_REFERENCE, "simpo", "sft", "mpo")
 REFERENCE_FREE_OK = ("dpo", "ipo", "hinge", "robust", "simpo", "sft")
+SHIFTED = ("bco", "mpo")  # the losses that take BCO's reward shift ``delta``
 _PARAMS = {
     "dpo": {"label_smoothing"},
     "dpop": {"dpop_lambda"},
     "ipo": set(),
     "hinge": set(),
     "robust": {"label_smoothing"},
+    "bco": {"delta"},
     "simpo": {"gamma", "label_smoothing"},
     "sft": set(),
+    "mpo": {"weights", "delta"},
 }
 
 
@@ -235,17 +325,19 @@ def preference_loss(
     beta: float = 0.1,
     reference_free: bool = False,
     rpo_alpha: float = 0.0,
-    **params: float,
+    **params: float | tuple[float, float, float],
 ) -> LossOutput:
     """Compute the loss called ``name`` (one of ``LOSS_NAMES``); returns ``(losses, chosen, rejected)``.
 
     ``reference_free=True`` sets the reference log-probs to 0 (the policy alone, as in "DPO without
-    reference" ablations); DPOP refuses it, since its penalty is defined against the reference.
+    reference" ablations); DPOP, BCO and MPO refuse it, since their penalty or classifier is
+    defined against the reference.
     SimPO never uses the reference, and "sft" only for its logged rewards. IPO divides its
     log-ratios by the lengths when they are given (TRL's per-token form). ``rpo_alpha > 0`` adds
-    ``rpo_alpha · nll`` (RPO) to any loss; ``"sft"`` is the NLL term alone. ``params`` go to the
-    loss (``label_smoothing``, ``dpop_lambda``, ``gamma``); one the loss does not take is a
-    config error.
+    ``rpo_alpha · nll`` (RPO) to any loss but MPO, whose generation weight is that term already;
+    ``"sft"`` is the NLL term alone. ``params`` go to the loss (``label_smoothing``,
+    ``dpop_lambda``, ``gamma``, ``delta`` for bco and mpo, ``weights`` for mpo); one the loss does
+    not take is a config error.
     """
     if name not in LOSS_NAMES:
         raise VlmrlError(f"unknown preference loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
@@ -257,7 +349,9 @@ def preference_loss(
     if reference_free and name not in REFERENCE_FREE_OK:
         ok = ", ".join(REFERENCE_FREE_OK)
         raise VlmrlError(f"loss {name!r} needs the reference model; reference_free works with: {ok}")
-    needs_lengths = name in ("simpo", "sft") or rpo_alpha > 0
+    if name == "mpo" and rpo_alpha > 0:
+        raise VlmrlError("loss 'mpo' has its own generation (NLL) weight; set rpo_alpha (loss.sft_weight) to 0")
+    needs_lengths = name in ("simpo", "sft", "mpo") or rpo_alpha > 0
     if needs_lengths and (chosen_lengths is None or (name == "simpo" and rejected_lengths is None)):
         raise VlmrlError(f"loss {name!r} (or rpo_alpha > 0) needs the completion lengths of the answers")
     if reference_free or (name in ("simpo", "sft") and (ref_chosen is None or ref_rejected is None)):
@@ -270,6 +364,8 @@ def preference_loss(
     elif name == "sft":
         rewards = _rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         out = (nll(policy_chosen, chosen_lengths), *rewards)
+    elif name == "mpo":
+        out = mpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, beta=beta, **params)
     elif name == "ipo":
         lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
         out = ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, **lengths)
@@ -278,7 +374,7 @@ def preference_loss(
         out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, **params)
 
     losses, chosen_rewards, rejected_rewards = out
-    if rpo_alpha > 0 and name != "sft":
+    if rpo_alpha > 0 and name != "sft":  # mpo refused above
         losses = losses + rpo_alpha * nll(policy_chosen, chosen_lengths)
     return losses, chosen_rewards, rejected_rewards
 

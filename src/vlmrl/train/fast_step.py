@@ -116,7 +116,8 @@ class FastPreferenceStep(PreferenceStep):
         if self.needs_reference:
             ref = self._reference_logps(batch, features)
             ref_chosen, ref_rejected = ref.chosen, ref.rejected
-        return pair_loss(self.loss, policy, ref_chosen, ref_rejected)
+        delta = self._bco_delta(policy, ref_chosen, ref_rejected, model)
+        return pair_loss(self.loss, policy, ref_chosen, ref_rejected, delta)
 
     def _fast_supported(self, *models) -> bool:
         reasons = [unsupported_reason(m) for m in models if m is not None]

@@ -19,7 +19,7 @@ import torch
 from vlmrl.batch import EncodedRecordCache, encode_pairs, encode_sft
 from vlmrl.config import Config, LossConfig
 from vlmrl.forward.plain import plain_pair_logps, sequence_logps
-from vlmrl.losses.preference import nll, preference_loss, preference_metrics
+from vlmrl.losses.preference import SHIFTED, RewardShift, nll, preference_loss, preference_metrics
 from vlmrl.models.load import reference_forward
 
 
@@ -60,6 +60,8 @@ class PreferenceStep:
         self.reference = reference
         self.unwrapped = unwrapped if unwrapped is not None else model
         self.needs_reference = loss_needs_reference(loss)
+        running = loss.name in SHIFTED and loss.bco_reward_shift == "running"
+        self.reward_shift = RewardShift() if running else None
 
     def encode(self, records, device="cpu"):
         return encode_pairs(records, self.processor, self.max_length).to(device)
@@ -70,7 +72,17 @@ class PreferenceStep:
         if self.needs_reference:
             ref = self._reference_logps(batch)
             ref_chosen, ref_rejected = ref.chosen, ref.rejected
-        return pair_loss(self.loss, policy, ref_chosen, ref_rejected)
+        delta = self._bco_delta(policy, ref_chosen, ref_rejected, model or self.model)
+        return pair_loss(self.loss, policy, ref_chosen, ref_rejected, delta)
+
+    def _bco_delta(self, policy, ref_chosen, ref_rejected, model) -> float:
+        """BCO's reward shift for this batch: 0, or the running mean, which only training batches move."""
+        if self.reward_shift is None:
+            return 0.0
+        if not model.training:
+            return self.reward_shift.mean
+        beta = self.loss.beta
+        return self.reward_shift.update(beta * (policy.chosen - ref_chosen), beta * (policy.rejected - ref_rejected))
 
     def _reference_logps(self, batch):
         with reference_forward(self.reference, self.unwrapped) as model:
@@ -92,8 +104,15 @@ def needs_reference(config: Config) -> bool:
     return False
 
 
-def pair_loss(loss: LossConfig, policy, ref_chosen, ref_rejected) -> tuple[torch.Tensor, dict[str, float]]:
-    """The configured preference loss of a batch of pair log-probs: its mean and TRL's metrics."""
+def pair_loss(
+    loss: LossConfig, policy, ref_chosen, ref_rejected, delta: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured preference loss of a batch of pair log-probs: its mean and TRL's metrics.
+
+    ``delta`` is BCO's reward shift, used (and logged as ``delta``) by bco and mpo only."""
+    params = loss.loss_params()
+    if loss.name in SHIFTED:
+        params["delta"] = delta
     losses, chosen_rewards, rejected_rewards = preference_loss(
         loss.name,
         policy.chosen,
@@ -105,9 +124,11 @@ def pair_loss(loss: LossConfig, policy, ref_chosen, ref_rejected) -> tuple[torch
         beta=loss.beta,
         reference_free=loss.reference_free,
         rpo_alpha=loss.sft_weight,
-        **loss.loss_params(),
+        **params,
     )
     mean = losses.mean()
     metrics = {"loss": mean.item()}
+    if loss.name in SHIFTED:
+        metrics["delta"] = delta
     metrics.update(preference_metrics(chosen_rewards, rejected_rewards, policy.chosen, policy.rejected))
     return mean, metrics
