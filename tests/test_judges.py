@@ -208,8 +208,8 @@ def test_pairwise_both_orders(server, tmp_path):
     assert good.prefer(record, "good: 2 cars", "bad: 1 car") == 1
     assert good.prefer(record, "bad: 1 car", "good: 2 cars") == -1
     assert len(seen) == 4  # each pair asked in both orders
-    first, second = (_user_text(s["body"]) for s in seen[:2])
-    assert "Assistant A's Answer]\ngood: 2 cars" in first and "Assistant A's Answer]\nbad: 1 car" in second
+    shown_first = {_user_text(s["body"]).split("Assistant A's Answer]\n", 1)[1].split("\n")[0] for s in seen[:2]}
+    assert shown_first == {"good: 2 cars", "bad: 1 car"}  # requests run in parallel: either may arrive first
     biased = HttpVlmJudge(f"{url}/always-a/v1", "m", **FAST)
     result = biased.prefer_many([(record, "good: 2 cars", "bad: 1 car"), (record, "x", "y")])
     assert result.verdicts == [0, 0] and result.inconsistent == 2 and result.failures == 0
@@ -318,3 +318,35 @@ def test_local_model_judge(tiny_model_dir, tmp_path):
     assert result.scores == [parse_rating(r) for r in replies]  # greedy: the same replies, read the same way
     assert result.failures == sum(parse_rating(r) is None for r in replies)
     assert judge.prefer(record, "a", "b") in (None, -1, 0, 1)
+
+
+def test_reference_guided_prompts(server, tmp_path):
+    url, seen, _ = server
+    record = _record(tmp_path)
+    judge = HttpVlmJudge(f"{url}/good/v1", "m", reference=True, **FAST)
+    assert judge.score([record], ["good: 2 cars"]).scores == [9.0]
+    assert judge.prefer(record, "good: 2 cars", "bad") == 1
+    for s in seen:
+        text = _user_text(s["body"])
+        assert "[The Start of Reference Answer]\n2 cars\n[The End of Reference Answer]" in text
+        assert "You will be given a reference answer" in text
+    plain = judges.scoring_messages(record, "x")[1]["content"][-1]["text"]
+    assert "Reference Answer" not in plain and "reference answer" not in plain
+    record.chosen = ""
+    with pytest.raises(VlmrlError, match="record r0: a judge with a reference answer shows the record's `chosen`"):
+        judge.score([record], ["x"])
+
+
+def test_a_damaged_cache_line_is_asked_again(server, tmp_path, caplog):
+    url, seen, _ = server
+    record = _record(tmp_path)
+    HttpVlmJudge(f"{url}/good/v1", "m", cache_dir=tmp_path / "c", **FAST).score([record, record], ["good", "bad"])
+    cache = tmp_path / "c" / judges.CACHE_FILE
+    lines = cache.read_text().splitlines()
+    cache.write_text(lines[0] + "\n" + lines[1][:20] + "\n")  # the second reply cut short
+    seen.clear()
+    with caplog.at_level(logging.WARNING):
+        again = HttpVlmJudge(f"{url}/good/v1", "m", cache_dir=tmp_path / "c", **FAST).score([record, record],
+                                                                                            ["good", "bad"])
+    assert f"{cache}, line 2: not valid JSON" in caplog.text
+    assert again.scores == [9.0, 2.0] and again.cached == 1 and len(seen) == 1

@@ -27,9 +27,11 @@ Chatbot Arena", arXiv 2306.05685, Appendix: ``single-v1`` and ``pair-v2``) about
 a score is a rating from 1 to 10 answered as ``Rating: [[N]]``; a comparison's verdict is
 ``[[A]]``, ``[[B]]`` or ``[[C]]`` (a tie). A bare reply (``7``, ``A``, ``tie``) is read too. A
 reply with no readable verdict, two different ones, or a rating outside 1-10 is a failure:
-logged, counted, never a win. Position bias (ibid., Sec. 3.3): ``prefer`` asks both orders,
+logged, counted, never a win. Position bias (ibid., Sec. 3.3-3.4): ``prefer`` asks both orders,
 (a, b) and (b, a); when the two verdicts disagree the pair is a tie (MT-Bench's "inconsistent"),
-counted in ``Preferences.inconsistent``.
+counted in ``Preferences.inconsistent``. With ``reference=True`` the prompts also show the
+record's ``chosen`` answer as the reference answer, as MT-Bench's reference-guided prompts
+(``single-math-v1``, ``pair-math-v1``) do.
 
 With ``cache_dir``, every readable reply is kept in ``cache_dir/judge_replies.jsonl`` under the
 sha256 of the judge's identity (model name and sampling settings) and the messages, each image
@@ -41,7 +43,8 @@ As a GRPO reward, :class:`JudgeReward` gives any judge TRL's shape ``fn(completi
 -> list[float]``. A failed score becomes ``failure_score`` (default 0.0: below the lowest rating,
 1, so a failed answer never ranks above a judged one) and is counted in ``JudgeReward.failures``.
 
-Every call logs on ``vlmrl.judges`` how many were scored, read from the cache and failed.
+Every call of (b) or (c) logs (INFO, ``vlmrl.judges``) how many answers or pairs were judged, how
+many replies came from the cache and how many failed; failures are also logged as warnings.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from typing import Any, Callable, Protocol, Sequence
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.eval.judge import SYSTEM_PROMPT, HttpJudge, JudgeUnavailable, LocalJudge, api_key_from_env
+from vlmrl.jsonl import read_jsonl
 from vlmrl.rewards import completion_text
 
 log = logging.getLogger(__name__)
@@ -70,10 +74,10 @@ SCORE_PROMPT = (
     "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided "
     "by an AI assistant to the user question about the image(s) shown above. Your evaluation should "
     "consider factors such as the helpfulness, relevance, accuracy with respect to the image, and level "
-    "of detail of the response. Begin your evaluation by providing a short explanation. Be as objective "
-    "as possible. After providing your explanation, you must rate the response on a scale of 1 to 10 by "
-    'strictly following this format: "[[rating]]", for example: "Rating: [[5]]".\n\n'
-    "[Question]\n{question}\n\n"
+    "of detail of the response.{reference_rule} Begin your evaluation by providing a short explanation. Be "
+    "as objective as possible. After providing your explanation, you must rate the response on a scale of "
+    '1 to 10 by strictly following this format: "[[rating]]", for example: "Rating: [[5]]".\n\n'
+    "[Question]\n{question}\n\n{reference}"
     "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
 )
 
@@ -83,16 +87,22 @@ PAIR_PROMPT = (
     "by two AI assistants to the user question about the image(s) shown above. You should choose the "
     "assistant that follows the user's instructions and answers the user's question better. Your "
     "evaluation should consider factors such as the helpfulness, relevance, accuracy with respect to the "
-    "image, and level of detail of their responses. Begin your evaluation by comparing the two responses "
-    "and provide a short explanation. Avoid any position biases and ensure that the order in which the "
-    "responses were presented does not influence your decision. Do not allow the length of the "
-    "responses to influence your evaluation. Be as objective as possible. After providing your "
+    "image, and level of detail of their responses.{reference_rule} Begin your evaluation by comparing the "
+    "two responses and provide a short explanation. Avoid any position biases and ensure that the order "
+    "in which the responses were presented does not influence your decision. Do not allow the length of "
+    "the responses to influence your evaluation. Be as objective as possible. After providing your "
     'explanation, output your final verdict by strictly following this format: "[[A]]" if assistant A '
     'is better, "[[B]]" if assistant B is better, and "[[C]]" for a tie.\n\n'
-    "[User Question]\n{question}\n\n"
+    "[User Question]\n{question}\n\n{reference}"
     "[The Start of Assistant A's Answer]\n{a}\n[The End of Assistant A's Answer]\n\n"
     "[The Start of Assistant B's Answer]\n{b}\n[The End of Assistant B's Answer]"
 )
+
+# MT-Bench's reference-guided variants (single-math-v1, pair-math-v1): the record's `chosen` as the reference.
+REFERENCE_RULE = (
+    " You will be given a reference answer: compare with it, and identify and correct any mistakes."
+)
+REFERENCE_BLOCK = "[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n\n"
 
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _BARE_NUMBER = re.compile(r"^(?:rating:\s*)?(\d+(?:\.\d+)?)\.?$", re.IGNORECASE)
@@ -188,18 +198,36 @@ def combine_orders(first: int | None, second: int | None) -> int | None:
 # ----------------------------------------------------------------------------------- prompts
 
 
-def scoring_messages(record: PreferenceRecord, answer: str) -> list[dict[str, Any]]:
-    """The chat that asks for a 1-10 rating of ``answer`` to ``record`` (images first)."""
-    text = SCORE_PROMPT.format(question=record.prompt_text(), answer=answer)
+def scoring_messages(record: PreferenceRecord, answer: str, reference: bool = False) -> list[dict[str, Any]]:
+    """The chat that asks for a 1-10 rating of ``answer`` to ``record`` (images first).
+
+    With ``reference``, the record's ``chosen`` answer is shown as the reference answer.
+    """
+    text = SCORE_PROMPT.format(question=record.prompt_text(), answer=answer, **_reference(record, reference))
     return [{"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": _image_parts(record) + [{"type": "text", "text": text}]}]
 
 
-def pairwise_messages(record: PreferenceRecord, a: str, b: str) -> list[dict[str, Any]]:
-    """The chat that asks which of ``a`` (shown as A) and ``b`` (shown as B) answers ``record`` better."""
-    text = PAIR_PROMPT.format(question=record.prompt_text(), a=a, b=b)
+def pairwise_messages(record: PreferenceRecord, a: str, b: str, reference: bool = False) -> list[dict[str, Any]]:
+    """The chat that asks which of ``a`` (shown as A) and ``b`` (shown as B) answers ``record`` better.
+
+    With ``reference``, the record's ``chosen`` answer is shown as the reference answer.
+    """
+    text = PAIR_PROMPT.format(question=record.prompt_text(), a=a, b=b, **_reference(record, reference))
     return [{"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": _image_parts(record) + [{"type": "text", "text": text}]}]
+
+
+def _reference(record: PreferenceRecord, reference: bool) -> dict[str, str]:
+    """The prompt's reference sentence and block: empty without ``reference``."""
+    if not reference:
+        return {"reference_rule": "", "reference": ""}
+    if not record.chosen.strip():
+        raise VlmrlError(
+            f"record {record.id}: a judge with a reference answer shows the record's `chosen` answer, which is "
+            "empty; give the records a reference answer or judge without one"
+        )
+    return {"reference_rule": REFERENCE_RULE, "reference": REFERENCE_BLOCK.format(reference=record.chosen)}
 
 
 def _image_parts(record: PreferenceRecord) -> list[dict[str, Any]]:
@@ -222,18 +250,9 @@ class ReplyCache:
         self.path = Path(path)
         self.replies: dict[str, str] = {}
         if self.path.exists():
-            self._read()
-
-    def _read(self) -> None:
-        with self.path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                    self.replies[str(row["key"])] = str(row["reply"])
-                except (ValueError, KeyError, TypeError):
-                    # A line cut short by a crash: its reply is asked for again.
-                    log.warning("%s line %d: not a cached judge reply; that question will be asked again",
-                                self.path, number)
+            # A line cut short by a crash is skipped with a warning: its question is asked again.
+            for _, row in read_jsonl(self.path, required=("key", "reply"), skip_bad=True):
+                self.replies[str(row["key"])] = str(row["reply"])
 
     def get(self, key: str) -> str | None:
         return self.replies.get(key)
@@ -270,18 +289,21 @@ class PromptJudge:
     """Scores and pairwise verdicts from a model that answers chat prompts (see the module docstring).
 
     ``ask(conversations) -> replies`` returns one reply per conversation, ``None`` where no reply
-    came. ``identity`` (the model and its sampling settings) is part of every cache key.
+    came. ``identity`` (the model and its sampling settings) is part of every cache key. With
+    ``reference``, every prompt shows the record's ``chosen`` answer as the reference answer.
     """
 
     def __init__(self, ask: Callable[[list], list[str | None]], identity: dict[str, Any],
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, reference: bool = False):
         self.ask = ask
         self.identity = identity
+        self.reference = reference
         self.cache = ReplyCache(Path(cache_dir) / CACHE_FILE) if cache_dir else None
 
     def score(self, records: Sequence[PreferenceRecord], completions: Sequence[Any]) -> JudgeScores:
         _check_aligned(records, completions)
-        conversations = [scoring_messages(r, completion_text(c)) for r, c in zip(records, completions)]
+        conversations = [scoring_messages(r, completion_text(c), self.reference)
+                         for r, c in zip(records, completions)]
         replies, cached = self._replies(conversations, parse_rating)
         result = JudgeScores([None if r is None else parse_rating(r) for r in replies], cached)
         log.info("judge %s: %d answers scored (%d from the cache), %d failed",
@@ -295,7 +317,8 @@ class PromptJudge:
         """A verdict per ``(record, a, b)``, each pair asked in both orders."""
         conversations = []
         for record, a, b in pairs:
-            conversations += [pairwise_messages(record, a, b), pairwise_messages(record, b, a)]
+            conversations += [pairwise_messages(record, a, b, self.reference),
+                              pairwise_messages(record, b, a, self.reference)]
         replies, cached = self._replies(conversations, parse_verdict)
         verdicts = [None if r is None else parse_verdict(r) for r in replies]
         firsts, seconds = verdicts[0::2], verdicts[1::2]
@@ -330,15 +353,15 @@ class HttpVlmJudge(PromptJudge):
     """
 
     def __init__(self, url: str, model: str, *, key_env: str | None = None, cache_dir: str | Path | None = None,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, workers: int = 4,
-                 temperature: float = 0.0, max_tokens: int = 1024):
+                 reference: bool = False, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0,
+                 workers: int = 4, temperature: float = 0.0, max_tokens: int = 1024):
         if workers < 1:
             raise VlmrlError(f"judge: workers must be at least 1 (got {workers})")
         self.http = HttpJudge(url, model, api_key=api_key_from_env(key_env), timeout=timeout,
                               temperature=temperature, max_tokens=max_tokens, retries=retries, backoff=backoff)
         self.workers = workers
         identity = {"model": model, "temperature": temperature, "max_tokens": max_tokens}
-        super().__init__(self._ask, identity, cache_dir)
+        super().__init__(self._ask, identity, cache_dir, reference)
 
     def _ask(self, conversations: list) -> list[str | None]:
         unavailable: list[str] = []
@@ -360,11 +383,15 @@ class HttpVlmJudge(PromptJudge):
 
 
 class LocalVlmJudge(PromptJudge):
-    """A local model as the judge (module docstring, (c)), loaded with :func:`vlmrl.eval.run.load_for_eval`."""
+    """A local model as the judge (module docstring, (c)), loaded with :func:`vlmrl.eval.run.load_for_eval`.
+
+    Its cache key names the model by its path (and adapter), not its weights: clear ``cache_dir``
+    after changing the model at that path.
+    """
 
     def __init__(self, model_path: str | Path, *, adapter: str | Path | None = None, dtype: str = "float32",
                  max_new_tokens: int = 256, batch_size: int = 4, cache_dir: str | Path | None = None,
-                 trust_remote_code: bool = False):
+                 reference: bool = False, trust_remote_code: bool = False):
         from vlmrl.eval.run import load_for_eval
 
         model, processor = load_for_eval(model_path, adapter=adapter, dtype=dtype,
@@ -372,7 +399,7 @@ class LocalVlmJudge(PromptJudge):
         self.local = LocalJudge(model, processor, max_new_tokens=max_new_tokens, batch_size=batch_size)
         identity = {"model": str(model_path), "adapter": str(adapter) if adapter else None,
                     "dtype": dtype, "max_new_tokens": max_new_tokens}
-        super().__init__(self.local, identity, cache_dir)
+        super().__init__(self.local, identity, cache_dir, reference)
 
 
 # ----------------------------------------------------------------------------------- rewards
@@ -385,6 +412,8 @@ class RewardJudge:
     """
 
     def __init__(self, rewards: Sequence[str | tuple[str, float]]):
+        # Imported here: vlmrl.train.grpo brings torch and the training stack, which the HTTP judge
+        # does not need, and the online-DPO loop in vlmrl.train will import this module.
         from vlmrl.train.grpo import resolve_reward
 
         if not rewards:
@@ -407,7 +436,7 @@ class RewardJudge:
         columns = {"prompts": [r.prompt for r in records], "metadata": [r.metadata for r in records],
                    "counts": counts}
         total, _ = score(self.rewards, [completion_text(c) for c in completions], columns)
-        log.info("reward judge: %d answers scored", len(completions))
+        log.debug("reward judge: %d answers scored", len(completions))
         return JudgeScores([float(v) for v in total.tolist()])
 
     def prefer(self, record: PreferenceRecord, a: str, b: str) -> int | None:

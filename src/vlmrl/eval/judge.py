@@ -106,7 +106,9 @@ class HttpJudge:
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
                  temperature: float = 0.2, max_tokens: int = 1024, retries: int = 3, backoff: float = 1.0):
         if retries < 0 or backoff < 0 or timeout <= 0:
-            raise VlmrlError(f"judge: retries ({retries}) and backoff ({backoff}) must be >= 0, timeout ({timeout}) > 0")
+            raise VlmrlError(
+                f"judge: retries ({retries}) and backoff ({backoff}) must be >= 0 and timeout ({timeout}) > 0"
+            )
         url = url.rstrip("/")
         self.endpoint = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
         self.model = model
