@@ -26,7 +26,10 @@ FAST = dict(timeout=2.0, retries=2, backoff=0.01, workers=2)  # short timeouts a
 
 
 def test_doctests_pass():
+    from vlmrl.eval import judge
+
     assert doctest.testmod(judges).failed == 0
+    assert doctest.testmod(judge).failed == 0
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -128,6 +131,8 @@ def judge_server():
             state["fail_next"] -= 1
             status = 429 if state["fail_next"] % 2 else 503
             return JSONResponse({"error": "busy"}, status_code=status, headers={"Retry-After": "0"})
+        if kind == "locked" and request.headers.get("authorization") != "Bearer right-key":
+            return JSONResponse({"error": "bad key"}, status_code=401)
         if kind == "slow":
             await asyncio.sleep(1.5)
         if kind == "always-a":
@@ -350,3 +355,18 @@ def test_a_damaged_cache_line_is_asked_again(server, tmp_path, caplog):
                                                                                             ["good", "bad"])
     assert f"{cache}, line 2: not valid JSON" in caplog.text
     assert again.scores == [9.0, 2.0] and again.cached == 1 and len(seen) == 1
+
+
+def test_a_refused_key_or_a_wrong_url_stops_at_once(server, tmp_path, monkeypatch):
+    """Asking again cannot fix a bad key or an endpoint that is not OpenAI's: an error, not failures."""
+    url, seen, _ = server
+    record = _record(tmp_path)
+    monkeypatch.setenv("TEST_JUDGE_KEY", "wrong-key")
+    with pytest.raises(VlmrlError, match="refused the request \\(401\\); check the API key"):
+        HttpVlmJudge(f"{url}/locked/v1", "m", key_env="TEST_JUDGE_KEY", **FAST).score([record], ["x"])
+    assert len(seen) == 1
+    monkeypatch.setenv("TEST_JUDGE_KEY", "right-key")
+    judge = HttpVlmJudge(f"{url}/locked/v1", "m", key_env="TEST_JUDGE_KEY", **FAST)
+    assert judge.score([record], ["good"]).scores == [9.0]
+    with pytest.raises(VlmrlError, match="chat/completions answered HTTP 404"):
+        HttpVlmJudge(f"{url}/good/v1/models", "m", **FAST).score([record], ["x"])

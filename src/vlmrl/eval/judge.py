@@ -83,12 +83,19 @@ def api_key_from_env(variable: str | None) -> str | None:
 
 
 class JudgeUnavailable(VlmrlError):
-    """The judge gave no answer after every retry (connection refused, timeout, 5xx, 429)."""
+    """The judge gave no answer after every retry (connection refused, timeout, 408, 429, 5xx)."""
 
 
-# Statuses worth asking again: the server is overloaded or rate-limits us (RFC 9110, RFC 6585).
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-MAX_RETRY_AFTER_S = 60.0
+MAX_RETRY_AFTER_S = 60.0  # the longest Retry-After honoured, as the OpenAI Python SDK caps it
+
+
+def should_retry(status: int) -> bool:
+    """Whether an HTTP status is worth asking again: a request timeout, a rate limit, a server error.
+
+    >>> [should_retry(s) for s in (200, 400, 401, 408, 429, 500, 503)]
+    [False, False, False, True, True, True, True]
+    """
+    return status in (408, 429) or status >= 500
 
 
 class HttpJudge:
@@ -96,7 +103,7 @@ class HttpJudge:
 
     ``url`` is the API base (``http://127.0.0.1:8000/v1``) or the full ``.../chat/completions``.
     LLaVA's settings: temperature 0.2, up to 1024 tokens. A request that fails on the transport
-    (connection refused, ``timeout`` seconds passed) or with HTTP 429 / 5xx is tried again up to
+    (connection refused, ``timeout`` seconds passed) or with HTTP 408, 429 or 5xx is tried again up to
     ``retries`` times, after ``backoff * 2**i`` seconds (or the server's ``Retry-After``, capped at
     60 s); then :class:`JudgeUnavailable` is raised. Other 4xx answers and bodies that are not
     OpenAI chat completions raise :class:`VlmrlError` at once: asking again cannot fix them.
@@ -136,7 +143,7 @@ class HttpJudge:
                 "max_tokens": self.max_tokens}
         for attempt in range(self.retries + 1):
             response, problem = self._post(client, body)
-            if response is not None and response.status_code not in RETRY_STATUSES:
+            if response is not None and not should_retry(response.status_code):
                 return self._reply_text(response)
             if attempt == self.retries:
                 break
