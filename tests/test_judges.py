@@ -14,13 +14,12 @@ import pytest
 from fastapi import Request
 from PIL import Image
 
-from vlmrl import judges
+from vlmrl import judge_prompts, judges
 from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
 from vlmrl.eval.judge import image_data_url
-from vlmrl.judges import (
-    HttpVlmJudge, JudgeReward, LocalVlmJudge, RewardJudge, combine_orders, parse_rating, parse_verdict,
-)
+from vlmrl.judge_prompts import combine_orders, parse_rating, parse_verdict, scoring_messages
+from vlmrl.judges import HttpVlmJudge, JudgeReward, LocalVlmJudge, RewardJudge
 
 FAST = dict(timeout=2.0, retries=2, backoff=0.01, workers=2)  # short timeouts and back-off in tests
 
@@ -29,6 +28,7 @@ def test_doctests_pass():
     from vlmrl.eval import judge
 
     assert doctest.testmod(judges).failed == 0
+    assert doctest.testmod(judge_prompts).failed == 0
     assert doctest.testmod(judge).failed == 0
 
 
@@ -318,7 +318,7 @@ def test_local_model_judge(tiny_model_dir, tmp_path):
     processor's image tokens disagree and raise); its unreadable replies are failures, not a crash."""
     record = _record(tmp_path)
     judge = LocalVlmJudge(tiny_model_dir, max_new_tokens=3)
-    replies = judge.local([judges.scoring_messages(record, "good: 2 cars"), judges.scoring_messages(record, "bad")])
+    replies = judge.local([scoring_messages(record, "good: 2 cars"), scoring_messages(record, "bad")])
     result = judge.score([record, record], ["good: 2 cars", "bad"])
     assert result.scores == [parse_rating(r) for r in replies]  # greedy: the same replies, read the same way
     assert result.failures == sum(parse_rating(r) is None for r in replies)
@@ -335,7 +335,7 @@ def test_reference_guided_prompts(server, tmp_path):
         text = _user_text(s["body"])
         assert "[The Start of Reference Answer]\n2 cars\n[The End of Reference Answer]" in text
         assert "You will be given a reference answer" in text
-    plain = judges.scoring_messages(record, "x")[1]["content"][-1]["text"]
+    plain = scoring_messages(record, "x")[1]["content"][-1]["text"]
     assert "Reference Answer" not in plain and "reference answer" not in plain
     record.chosen = ""
     with pytest.raises(VlmrlError, match="record r0: a judge with a reference answer shows the record's `chosen`"):

@@ -22,16 +22,12 @@ The judges:
 (c) :class:`LocalVlmJudge`: a local model loaded like any other
     (:func:`vlmrl.eval.run.load_for_eval`), answering the same prompts greedily.
 
-(b) and (c) ask MT-Bench's prompts (Zheng et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and
-Chatbot Arena", arXiv 2306.05685, Appendix: ``single-v1`` and ``pair-v2``) about the image:
-a score is a rating from 1 to 10 answered as ``Rating: [[N]]``; a comparison's verdict is
-``[[A]]``, ``[[B]]`` or ``[[C]]`` (a tie). A bare reply (``7``, ``A``, ``tie``) is read too. A
-reply with no readable verdict, two different ones, or a rating outside 1-10 is a failure:
-logged, counted, never a win. Position bias (ibid., Sec. 3.3-3.4): ``prefer`` asks both orders,
-(a, b) and (b, a); when the two verdicts disagree the pair is a tie (MT-Bench's "inconsistent"),
-counted in ``Preferences.inconsistent``. With ``reference=True`` the prompts also show the
-record's ``chosen`` answer as the reference answer, as MT-Bench's reference-guided prompts
-(``single-math-v1``, ``pair-math-v1``) do.
+(b) and (c) ask MT-Bench's prompts about the image (:mod:`vlmrl.judge_prompts`): a rating from 1
+to 10, or a verdict A, B or tie. A reply with no readable rating or verdict is a failure: logged,
+counted, never a win. Position bias: ``prefer`` asks both orders, (a, b) and (b, a); when the two
+verdicts disagree the pair is a tie (MT-Bench's "inconsistent"), counted in
+``Preferences.inconsistent``. With ``reference=True`` the prompts also show the record's
+``chosen`` answer as the reference answer, as MT-Bench's reference-guided prompts do.
 
 With ``cache_dir``, every readable reply is kept in ``cache_dir/judge_replies.jsonl`` under the
 sha256 of the judge's identity (model name and sampling settings) and the messages, each image
@@ -43,6 +39,12 @@ As a GRPO reward, :class:`JudgeReward` gives any judge TRL's shape ``fn(completi
 -> list[float]``. A failed score becomes ``failure_score`` (default 0.0: below the lowest rating,
 1, so a failed answer never ranks above a judged one) and is counted in ``JudgeReward.failures``.
 
+For example (the key in ``$JUDGE_KEY``; a rerun reads the replies from ``runs/judge``)::
+
+    judge = HttpVlmJudge("http://127.0.0.1:8000/v1", "judge-vlm", key_env="JUDGE_KEY", cache_dir="runs/judge")
+    scores = judge.score([record] * 4, answers).scores  # four sampled answers to one record
+    verdict = judge.prefer(record, answers[0], answers[1])
+
 Every call of (b) or (c) logs (INFO, ``vlmrl.judges``) how many answers or pairs were judged, how
 many replies came from the cache and how many failed; failures are also logged as warnings.
 """
@@ -53,7 +55,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,53 +62,14 @@ from typing import Any, Callable, Protocol, Sequence
 
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
-from vlmrl.eval.judge import SYSTEM_PROMPT, HttpJudge, JudgeUnavailable, LocalJudge, api_key_from_env
+from vlmrl.eval.judge import HttpJudge, JudgeUnavailable, LocalJudge, api_key_from_env
+from vlmrl.judge_prompts import combine_orders, pairwise_messages, parse_rating, parse_verdict, scoring_messages
 from vlmrl.jsonl import read_jsonl
 from vlmrl.rewards import completion_text
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "judge_replies.jsonl"
-
-# MT-Bench's single-v1 prompt, the question being about the image(s) shown before it.
-SCORE_PROMPT = (
-    "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided "
-    "by an AI assistant to the user question about the image(s) shown above. Your evaluation should "
-    "consider factors such as the helpfulness, relevance, accuracy with respect to the image, and level "
-    "of detail of the response.{reference_rule} Begin your evaluation by providing a short explanation. Be "
-    "as objective as possible. After providing your explanation, you must rate the response on a scale of "
-    '1 to 10 by strictly following this format: "[[rating]]", for example: "Rating: [[5]]".\n\n'
-    "[Question]\n{question}\n\n{reference}"
-    "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
-)
-
-# MT-Bench's pair-v2 prompt, likewise.
-PAIR_PROMPT = (
-    "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the responses provided "
-    "by two AI assistants to the user question about the image(s) shown above. You should choose the "
-    "assistant that follows the user's instructions and answers the user's question better. Your "
-    "evaluation should consider factors such as the helpfulness, relevance, accuracy with respect to the "
-    "image, and level of detail of their responses.{reference_rule} Begin your evaluation by comparing the "
-    "two responses and provide a short explanation. Avoid any position biases and ensure that the order "
-    "in which the responses were presented does not influence your decision. Do not allow the length of "
-    "the responses to influence your evaluation. Be as objective as possible. After providing your "
-    'explanation, output your final verdict by strictly following this format: "[[A]]" if assistant A '
-    'is better, "[[B]]" if assistant B is better, and "[[C]]" for a tie.\n\n'
-    "[User Question]\n{question}\n\n{reference}"
-    "[The Start of Assistant A's Answer]\n{a}\n[The End of Assistant A's Answer]\n\n"
-    "[The Start of Assistant B's Answer]\n{b}\n[The End of Assistant B's Answer]"
-)
-
-# MT-Bench's reference-guided variants (single-math-v1, pair-math-v1): the record's `chosen` as the reference.
-REFERENCE_RULE = (
-    " You will be given a reference answer: compare with it, and identify and correct any mistakes."
-)
-REFERENCE_BLOCK = "[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n\n"
-
-_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-_BARE_NUMBER = re.compile(r"^(?:rating:\s*)?(\d+(?:\.\d+)?)\.?$", re.IGNORECASE)
-_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
-_BARE_VERDICTS = {"a": 1, "b": -1, "c": 0, "tie": 0}
 
 
 # ----------------------------------------------------------------------------------- results
@@ -148,99 +110,6 @@ class Judge(Protocol):
     def prefer(self, record: PreferenceRecord, a: str, b: str) -> int | None: ...
 
 
-# ----------------------------------------------------------------------------------- parsing (pure)
-
-
-def parse_rating(reply: str) -> float | None:
-    """The 1-10 rating in a judge's reply (``[[N]]`` or a bare number), or ``None``.
-
-    >>> parse_rating("The count is right.\\nRating: [[8]]"), parse_rating(" 7 "), parse_rating("[[11]]")
-    (8.0, 7.0, None)
-    """
-    found = {float(x) for x in _RATING.findall(reply or "")}
-    if not found:
-        bare = _BARE_NUMBER.match((reply or "").strip())
-        found = {float(bare.group(1))} if bare else set()
-    if len(found) != 1:
-        return None
-    (rating,) = found
-    return rating if 1.0 <= rating <= 10.0 else None
-
-
-def parse_verdict(reply: str) -> int | None:
-    """+1 for ``[[A]]``, -1 for ``[[B]]``, 0 for ``[[C]]`` (a tie); a bare ``A``/``B``/``tie`` too; else ``None``.
-
-    >>> parse_verdict("A is more precise. [[A]]"), parse_verdict("b."), parse_verdict("[[A]] or [[B]]")
-    (1, -1, None)
-    """
-    found = set(_VERDICT.findall(reply or ""))
-    if len(found) == 1:
-        return _BARE_VERDICTS[found.pop().lower()]
-    if found:
-        return None
-    return _BARE_VERDICTS.get((reply or "").strip().strip(".!").strip().lower())
-
-
-def combine_orders(first: int | None, second: int | None) -> int | None:
-    """One verdict on (a, b) from ``first`` (a shown as A) and ``second`` (b shown as A).
-
-    ``second`` speaks for b, so a's verdict there is ``-second``; two verdicts that disagree make
-    a tie, and a failure in either order fails the pair.
-
-    >>> combine_orders(1, -1), combine_orders(1, 1), combine_orders(0, 0), combine_orders(1, None)
-    (1, 0, 0, None)
-    """
-    if first is None or second is None:
-        return None
-    return first if first == -second else 0
-
-
-# ----------------------------------------------------------------------------------- prompts
-
-
-def scoring_messages(record: PreferenceRecord, answer: str, reference: bool = False) -> list[dict[str, Any]]:
-    """The chat that asks for a 1-10 rating of ``answer`` to ``record`` (images first).
-
-    With ``reference``, the record's ``chosen`` answer is shown as the reference answer.
-    """
-    text = SCORE_PROMPT.format(question=record.prompt_text(), answer=answer, **_reference(record, reference))
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": _image_parts(record) + [{"type": "text", "text": text}]}]
-
-
-def pairwise_messages(record: PreferenceRecord, a: str, b: str, reference: bool = False) -> list[dict[str, Any]]:
-    """The chat that asks which of ``a`` (shown as A) and ``b`` (shown as B) answers ``record`` better.
-
-    With ``reference``, the record's ``chosen`` answer is shown as the reference answer.
-    """
-    text = PAIR_PROMPT.format(question=record.prompt_text(), a=a, b=b, **_reference(record, reference))
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": _image_parts(record) + [{"type": "text", "text": text}]}]
-
-
-def _reference(record: PreferenceRecord, reference: bool) -> dict[str, str]:
-    """The prompt's reference sentence and block: empty without ``reference``."""
-    if not reference:
-        return {"reference_rule": "", "reference": ""}
-    if not record.chosen.strip():
-        raise VlmrlError(
-            f"record {record.id}: a judge with a reference answer shows the record's `chosen` answer, which is "
-            "empty; give the records a reference answer or judge without one"
-        )
-    return {"reference_rule": REFERENCE_RULE, "reference": REFERENCE_BLOCK.format(reference=record.chosen)}
-
-
-def _image_parts(record: PreferenceRecord) -> list[dict[str, Any]]:
-    if record.image_slots() != len(record.images):
-        raise VlmrlError(
-            f"record {record.id}: its prompt has {record.image_slots()} image slot(s) but {len(record.images)} "
-            "image(s); a judge must see the images the question is about (as a GRPO reward, pass the "
-            "`images` column)"
-        )
-    return [{"type": "image", "image": path} for path in record.images]
-
-
-# ----------------------------------------------------------------------------------- the cache
 
 
 class ReplyCache:
@@ -450,6 +319,12 @@ class JudgeReward:
     The records come as ``records=`` or are rebuilt from the ``prompts``, ``images`` and
     ``metadata`` columns (one per completion). A failure scores ``failure_score`` and is counted
     in ``failures`` (``scored`` counts every completion).
+
+    >>> from vlmrl.data.records import user_prompt
+    >>> reward = JudgeReward(RewardJudge(["count_exact"]))
+    >>> reward(["There are 2 cars, 0 buses.", "There is 1 car, 0 buses."], prompts=[user_prompt("Count.", 0)] * 2,
+    ...        metadata=[{"counts": {"car": 2, "bus": 0}}] * 2)
+    [1.0, 0.0]
     """
 
     def __init__(self, judge: Judge, failure_score: float = 0.0):
