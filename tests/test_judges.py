@@ -305,6 +305,11 @@ def test_judge_as_grpo_reward(server, tmp_path):
                "counts": [record.metadata["counts"]] * 2}
     assert reward(completions, **columns) == [9.0, 2.0]
     assert reward.failures == 0
+    # Through the function GrpoStep scores with (its columns plus the images).
+    from vlmrl.train.grpo import score
+
+    total, per_function = score([("judge", 0.5, reward)], ["good: 2 cars", "bad: 3 cars"], columns)
+    assert total.tolist() == [4.5, 1.0] and per_function["judge"].tolist() == [9.0, 2.0]
     with pytest.raises(VlmrlError, match="1 image slot\\(s\\) but 0 image\\(s\\).*`images` column"):
         reward(completions, prompts=columns["prompts"], metadata=columns["metadata"])
     with pytest.raises(VlmrlError, match="pass records= or a `prompts` column"):
