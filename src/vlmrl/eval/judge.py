@@ -86,7 +86,7 @@ class JudgeUnavailable(VlmrlError):
     """The judge gave no answer after every retry (connection refused, timeout, 408, 429, 5xx)."""
 
 
-MAX_RETRY_AFTER_S = 60.0  # the longest Retry-After honoured, as the OpenAI Python SDK caps it
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is cut to this (the OpenAI Python SDK waits at most 60 s too)
 
 
 def should_retry(status: int) -> bool:
