@@ -180,13 +180,13 @@ def test_http_judge_errors(judge_server):
     with pytest.raises(VlmrlError, match="OpenAI chat format"):
         HttpJudge(f"{url}/broken", "m")(messages)
     with pytest.raises(VlmrlError, match="HTTP 503"):
-        HttpJudge(f"{url}/down", "m")(messages)
+        HttpJudge(f"{url}/down", "m", retries=1, backoff=0.01)(messages)
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
     closed_port = free.getsockname()[1]
     free.close()
     with pytest.raises(VlmrlError, match="could not reach the judge"):
-        HttpJudge(f"http://127.0.0.1:{closed_port}/v1", "m", timeout=5)(messages)
+        HttpJudge(f"http://127.0.0.1:{closed_port}/v1", "m", timeout=5, retries=1, backoff=0.01)(messages)
 
 
 # ----------------------------------------------------------------------------- LLaVA-Bench

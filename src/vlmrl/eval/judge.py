@@ -6,13 +6,20 @@ haotian-liu/LLaVA): the judge sees the question, the image's context, the refere
 scores from 1 to 10, then an explanation. A reply whose first line is not two numbers is a
 failure for that question (recorded, never a crash).
 
-A judge is a callable ``judge(conversations) -> list[str]``: chat messages in, reply texts out.
+A judge here is a callable ``judge(conversations) -> list[str]``: chat messages in, reply texts
+out; a message's content is a string or a list of parts, an image part ``{"type": "image",
+"image": PATH}``. :class:`HttpJudge` is the one HTTP client (timeouts, retries with back-off,
+images as data URLs); :mod:`vlmrl.judges` builds the scoring and pairwise judges on top of it.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 from vlmrl.errors import VlmrlError
@@ -75,15 +82,40 @@ def api_key_from_env(variable: str | None) -> str | None:
     return key
 
 
+class JudgeUnavailable(VlmrlError):
+    """The judge gave no answer after every retry (connection refused, timeout, 408, 429, 5xx)."""
+
+
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is cut to this (the OpenAI Python SDK waits at most 60 s too)
+
+
+def should_retry(status: int) -> bool:
+    """Whether an HTTP status is worth asking again: a request timeout, a rate limit, a server error.
+
+    >>> [should_retry(s) for s in (200, 400, 401, 408, 429, 500, 503)]
+    [False, False, False, True, True, True, True]
+    """
+    return status in (408, 429) or status >= 500
+
+
 class HttpJudge:
     """An OpenAI-compatible chat endpoint: ``POST {url}/chat/completions``.
 
     ``url`` is the API base (``http://127.0.0.1:8000/v1``) or the full ``.../chat/completions``.
-    LLaVA's settings: temperature 0.2, up to 1024 tokens.
+    LLaVA's settings: temperature 0.2, up to 1024 tokens. A request that fails on the transport
+    (connection refused, ``timeout`` seconds passed) or with HTTP 408, 429 or 5xx is tried again up to
+    ``retries`` times, after ``backoff * 2**i`` seconds (or the server's ``Retry-After``, capped at
+    60 s); then :class:`JudgeUnavailable` is raised. Other 4xx answers and bodies that are not
+    OpenAI chat completions raise :class:`VlmrlError` at once: asking again cannot fix them.
+    Messages may hold ``{"type": "image", "image": PATH}`` parts; they are sent as data URLs.
     """
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 temperature: float = 0.2, max_tokens: int = 1024):
+                 temperature: float = 0.2, max_tokens: int = 1024, retries: int = 3, backoff: float = 1.0):
+        if retries < 0 or backoff < 0 or timeout <= 0:
+            raise VlmrlError(
+                f"judge: retries ({retries}) and backoff ({backoff}) must be >= 0 and timeout ({timeout}) > 0"
+            )
         url = url.rstrip("/")
         self.endpoint = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
         self.model = model
@@ -91,26 +123,47 @@ class HttpJudge:
         self.timeout = timeout
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.retries = retries
+        self.backoff = backoff
 
     def __call__(self, conversations: list[list[dict[str, Any]]]) -> list[str]:
+        with self.client() as client:
+            return [self.ask(client, messages) for messages in conversations]
+
+    def client(self):
+        """An ``httpx.Client`` with the timeout and the Bearer key; use it as a context manager."""
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        with httpx.Client(timeout=self.timeout, headers=headers) as client:
-            return [self._one(client, messages) for messages in conversations]
+        return httpx.Client(timeout=self.timeout, headers=headers)
 
-    def _one(self, client, messages: list[dict[str, Any]]) -> str:
+    def ask(self, client, messages: list[dict[str, Any]]) -> str:
+        """The reply text to one conversation, asking again on transient failures (see the class)."""
+        body = {"model": self.model, "messages": openai_messages(messages), "temperature": self.temperature,
+                "max_tokens": self.max_tokens}
+        for attempt in range(self.retries + 1):
+            response, problem = self._post(client, body)
+            if response is not None and not should_retry(response.status_code):
+                return self._reply_text(response)
+            if attempt == self.retries:
+                break
+            time.sleep(_retry_delay(response, self.backoff * 2**attempt))
+        raise JudgeUnavailable(
+            f"could not reach the judge at {self.endpoint}: no answer after {self.retries + 1} tries ({problem}); "
+            "check --judge-url and that the server is running"
+        )
+
+    def _post(self, client, body: dict[str, Any]):
+        """``(response, None)``, or ``(None, what went wrong)`` when the transport failed."""
         import httpx
 
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}
         try:
             response = client.post(self.endpoint, json=body)
-        except httpx.HTTPError as e:
-            raise VlmrlError(
-                f"could not reach the judge at {self.endpoint} ({type(e).__name__}: {e}); "
-                "check --judge-url and that the server is running"
-            ) from None
+        except httpx.TransportError as e:
+            return None, f"{type(e).__name__}: {e}"
+        return response, f"HTTP {response.status_code}: {response.text[:300]}"
+
+    def _reply_text(self, response) -> str:
         if response.status_code in (401, 403):
             raise VlmrlError(f"the judge at {self.endpoint} refused the request ({response.status_code}); check the API key")
         if response.status_code >= 400:
@@ -126,8 +179,64 @@ class HttpJudge:
             ) from None
 
 
+def _retry_delay(response, default: float) -> float:
+    """The server's ``Retry-After`` in seconds when it sent a number (capped), else ``default``."""
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except (TypeError, ValueError):
+        return default
+
+
+def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every ``{"type": "image", "image": PATH}`` part as an ``image_url`` data URL."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [_openai_part(part) for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def _openai_part(part: dict[str, Any]) -> dict[str, Any]:
+    if part.get("type") != "image":
+        return part
+    return {"type": "image_url", "image_url": {"url": image_data_url(part["image"])}}
+
+
+def image_data_url(path: str | Path) -> str:
+    """``data:image/...;base64,...``: PNG and JPEG files as they are, any other image re-encoded as PNG."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise VlmrlError(f"judge: cannot read the image {path}: {e}; check the record's image path") from None
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        mime = "image/png"
+    elif data.startswith(b"\xff\xd8\xff"):
+        mime = "image/jpeg"
+    else:
+        data, mime = _as_png(path, data), "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _as_png(path: str | Path, data: bytes) -> bytes:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="PNG")
+    except (UnidentifiedImageError, OSError) as e:
+        raise VlmrlError(f"judge: {path} is not an image PIL can read ({e}); check the record's image path") from None
+    return buffer.getvalue()
+
+
 class LocalJudge:
-    """A local language or vision-language model as the judge, through :func:`vlmrl.generate.generate`."""
+    """A local language or vision-language model as the judge, through :func:`vlmrl.generate.generate`.
+
+    ``{"type": "image", "image": PATH}`` parts become the item's images, in order (greedy decoding).
+    """
 
     def __init__(self, model, processor, max_new_tokens: int = 256, batch_size: int = 4):
         self.model = model
@@ -138,13 +247,21 @@ class LocalJudge:
     def __call__(self, conversations: list[list[dict[str, Any]]]) -> list[str]:
         from vlmrl.generate import generate
 
-        items = [([], [_as_parts(m) for m in messages]) for messages in conversations]
+        items = [_as_item(messages) for messages in conversations]
         return generate(self.model, self.processor, items, self.max_new_tokens, self.batch_size)
 
 
-def _as_parts(message: dict[str, Any]) -> dict[str, Any]:
-    """String content as a list of text parts, the shape multimodal chat templates expect."""
-    content = message["content"]
-    if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
-    return {"role": message["role"], "content": content}
+def _as_item(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``(images, messages)`` for :func:`vlmrl.generate.generate`: image paths pulled out of the parts."""
+    images: list[str] = []
+    out = []
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
+        for part in [] if isinstance(content, str) else content:
+            if part.get("type") == "image":
+                images.append(part["image"])
+                part = {"type": "image"}
+            parts.append(part)
+        out.append({"role": message["role"], "content": parts})
+    return images, out
