@@ -74,7 +74,8 @@ def test_fsdp_two_processes_checkpoint_resume_and_gathered_model(tiny_model_dir,
     gathered = AutoModelForImageTextToText.from_pretrained(sharded / "final")  # a plain transformers folder
     reference = load_file(whole / "final" / "model.safetensors")
     weights = load_file(sharded / "final" / "model.safetensors")
-    assert weights.keys() == reference.keys()
+    # The gathered state names the tied output embedding too (a copy of embed_tokens); the rest is the same.
+    assert weights.keys() - reference.keys() <= {"lm_head.weight"} and reference.keys() <= weights.keys()
     for name in reference:
         # Adam's sign-like steps on near-zero gradients: see test_train's accumulation test.
         torch.testing.assert_close(weights[name], reference[name], rtol=1e-3, atol=1e-4)
