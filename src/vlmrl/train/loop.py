@@ -3,22 +3,33 @@
     vlmrl train --algo dpo --config configs/demo-cpu.yaml                     # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml -m vlmrl train --algo dpo --config FILE
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m vlmrl train ...  # CPU, gloo
+    ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m vlmrl train ... lora.enabled=false
 
 What it does, in order: load the policy (LoRA adapter, or the weights for full fine-tuning) and
 its reference (the same model with the adapter off, or a frozen copy); read and check the data;
 then for each optimizer step accumulate ``grad_accum`` micro-batches, clip, step AdamW and the
-warm-up + cosine/linear schedule; log TRL-named metrics; evaluate held-out pairs; checkpoint.
+warm-up + cosine/linear schedule; log metrics (see ``metrics_log``); evaluate held-out data;
+checkpoint. Messages go to the ``vlmrl`` logger (the CLI shows the main process's).
 
 Guarantees, each with a test:
-- the same loss curve whether a global batch is one micro-batch, ``grad_accum`` micro-batches or
-  split across processes (losses are per-pair means; see ``steps``);
+- SFT and the DPO family give the same loss curve whether a global batch is one micro-batch,
+  ``grad_accum`` micro-batches or split across processes (their losses are per-pair means; see
+  ``steps``): ``test_train`` (batch 8 = batch 1 x 8 accumulation), ``test_multiprocess`` (DDP) and
+  ``test_fsdp`` (FSDP 2). GRPO is not claimed to: it samples and normalises per micro-batch;
 - a resumed run (``--resume``, also after ``kill -9``) continues the identical curve: weights,
-  optimizer, schedule, random states and the data position are all in the checkpoint;
+  optimizer, schedule, fp16 scale, random states and the data position are all in the checkpoint;
+  a damaged checkpoint is named before anything is loaded, and ``train.resume=auto`` falls back to
+  the newest intact one; resuming with another batch geometry (batch size, accumulation, number of
+  processes, seed) is refused;
 - Ctrl-C saves a checkpoint and exits; a non-finite loss or gradient stops the run, keeping the
-  last checkpoint, which was written before it.
+  last checkpoint, which was written before it; a path that cannot be written is named and the last
+  checkpoint kept;
+- under fp16 a step whose gradients overflow is skipped by the loss scaler: the step counter and the
+  data position advance and the row is logged (``grad_norm`` null), the weights, optimizer and lr
+  schedule do not move, and training goes on.
 
 Assumes: every process sees the same data files; batches have a fixed size (the last partial
-batch of an epoch is dropped).
+batch of an epoch is dropped); a sharded (FSDP) model trains sft or dpo without ``data.eval``.
 """
 
 from __future__ import annotations
