@@ -223,7 +223,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_curve(
     run = tmp_path / "run"
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(resumable_config(tiny_model_dir, synth_pairs_file, run)))
-    process = cli_subprocess(path)
+    process = cli_subprocess(path, "train.max_steps=100000")  # still training when Ctrl-C comes
     wait_for(run / "checkpoints" / "step-000002", process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)

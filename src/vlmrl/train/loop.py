@@ -75,6 +75,9 @@ class Trainer:
         # accelerate fixes its mixed precision once per process; the run keeps its own (see precision.py),
         # so runs of different precision can follow each other in one process.
         self.accelerator = Accelerator(gradient_accumulation_steps=config.train.grad_accum, mixed_precision="no")
+        if self.accelerator.distributed_type == "DEEPSPEED" and config.train.mixed_precision == "fp16":
+            raise VlmrlError("train.mixed_precision=fp16 is not supported under DeepSpeed (its engine steps inside "
+                             "backward, past the fp16 loss scaler): use bf16")
         self.precision = Precision(config.train.mixed_precision, self.accelerator.device)
         self.world = self.accelerator.num_processes
         set_seed(config.train.seed)
@@ -109,14 +112,14 @@ class Trainer:
             return latest
         older = checkpoint.list_checkpoints(self.out)[:-1]
         intact = next((p for p in reversed(older) if checkpoint.damage(p, self.world) is None), None)
-        if not auto:
-            offer = (f"the newest intact checkpoint is {intact}: resume from it with train.resume=auto, which sets "
-                     f"the damaged ones aside as {checkpoint.DAMAGED_PREFIX}step-N" if intact else
-                     "no intact checkpoint is left: start again in another train.output_dir")
-            raise VlmrlError(f"cannot resume from {latest.name}: {problem}; {offer}")
         if intact is None:
             raise VlmrlError(f"cannot resume from {latest.name}: {problem}; no intact checkpoint is left: "
                              "start again in another train.output_dir")
+        if not auto:
+            raise VlmrlError(
+                f"cannot resume from {latest.name}: {problem}; the newest intact checkpoint is {intact}: resume "
+                f"from it with train.resume=auto, which sets the damaged ones aside as {checkpoint.DAMAGED_PREFIX}step-N"
+            )
         return self._set_aside_newer_than(intact, problem)
 
     def _set_aside_newer_than(self, intact: Path, problem: str) -> Path:
