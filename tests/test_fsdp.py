@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from vlmrl.config import validate_config
+from vlmrl.train import checkpoint
 from vlmrl.train.loop import Trainer
 
 from test_multiprocess import free_port
@@ -59,6 +60,7 @@ def test_fsdp_two_processes_checkpoint_resume_and_gathered_model(tiny_model_dir,
     assert sorted(p.name for p in (written / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not (written / "trainable.safetensors").exists()  # no process held the whole model to write it
     launch_fsdp(path, "--resume", "train.max_steps=4")
+    assert_damaged_shard_is_named(sharded / "checkpoints" / "step-000004", tmp_path / "damaged")
 
     whole = tmp_path / "one"
     Trainer(validate_config(config(tiny_model_dir, synth_pairs_file, whole, batch_size=4, max_steps=4))).train()
@@ -86,3 +88,15 @@ def test_fsdp_two_processes_checkpoint_resume_and_gathered_model(tiny_model_dir,
     loaded = dict(gathered.named_parameters())
     torch.testing.assert_close(loaded["model.language_model.layers.0.mlp.up_proj.weight"],
                                weights["model.layers.0.mlp.up_proj.weight"], rtol=0, atol=0)
+
+
+def assert_damaged_shard_is_named(written: Path, copy: Path) -> None:
+    """A truncated shard of a sharded checkpoint is found before resuming, by its index."""
+    import shutil
+
+    assert checkpoint.damage(written, num_processes=2) is None
+    shutil.copytree(written, copy)
+    shard = copy / "sharded" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    problem = checkpoint.damage(copy, num_processes=2)
+    assert problem.startswith(f"{copy / 'sharded'}: __1_0.distcp is truncated (1000 bytes"), problem
