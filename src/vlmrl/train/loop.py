@@ -236,13 +236,12 @@ class Trainer:
         t = self.config.train
         while self.state["step"] < self.total_steps:
             started = time.perf_counter()
-            metrics = self._optimizer_step()
-            step_skipped = metrics.pop("step_skipped")
+            metrics, stepped = self._optimizer_step()
             self.state["step"] += 1
             step = self.state["step"]
             row = {"step": step, "epoch": self.state["micro_batch"] / self.micro_batches_per_epoch, **metrics}
             row["pairs_per_s"] = t.batch_size * t.grad_accum * self.world / (time.perf_counter() - started)
-            self._stop_if_diverged(row, step_skipped)
+            self._stop_if_diverged(row, step_skipped=not stepped)
             metrics_log.advance(row)
             if step % t.log_every == 0 or step == self.total_steps:
                 metrics_log.write(row)
@@ -261,20 +260,18 @@ class Trainer:
                          step, t.early_stopping_patience, self.state["best_eval_loss"])
                 return
 
-    def _optimizer_step(self) -> dict[str, float]:
-        """``grad_accum`` micro-batches, then one clipped AdamW step; metrics averaged over all of them.
-
-        The returned ``step_skipped`` is True when the fp16 scaler skipped the update (see precision.py).
-        """
+    def _optimizer_step(self) -> tuple[dict[str, float], bool]:
+        """``grad_accum`` micro-batches, then one clipped AdamW step: the metrics averaged over all of them,
+        and False when the fp16 scaler skipped the update (see precision.py)."""
         acc, t = self.accelerator, self.config.train
         self.model.train()
         totals: dict[str, float] = {}
         for _ in range(t.grad_accum):
             batch = self.step_fn.encode(self._next_records(), acc.device)
-            with acc.accumulate(self.model):  # divides the loss by grad_accum; DDP syncs on the last one
+            with acc.accumulate(self.model):  # DDP syncs gradients on the last micro-batch only
                 with self.precision.autocast():
                     loss, metrics = self.step_fn.loss_and_metrics(batch)
-                acc.backward(self.precision.scale(loss))
+                acc.backward(self.precision.scale(loss))  # divides by grad_accum
                 if acc.sync_gradients:
                     self.precision.unscale_(self.optimizer)
                     limit = t.max_grad_norm if t.max_grad_norm is not None else math.inf
@@ -288,8 +285,7 @@ class Trainer:
         row["lr"] = self.scheduler.get_last_lr()[0]
         if stepped:
             self.scheduler.step()
-        row["step_skipped"] = not stepped
-        return row
+        return row, stepped
 
     def _next_records(self) -> list:
         t = self.config.train
