@@ -77,3 +77,30 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(VlmrlError, match="trainable parameters do not match"):
         checkpoint.load_checkpoint(path, accelerator, other, optimizer, scheduler, Precision("no", "cpu"))
+
+
+def test_fp16_scaler_state_round_trips(tmp_path):
+    accelerator = Accelerator()
+    model, optimizer, scheduler = tiny_setup()
+    scaler = Precision("fp16", "cpu").scaler
+    scaler.scale(torch.ones(()))  # the scale is created lazily, at the first use
+    scaler.update(new_scale=1024.0)
+    path = checkpoint.save_checkpoint(tmp_path, {"step": 1, "micro_batch": 1}, accelerator, model, optimizer,
+                                      scheduler, scaler.state_dict(), keep_last=1)
+    assert (path / "scaler.pt").is_file() and checkpoint.damage(path, num_processes=1) is None
+    restored = Precision("fp16", "cpu")
+    checkpoint.load_checkpoint(path, accelerator, model, optimizer, scheduler, restored)
+    assert restored.scaler.get_scale() == 1024.0
+
+
+def test_unwritable_checkpoint_folder_is_named_and_the_previous_kept(tmp_path):
+    accelerator = Accelerator()
+    model, optimizer, scheduler = tiny_setup()
+    checkpoint.save_checkpoint(tmp_path, {"step": 1}, accelerator, model, optimizer, scheduler, None, keep_last=2)
+    # A file where the temporary folder must go: mkdir fails for root too.
+    blocker = checkpoint.checkpoints_dir(tmp_path) / ".tmp-step-000002"
+    blocker.write_text("")
+    with pytest.raises(checkpoint.CheckpointWriteError) as raised:
+        checkpoint.save_checkpoint(tmp_path, {"step": 2}, accelerator, model, optimizer, scheduler, None, keep_last=2)
+    assert str(blocker) in str(raised.value) and "step-000001, is kept" in str(raised.value)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000001"]
