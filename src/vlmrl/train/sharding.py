@@ -4,10 +4,13 @@
 fully sharded model. On GPUs accelerate shards it in ``Accelerator.prepare`` (its
 ``fsdp2_prepare_model``). On CPU processes (``ACCELERATE_USE_CPU=1``, gloo) accelerate 1.x silently
 runs plain DDP instead: its state only turns FSDP on for accelerator devices. There
-``shard_like_accelerate`` applies torch's ``fully_shard`` itself, the way accelerate's
-``TRANSFORMER_BASED_WRAP`` policy does: each block named in the model's ``_no_split_modules``
-(decoder layers, vision blocks) is one unit, then the whole model. Either way the training loop,
-the checkpoints (``torch.distributed.checkpoint``) and the gathered final model are the same code.
+``shard_like_accelerate`` applies torch's ``fully_shard`` itself, like accelerate's
+``TRANSFORMER_BASED_WRAP`` policy: each block named in the model's ``_no_split_modules`` (decoder
+layers, vision blocks) is one unit, then the whole model (accelerate also makes the embeddings and
+the final norm + ``lm_head`` units of their own; here they stay in the root unit). Of the launcher's
+FSDP settings only ``reshard_after_forward`` applies there; for activation checkpointing use
+``train.gradient_checkpointing``. Either way the training loop, the checkpoints
+(``torch.distributed.checkpoint``) and the gathered final model are the same code.
 """
 
 from __future__ import annotations
