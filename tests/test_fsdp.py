@@ -45,6 +45,7 @@ def launch_fsdp(config_path: Path, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final model:") == 1  # the main process reports, not each one
 
 
 def rows(run: Path) -> list[dict]:
