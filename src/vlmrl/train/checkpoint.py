@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,8 @@ def _file_problem(file: Path) -> str | None:
             with safe_open(file, framework="pt"):  # parses the header and checks the size it promises
                 pass
             return None
+        if not zipfile.is_zipfile(file):  # torch.save writes a zip archive whose index is at its end
+            return "not a complete torch.save file (truncated or overwritten)"
         loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch and safetensors raise many kinds on a damaged file
         return f"unreadable ({type(e).__name__}: {str(e)[:200]})"
