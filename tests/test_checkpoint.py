@@ -100,7 +100,7 @@ def test_unwritable_checkpoint_folder_is_named_and_the_previous_kept(tmp_path):
     # A file where the temporary folder must go: mkdir fails for root too.
     blocker = checkpoint.checkpoints_dir(tmp_path) / ".tmp-step-000002"
     blocker.write_text("")
-    with pytest.raises(checkpoint.CheckpointWriteError) as raised:
+    with pytest.raises(checkpoint.UnwritableOutput) as raised:
         checkpoint.save_checkpoint(tmp_path, {"step": 2}, accelerator, model, optimizer, scheduler, None, keep_last=2)
     assert str(blocker) in str(raised.value) and "step-000001, is kept" in str(raised.value)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000001"]

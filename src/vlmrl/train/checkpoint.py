@@ -45,8 +45,8 @@ DAMAGED_PREFIX = "damaged-"
 SHARDED = "sharded"
 
 
-class CheckpointWriteError(VlmrlError):
-    """A checkpoint could not be written; the previous one is kept."""
+class UnwritableOutput(VlmrlError):
+    """A file of the run (checkpoint, metrics, final model) could not be written; the last checkpoint is kept."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -114,7 +114,7 @@ def save_checkpoint(run_dir, state: dict, accelerator, model, optimizer, schedul
 
 @contextlib.contextmanager
 def naming_unwritable(target: Path, run_dir, remove: Path | None = None):
-    """Turn an ``OSError`` while writing ``target`` into a ``CheckpointWriteError`` naming the path.
+    """Turn an ``OSError`` while writing ``target`` into a ``UnwritableOutput`` naming the path.
 
     The message names the run's last checkpoint, which is kept; ``remove`` (a half-written folder) is deleted.
     """
@@ -125,7 +125,7 @@ def naming_unwritable(target: Path, run_dir, remove: Path | None = None):
             shutil.rmtree(remove, ignore_errors=True)
         latest = latest_checkpoint(run_dir)
         kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
-        raise CheckpointWriteError(
+        raise UnwritableOutput(
             f"cannot write {error.filename or target}: {error.strerror or error}; {kept}. "
             "Make the output folder writable (or free space) and continue with --resume"
         ) from error

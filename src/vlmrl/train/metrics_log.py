@@ -36,7 +36,9 @@ class MetricsLog:
 
         self._keep_rows_up_to(start_step)
         purge_step = start_step + 1 if start_step else None  # drop TensorBoard points past the checkpoint
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+        board = Path(run_dir) / "tensorboard"
+        with naming_unwritable(board, run_dir):
+            self.writer = SummaryWriter(str(board), purge_step=purge_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress)
 
     def write(self, row: dict) -> None:
