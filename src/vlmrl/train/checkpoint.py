@@ -114,7 +114,7 @@ def save_checkpoint(run_dir, state: dict, accelerator, model, optimizer, schedul
 
 @contextlib.contextmanager
 def naming_unwritable(target: Path, run_dir, remove: Path | None = None):
-    """Turn an ``OSError`` while writing ``target`` into a ``UnwritableOutput`` naming the path.
+    """Turn an ``OSError`` while writing ``target`` into an ``UnwritableOutput`` naming the path.
 
     The message names the run's last checkpoint, which is kept; ``remove`` (a half-written folder) is deleted.
     """
