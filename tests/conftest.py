@@ -77,19 +77,6 @@ def synth_pairs_file(tmp_path_factory) -> Path:
     return make(tmp_path_factory.mktemp("synth"), n_images=24, seed=0, image_size=112)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one state per process, fixed by the first Accelerator (mixed precision
-    included); each training run in a test stands for a new process, so the state is reset after it."""
-    yield
-    import sys
-
-    if "accelerate" in sys.modules:
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture
 def vision_biased_model(tiny_model_dir):
     """The tiny model with its output layer biased so ``<|image_pad|>`` wins every step, then the

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from vlmrl.errors import VlmrlError
 from vlmrl.train import checkpoint
+from vlmrl.train.precision import Precision
 
 
 def tiny_setup(seed=0):
@@ -35,11 +36,11 @@ def draws():
 
 
 def test_round_trip_continues_identically(tmp_path):
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator()
     model, optimizer, scheduler = tiny_setup()
     one_step(model, optimizer, scheduler)
     state = {"step": 1, "micro_batch": 3}
-    path = checkpoint.save_checkpoint(tmp_path, state, accelerator, model, optimizer, scheduler, keep_last=2)
+    path = checkpoint.save_checkpoint(tmp_path, state, accelerator, model, optimizer, scheduler, None, keep_last=2)
     assert sorted(p.name for p in path.iterdir()) == [
         "optimizer.pt", "rng-0.pt", "scheduler.pt", "state.json", "trainable.safetensors"]
     expected_draws = draws()
@@ -48,7 +49,7 @@ def test_round_trip_continues_identically(tmp_path):
 
     model2, optimizer2, scheduler2 = tiny_setup(seed=1)  # different weights; frozen ones set equal
     model2[0].weight.data.copy_(model[0].weight)
-    restored = checkpoint.load_checkpoint(path, accelerator, model2, optimizer2, scheduler2)
+    restored = checkpoint.load_checkpoint(path, accelerator, model2, optimizer2, scheduler2, Precision("no", "cpu"))
     assert restored == state
     assert draws() == expected_draws
     one_step(model2, optimizer2, scheduler2)
@@ -58,10 +59,10 @@ def test_round_trip_continues_identically(tmp_path):
 
 
 def test_keep_last_and_half_written_folders_are_ignored(tmp_path):
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator()
     model, optimizer, scheduler = tiny_setup()
     for step in (1, 2, 3):
-        checkpoint.save_checkpoint(tmp_path, {"step": step}, accelerator, model, optimizer, scheduler, keep_last=2)
+        checkpoint.save_checkpoint(tmp_path, {"step": step}, accelerator, model, optimizer, scheduler, None, keep_last=2)
     # what a process killed while writing step 4 leaves behind
     (checkpoint.checkpoints_dir(tmp_path) / ".tmp-step-000004").mkdir()
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
@@ -70,9 +71,36 @@ def test_keep_last_and_half_written_folders_are_ignored(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator()
     model, optimizer, scheduler = tiny_setup()
-    path = checkpoint.save_checkpoint(tmp_path, {"step": 1}, accelerator, model, optimizer, scheduler, keep_last=1)
+    path = checkpoint.save_checkpoint(tmp_path, {"step": 1}, accelerator, model, optimizer, scheduler, None, keep_last=1)
     other = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(VlmrlError, match="trainable parameters do not match"):
-        checkpoint.load_checkpoint(path, accelerator, other, optimizer, scheduler)
+        checkpoint.load_checkpoint(path, accelerator, other, optimizer, scheduler, Precision("no", "cpu"))
+
+
+def test_fp16_scaler_state_round_trips(tmp_path):
+    accelerator = Accelerator()
+    model, optimizer, scheduler = tiny_setup()
+    scaler = Precision("fp16", "cpu").scaler
+    scaler.scale(torch.ones(()))  # the scale is created lazily, at the first use
+    scaler.update(new_scale=1024.0)
+    path = checkpoint.save_checkpoint(tmp_path, {"step": 1, "micro_batch": 1}, accelerator, model, optimizer,
+                                      scheduler, scaler.state_dict(), keep_last=1)
+    assert (path / "scaler.pt").is_file() and checkpoint.damage(path, num_processes=1) is None
+    restored = Precision("fp16", "cpu")
+    checkpoint.load_checkpoint(path, accelerator, model, optimizer, scheduler, restored)
+    assert restored.scaler.get_scale() == 1024.0
+
+
+def test_unwritable_checkpoint_folder_is_named_and_the_previous_kept(tmp_path):
+    accelerator = Accelerator()
+    model, optimizer, scheduler = tiny_setup()
+    checkpoint.save_checkpoint(tmp_path, {"step": 1}, accelerator, model, optimizer, scheduler, None, keep_last=2)
+    # A file where the temporary folder must go: mkdir fails for root too.
+    blocker = checkpoint.checkpoints_dir(tmp_path) / ".tmp-step-000002"
+    blocker.write_text("")
+    with pytest.raises(checkpoint.UnwritableOutput) as raised:
+        checkpoint.save_checkpoint(tmp_path, {"step": 2}, accelerator, model, optimizer, scheduler, None, keep_last=2)
+    assert str(blocker) in str(raised.value) and "step-000001, is kept" in str(raised.value)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000001"]

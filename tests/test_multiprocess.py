@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from vlmrl.cli import main
 from vlmrl.config import validate_config
 from vlmrl.train.loop import Trainer
 
@@ -42,7 +43,7 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_equal_one_process_with_the_global_batch(tiny_model_dir, synth_pairs_file, tmp_path):
+def test_two_processes_equal_one_process_with_the_global_batch(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
     two = tmp_path / "two"
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(config(tiny_model_dir, synth_pairs_file, two, batch_size=2)))
@@ -71,3 +72,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_model_dir, s
         # Loose enough for Adam's sign-like first steps on near-zero gradients (see test_train's
         # accumulation test); the loss, margins and grad_norm above are compared at 1e-5.
         torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-3, atol=1e-4)
+
+    # The two-process checkpoint cannot be resumed by one process: its data position means other records.
+    assert main(["train", "--config", str(path), "--resume", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{two / 'checkpoints' / 'step-000003'} was written with num_processes=2; this run has num_processes=1" in err

@@ -194,8 +194,9 @@ def uninterrupted(tiny_model_dir, synth_pairs_file, tmp_path_factory) -> list[di
 
 
 def resumable_config(model_dir, data, out) -> dict:
-    raw = raw_config(model_dir, data, out, lr=5e-3, max_steps=6, save_every=2, warmup_ratio=0.25,
-                     schedule="cosine", batch_size=1, grad_accum=2)
+    # A constant schedule: the killed run below is given far more steps, which must not change the lr.
+    raw = raw_config(model_dir, data, out, lr=5e-3, max_steps=6, save_every=2, warmup_ratio=0.0,
+                     schedule="constant", batch_size=1, grad_accum=2)
     raw["lora"]["dropout"] = 0.1
     return raw
 
@@ -204,11 +205,14 @@ def test_resume_after_kill_9_gives_the_identical_curve(uninterrupted, tiny_model
     run = tmp_path / "run"
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(resumable_config(tiny_model_dir, synth_pairs_file, run)))
-    process = cli_subprocess(path)
+    # 100,000 steps: the run cannot finish between two polls, so it is killed mid-training.
+    process = cli_subprocess(path, "train.max_steps=100000")
     wait_for(run / "checkpoints" / "step-000002", process)
+    assert process.poll() is None  # still training
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL and not (run / "final").exists()
+    assert train_rows(run)[-1]["step"] < 100000
     assert main(["train", "--config", str(path), "--resume"]) == 0
     assert_same_curve(train_rows(run), uninterrupted)
 
@@ -219,7 +223,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_curve(
     run = tmp_path / "run"
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(resumable_config(tiny_model_dir, synth_pairs_file, run)))
-    process = cli_subprocess(path)
+    process = cli_subprocess(path, "train.max_steps=100000")  # still training when Ctrl-C comes
     wait_for(run / "checkpoints" / "step-000002", process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -229,3 +233,57 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_curve(
     assert (run / "checkpoints" / f"step-{last_logged:06d}").is_dir() and last_logged < 6
     assert main(["train", "--config", str(path), "train.resume=auto"]) == 0
     assert_same_curve(train_rows(run), uninterrupted)
+
+
+def one_step_run(model_dir, data, out, **train) -> Trainer:
+    trainer = Trainer(validate_config(raw_config(model_dir, data, out, max_steps=1, **train)))
+    trainer.train()
+    return trainer
+
+
+def test_runs_of_different_precision_follow_each_other_in_one_process(tiny_model_dir, synth_pairs_file, tmp_path):
+    """accelerate fixes one precision per process; the run's own autocast must still change the numbers."""
+    losses = {}
+    for mode in ("no", "bf16", "fp16", "no"):
+        out = tmp_path / f"{mode}-{len(losses)}"
+        one_step_run(tiny_model_dir, synth_pairs_file, out, mixed_precision=mode)
+        losses[f"{mode}-{len(losses)}"] = train_rows(out)[0]["logps/chosen"]
+    assert losses["no-0"] == losses["no-3"]  # the first run left nothing behind
+    assert losses["bf16-1"] != losses["no-0"] and losses["fp16-2"] != losses["no-0"]  # autocast took effect
+    assert math.isclose(losses["bf16-1"], losses["no-0"], rel_tol=0.05)
+
+
+def test_fp16_overflow_skips_the_step_and_the_schedule(tiny_model_dir, synth_pairs_file, tmp_path, caplog):
+    """A loss scale of 2**40 overflows fp16 gradients: GradScaler skips every step and halves its scale.
+
+    As documented in the loop: the step counter and data position advance and the rows are logged
+    (grad_norm null), the weights, the optimizer and the lr schedule do not move, and the run goes on.
+    """
+    raw = raw_config(tiny_model_dir, synth_pairs_file, tmp_path / "run", mixed_precision="fp16", max_steps=2,
+                     schedule="linear", warmup_ratio=0.5, save_every=1)
+    trainer = Trainer(validate_config(raw))
+    trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with caplog.at_level("WARNING", logger="vlmrl"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    rows = train_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] is None for r in rows)
+    assert rows[0]["lr"] == rows[1]["lr"] == 0.0  # warm-up starts at 0 and was never stepped
+    assert trainer.scheduler.last_epoch == 0 and trainer.optimizer.optimizer.state == {}
+    assert "fp16 gradients overflowed" in caplog.text and "lowered its scale to 2.74878e+11" in caplog.text
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "scaler.pt", weights_only=True)
+    assert saved["scale"] == 2.0**38
+
+
+def test_fp16_trains_with_its_scaler_on_cpu(tiny_model_dir, synth_pairs_file, tmp_path):
+    trainer = Trainer(validate_config(raw_config(tiny_model_dir, synth_pairs_file, tmp_path / "run",
+                                                 mixed_precision="fp16")))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    rows = train_rows(tmp_path / "run")
+    assert all(math.isfinite(r["grad_norm"]) for r in rows)
+    assert trainer.precision.scaler.get_scale() == 2.0**16  # no overflow in two steps

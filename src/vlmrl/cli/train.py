@@ -47,6 +47,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import sys
 
+    from accelerate import PartialState
+
     from vlmrl.config import load_config
     from vlmrl.train.loop import TrainingInterrupted, train
 
@@ -54,9 +56,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         final = train(config, resume=args.resume, trust_remote_code=args.trust_remote_code)
     except TrainingInterrupted as e:
-        print(f"interrupted: saved checkpoint {e}; continue with --resume", file=sys.stderr)
+        if PartialState().is_main_process:  # under accelerate launch, once rather than once per process
+            print(f"interrupted: saved checkpoint {e}; continue with --resume", file=sys.stderr)
         return 130
-    print(f"final model: {final}")
+    if PartialState().is_main_process:
+        print(f"final model: {final}")
     return 0
 
 

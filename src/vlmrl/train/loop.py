@@ -3,26 +3,38 @@
     vlmrl train --algo dpo --config configs/demo-cpu.yaml                     # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml -m vlmrl train --algo dpo --config FILE
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m vlmrl train ...  # CPU, gloo
+    ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m vlmrl train ... lora.enabled=false
 
 What it does, in order: load the policy (LoRA adapter, or the weights for full fine-tuning) and
 its reference (the same model with the adapter off, or a frozen copy); read and check the data;
 then for each optimizer step accumulate ``grad_accum`` micro-batches, clip, step AdamW and the
-warm-up + cosine/linear schedule; log TRL-named metrics; evaluate held-out pairs; checkpoint.
+warm-up + cosine/linear schedule; log metrics (see ``metrics_log``); evaluate held-out data;
+checkpoint. Messages go to the ``vlmrl`` logger (the CLI shows the main process's).
 
 Guarantees, each with a test:
-- the same loss curve whether a global batch is one micro-batch, ``grad_accum`` micro-batches or
-  split across processes (losses are per-pair means; see ``steps``);
+- SFT and the DPO family give the same loss curve whether a global batch is one micro-batch,
+  ``grad_accum`` micro-batches or split across processes (their losses are per-pair means; see
+  ``steps``): ``test_train`` (batch 8 = batch 1 x 8 accumulation), ``test_multiprocess`` (DDP) and
+  ``test_fsdp`` (FSDP 2). GRPO is not claimed to: it samples and normalises per micro-batch;
 - a resumed run (``--resume``, also after ``kill -9``) continues the identical curve: weights,
-  optimizer, schedule, random states and the data position are all in the checkpoint;
+  optimizer, schedule, fp16 scale, random states and the data position are all in the checkpoint;
+  a damaged checkpoint is named before anything is loaded, and ``train.resume=auto`` falls back to
+  the newest intact one; resuming with another batch geometry (batch size, accumulation, number of
+  processes, seed) is refused;
 - Ctrl-C saves a checkpoint and exits; a non-finite loss or gradient stops the run, keeping the
-  last checkpoint, which was written before it.
+  last checkpoint, which was written before it; a path that cannot be written is named and the last
+  checkpoint kept;
+- under fp16 a step whose gradients overflow is skipped by the loss scaler: the step counter and the
+  data position advance and the row is logged (``grad_norm`` null), the weights, optimizer and lr
+  schedule do not move, and training goes on.
 
 Assumes: every process sees the same data files; batches have a fixed size (the last partial
-batch of an epoch is dropped).
+batch of an epoch is dropped); a sharded (FSDP) model trains sft or dpo without ``data.eval``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -33,14 +45,17 @@ import torch
 from vlmrl.config import Config, config_yaml
 from vlmrl.errors import VlmrlError
 from vlmrl.models.adapters import record_base
-from vlmrl.train import checkpoint
+from vlmrl.train import checkpoint, sharding
 from vlmrl.train.metrics_log import MetricsLog
 from vlmrl.train.order import batches_per_epoch, micro_batch_indices
+from vlmrl.train.precision import Precision
 from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
 from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.train.fast_step import FastPreferenceStep
 from vlmrl.train.grpo import GrpoStep
 from vlmrl.train.steps import PreferenceStep, SftStep, needs_reference
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(VlmrlError):
@@ -59,33 +74,68 @@ class Trainer:
         self.config = config
         self.trust_remote_code = trust_remote_code  # only a command-line flag sets it, never the config
         self.out = Path(config.train.output_dir)
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=config.train.grad_accum, mixed_precision=config.train.mixed_precision
-        )
+        # accelerate fixes its mixed precision once per process; the run keeps its own (see precision.py),
+        # so runs of different precision can follow each other in one process.
+        self.accelerator = Accelerator(gradient_accumulation_steps=config.train.grad_accum, mixed_precision="no")
+        if self.accelerator.distributed_type == "DEEPSPEED" and config.train.mixed_precision == "fp16":
+            raise VlmrlError("train.mixed_precision=fp16 is not supported under DeepSpeed (its engine steps inside "
+                             "backward, past the fp16 loss scaler): use bf16")
+        self.precision = Precision(config.train.mixed_precision, self.accelerator.device)
+        self.world = self.accelerator.num_processes
         set_seed(config.train.seed)
-        self.resume_from = self._checkpoint_to_resume(resume or config.train.resume == "auto")
+        self.resume_from = self._checkpoint_to_resume(resume, config.train.resume == "auto")
         self._setup_data()
         self._setup_model()
         self.state = {"step": 0, "micro_batch": 0, "best_eval_loss": None, "evals_without_improvement": 0}
         if self.resume_from is not None:
             self.state = checkpoint.load_checkpoint(
-                self.resume_from, self.accelerator, self.model, self.optimizer, self.scheduler
+                self.resume_from, self.accelerator, self.model, self.optimizer.optimizer, self.scheduler,
+                self.precision,
             )
             self._check_geometry()
         self.interrupted = False
 
     # ----- setup, in the order it happens -----
 
-    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+    def _checkpoint_to_resume(self, resume: bool, auto: bool) -> Path | None:
+        """The checkpoint to continue from: the newest, checked; with ``auto`` the newest intact one."""
         latest = checkpoint.latest_checkpoint(self.out)
-        if latest is not None and not resume:
+        if latest is not None and not (resume or auto):
             raise VlmrlError(
                 f"{self.out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
                 "that run, or choose another train.output_dir"
             )
-        if latest is None and resume:
-            self.accelerator.print(f"no checkpoint in {self.out}: starting from step 0")
-        return latest
+        if latest is None:
+            if resume or auto:
+                log.info("no checkpoint in %s: starting from step 0", self.out)
+            return None
+        problem = checkpoint.damage(latest, self.world)
+        if problem is None:
+            return latest
+        older = checkpoint.list_checkpoints(self.out)[:-1]
+        intact = next((p for p in reversed(older) if checkpoint.damage(p, self.world) is None), None)
+        if intact is None:
+            raise VlmrlError(f"cannot resume from {latest.name}: {problem}; no intact checkpoint is left: "
+                             "start again in another train.output_dir")
+        if not auto:
+            raise VlmrlError(
+                f"cannot resume from {latest.name}: {problem}; the newest intact checkpoint is {intact}: resume "
+                f"from it with train.resume=auto, which sets the damaged ones aside as {checkpoint.DAMAGED_PREFIX}step-N"
+            )
+        return self._set_aside_newer_than(intact, problem)
+
+    def _set_aside_newer_than(self, intact: Path, problem: str) -> Path:
+        """``train.resume=auto`` with damaged checkpoints: rename those newer than ``intact``, resume from it."""
+        self.accelerator.wait_for_everyone()  # every process has checked before any folder is renamed
+        found = checkpoint.list_checkpoints(self.out)
+        damaged = found[found.index(intact) + 1 :]
+        if self.accelerator.is_main_process:
+            for path in damaged:
+                checkpoint.set_aside(path)
+        self.accelerator.wait_for_everyone()
+        log.warning("resuming from %s, the newest intact checkpoint: %s; set aside %s", intact, problem,
+                    ", ".join(checkpoint.DAMAGED_PREFIX + p.name for p in damaged))
+        return intact
 
     def _setup_data(self) -> None:
         from vlmrl.data.load import load_records
@@ -94,7 +144,6 @@ class Trainer:
         self.train_records = load_records(data.train, data.format, skip_bad=data.skip_bad)
         self.eval_records = load_records(data.eval, data.format, skip_bad=data.skip_bad) if data.eval else []
         t = self.config.train
-        self.world = self.accelerator.num_processes
         per_epoch = batches_per_epoch(len(self.train_records), t.batch_size, self.world)
         steps_per_epoch = per_epoch // t.grad_accum
         if t.max_steps is None and steps_per_epoch == 0:
@@ -108,11 +157,20 @@ class Trainer:
     def _setup_model(self) -> None:
         t = self.config.train
         model, self.processor, reference = build_model(self.config, self.trust_remote_code)
-        optimizer = build_optimizer(model, t.lr, t.weight_decay)
+        plugin = sharding.fsdp_plugin_on_cpu(self.accelerator)
+        if plugin is not None:  # FSDP on CPU processes, which accelerate would run as DDP
+            self.model = sharding.shard_like_accelerate(model, plugin)
+            optimizer = build_optimizer(self.model, t.lr, t.weight_decay)
+            self.optimizer = self.accelerator.prepare(optimizer)
+        else:
+            optimizer = build_optimizer(model, t.lr, t.weight_decay)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if checkpoint.is_sharded(self.model) and (t.algo == "grpo" or self.eval_records):
+            raise VlmrlError("a sharded model (FSDP) trains with sft and dpo, without data.eval: GRPO's sampling "
+                             "and the held-out evaluation run on whole models; use DDP (configs/accelerate/ddp.yaml)")
         # The scheduler is stepped here, once per optimizer step: accelerate's prepared scheduler
         # would step once per process, which makes the schedule depend on the number of processes.
         self.scheduler = build_scheduler(optimizer, t.schedule, t.warmup_ratio, self.total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if reference is not None:
             reference = reference.to(self.accelerator.device)
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -146,11 +204,14 @@ class Trainer:
     def _check_geometry(self) -> None:
         t = self.config.train
         now = {"num_processes": self.world, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seed": t.seed}
-        saved = {k: self.state.get(k) for k in now}
-        if saved != now:
+        differ = [k for k in now if self.state.get(k) != now[k]]
+        if differ:
+            saved = ", ".join(f"{k}={self.state.get(k)}" for k in differ)
+            ours = ", ".join(f"{k}={now[k]}" for k in differ)
             raise VlmrlError(
-                f"{self.resume_from} was written with {saved}, this run has {now}; the data position is only "
-                "valid for the same set-up: resume with the same settings"
+                f"{self.resume_from} was written with {saved}; this run has {ours}. The saved data position "
+                "only means the same records with the same batch_size, grad_accum, number of processes and "
+                "seed: resume with those, or start a new train.output_dir"
             )
 
     # ----- training -----
@@ -159,35 +220,36 @@ class Trainer:
         """Run to the last step (or early stop / Ctrl-C); return the folder of the final model."""
         acc = self.accelerator
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(config_yaml(self.config))
+            with checkpoint.naming_unwritable(self.out, self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(config_yaml(self.config))
         t = self.config.train
-        log = MetricsLog(self.out, acc.is_main_process, self.total_steps, self.state["step"], t.progress)
+        metrics_log = MetricsLog(self.out, acc.is_main_process, self.total_steps, self.state["step"], t.progress)
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            self._train_steps(log)
+            self._train_steps(metrics_log)
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-            log.close()
+            metrics_log.close()
         return self._save_final()
 
-    def _train_steps(self, log: MetricsLog) -> None:
+    def _train_steps(self, metrics_log: MetricsLog) -> None:
         t = self.config.train
         while self.state["step"] < self.total_steps:
             started = time.perf_counter()
-            metrics = self._optimizer_step()
+            metrics, stepped = self._optimizer_step()
             self.state["step"] += 1
             step = self.state["step"]
             row = {"step": step, "epoch": self.state["micro_batch"] / self.micro_batches_per_epoch, **metrics}
             row["pairs_per_s"] = t.batch_size * t.grad_accum * self.world / (time.perf_counter() - started)
-            self._stop_if_diverged(row)
-            log.advance(row)
+            self._stop_if_diverged(row, step_skipped=not stepped)
+            metrics_log.advance(row)
             if step % t.log_every == 0 or step == self.total_steps:
-                log.write(row)
+                metrics_log.write(row)
             stop = False
             if self.eval_records and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps):
                 evaluation = self.evaluate()
-                log.write({"step": step, **evaluation})
+                metrics_log.write({"step": step, **evaluation})
                 stop = self._early_stop(evaluation["eval/loss"])
             if self._interrupt_requested():
                 path = self.save_checkpoint()
@@ -195,37 +257,36 @@ class Trainer:
             if (t.save_every and step % t.save_every == 0) or step == self.total_steps or stop:
                 self.save_checkpoint()
             if stop:
-                best = self.state["best_eval_loss"]
-                self.accelerator.print(
-                    f"early stopping at step {step}: eval loss has not improved for "
-                    f"{t.early_stopping_patience} evaluations (best {best:.4f})"
-                )
+                log.info("early stopping at step %d: eval loss has not improved for %d evaluations (best %.4f)",
+                         step, t.early_stopping_patience, self.state["best_eval_loss"])
                 return
 
-    def _optimizer_step(self) -> dict[str, float]:
-        """``grad_accum`` micro-batches, then one clipped AdamW step; metrics averaged over all of them."""
+    def _optimizer_step(self) -> tuple[dict[str, float], bool]:
+        """``grad_accum`` micro-batches, then one clipped AdamW step: the metrics averaged over all of them,
+        and False when the fp16 scaler skipped the update (see precision.py)."""
         acc, t = self.accelerator, self.config.train
         self.model.train()
         totals: dict[str, float] = {}
         for _ in range(t.grad_accum):
             batch = self.step_fn.encode(self._next_records(), acc.device)
-            with acc.accumulate(self.model):
-                with acc.autocast():
+            with acc.accumulate(self.model):  # DDP syncs gradients on the last micro-batch only
+                with self.precision.autocast():
                     loss, metrics = self.step_fn.loss_and_metrics(batch)
-                acc.backward(loss)
+                acc.backward(self.precision.scale(loss))  # divides by grad_accum
                 if acc.sync_gradients:
+                    self.precision.unscale_(self.optimizer)
                     limit = t.max_grad_norm if t.max_grad_norm is not None else math.inf
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), limit)
-                self.optimizer.step()
+                    stepped = self.precision.step(self.optimizer)
                 self.optimizer.zero_grad()
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value / t.grad_accum
         row = self._mean_over_processes(totals)
         row["grad_norm"] = float(grad_norm)
         row["lr"] = self.scheduler.get_last_lr()[0]
-        if not self.optimizer.step_was_skipped:  # fp16 overflow skips a step
+        if stepped:
             self.scheduler.step()
-        return row
+        return row, stepped
 
     def _next_records(self) -> list:
         t = self.config.train
@@ -242,8 +303,13 @@ class Trainer:
         values = self.accelerator.reduce(values, reduction="mean")
         return dict(zip(names, values.tolist()))
 
-    def _stop_if_diverged(self, row: dict) -> None:
-        bad = [name for name in ("loss", "grad_norm") if not math.isfinite(row[name])]
+    def _stop_if_diverged(self, row: dict, step_skipped: bool) -> None:
+        """Raise on a non-finite loss or gradient norm, except an fp16 overflow the scaler skipped."""
+        if step_skipped:
+            log.warning("step %d: fp16 gradients overflowed (grad_norm %s); the scaler skipped the update and "
+                        "lowered its scale to %g", row["step"], row["grad_norm"], self.precision.scaler.get_scale())
+        checked = ("loss",) if step_skipped else ("loss", "grad_norm")
+        bad = [name for name in checked if not math.isfinite(row[name])]
         if bad:
             latest = checkpoint.latest_checkpoint(self.out)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written before it"
@@ -267,7 +333,7 @@ class Trainer:
         for start in range(0, len(mine), t.batch_size):
             records = mine[start : start + t.batch_size]
             batch = self.step_fn.encode(records, acc.device)
-            with acc.autocast():
+            with self.precision.autocast():
                 _, metrics = self.step_fn.loss_and_metrics(batch, model=model)
             n = len(records)
             sums += torch.tensor([metrics["loss"] * n, metrics.get("rewards/accuracies", 0.0) * n, n],
@@ -322,19 +388,26 @@ class Trainer:
             "seed": t.seed,
         }
         return checkpoint.save_checkpoint(
-            self.out, state, self.accelerator, self.model, self.optimizer, self.scheduler, t.keep_last
+            self.out, state, self.accelerator, self.model, self.optimizer.optimizer, self.scheduler,
+            self.precision.state_dict(), t.keep_last,
         )
 
     def _save_final(self) -> Path:
-        """The adapter (or weights) and the processor in ``RUN/final``, loadable on their own."""
+        """The adapter (or weights) and the processor in ``RUN/final``, loadable on their own.
+
+        A sharded model (FSDP) is gathered first, so ``final`` is a plain transformers folder either way.
+        """
         final = self.out / "final"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(final, safe_serialization=True)
-            record_base(self.accelerator.unwrap_model(self.model), final)
-            self.processor.save_pretrained(final)
-            (self.out / "config.yaml").write_text(config_yaml(self.config))
-        self.accelerator.wait_for_everyone()
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        gathered = sharding.full_state_dict(self.model) if checkpoint.is_sharded(self.model) else None
+        if acc.is_main_process:
+            with checkpoint.naming_unwritable(final, self.out):
+                acc.unwrap_model(self.model).save_pretrained(final, safe_serialization=True, state_dict=gathered)
+                record_base(acc.unwrap_model(self.model), final)
+                self.processor.save_pretrained(final)
+                (self.out / "config.yaml").write_text(config_yaml(self.config))
+        acc.wait_for_everyone()
         return final
 
     # ----- Ctrl-C -----

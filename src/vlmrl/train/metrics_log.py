@@ -1,8 +1,17 @@
 """Where a run's numbers go: ``RUN/metrics.jsonl``, TensorBoard (``RUN/tensorboard``) and a progress bar.
 
-Names follow TRL (``loss``, ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen``, ...),
-held-out ones prefixed with ``eval/``. Only the main process writes. On resume, rows after the
-checkpoint's step are dropped first, so the file of a resumed run reads like one uninterrupted run.
+Each row holds the step objects' metrics plus the loop's ``step``, ``epoch``, ``lr``, ``grad_norm``
+and ``pairs_per_s``; held-out ones are prefixed with ``eval/``. SFT and the DPO family use TRL's
+DPOTrainer names (``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins``, ``logps/chosen``, ``logps/rejected``). GRPO's names are those of
+``vlmrl.train.grpo``; of them ``loss``, ``reward``, ``reward_std``, ``entropy``,
+``completions/clipped_ratio`` and ``rewards/<function>/mean|std`` are TRL GRPOTrainer's, the others
+(``em_rate``, ``completion_length``, ``frac_zero_std_groups``, ...) are vlmrl's own.
+
+A non-finite value (the ``grad_norm`` of an fp16 step the scaler skipped) is written as JSON ``null``
+and left out of TensorBoard. Only the main process writes; a write that fails raises a ``VlmrlError``
+naming the file (``checkpoint.naming_unwritable``). On resume, rows after the checkpoint's step are dropped first, so the file of a
+resumed run reads like one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -10,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from vlmrl.train.checkpoint import naming_unwritable
 
 
 class MetricsLog:
@@ -25,15 +36,19 @@ class MetricsLog:
 
         self._keep_rows_up_to(start_step)
         purge_step = start_step + 1 if start_step else None  # drop TensorBoard points past the checkpoint
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+        board = Path(run_dir) / "tensorboard"
+        with naming_unwritable(board, run_dir):
+            self.writer = SummaryWriter(str(board), purge_step=purge_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress)
 
     def write(self, row: dict) -> None:
         """Append one row (it has a ``step``) to the JSONL file and TensorBoard."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+        with naming_unwritable(self.path, self.path.parent):
+            with self.path.open("a") as f:
+                f.write(json.dumps(finite, allow_nan=False) + "\n")
         for name, value in row.items():
             if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(name, value, row["step"])
@@ -60,4 +75,6 @@ class MetricsLog:
             return
         rows = [line for line in self.path.read_text().splitlines() if line.strip()]
         kept = [line for line in rows if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with naming_unwritable(self.path, self.path.parent):
+            self.path.write_text("".join(line + "\n" for line in kept))
+
