@@ -61,7 +61,7 @@ def write_model_card(run_dir: str | Path, out_dir: str | Path, merged: bool = Fa
 
 def model_card_text(config: dict, config_text: str, fingerprints: dict[str, str | None],
                     train_rows: list[dict], eval_results: dict[str, dict], adapter: bool) -> str:
-    """The card as text: YAML front matter, then the sections, from what :func:`write_model_card` read."""
+    """The card as text: YAML front matter, then the sections, from what ``write_model_card`` read."""
     base = config["model"]["name_or_path"]
     algo = config.get("train", {}).get("algo", "dpo")
     front = {

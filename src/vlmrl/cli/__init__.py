@@ -85,7 +85,7 @@ def version_report() -> str:
 
 
 class _VersionAction(argparse.Action):
-    """``--version``: print :func:`version_report` and exit, like argparse's own version action."""
+    """``--version``: print ``version_report()`` and exit, like argparse's own version action."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
