@@ -58,13 +58,26 @@ def cli_page(command: str, parser: argparse.ArgumentParser) -> str:
     return title + "\n\n" + "\n\n".join(sections[0].split("\n", 2)[2:] + sections[1:]) + "\n"
 
 
+def fixed_width(function, *args):
+    """``function(*args)`` with argparse wrapping help at ``COLUMNS`` columns (it reads the variable
+    when it formats), the variable put back as it was afterwards."""
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = COLUMNS
+    try:
+        return function(*args)
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
+
+
 def api_page(module: str) -> str:
     return f"# {module}\n\n::: {module}\n"
 
 
 def stage(out: Path) -> list[Path]:
     """Write every page of the nav to ``out`` (emptied first); return the paths written."""
-    os.environ["COLUMNS"] = COLUMNS
     sys.path.insert(0, str(ROOT / "src"))
     from vlmrl.cli import build_parser
 
@@ -82,7 +95,7 @@ def stage(out: Path) -> list[Path]:
             name = Path(page).stem
             if name not in commands:
                 sys.exit(f"mkdocs.yml lists {page}, but there is no command {name!r}: remove it from the nav")
-            path.write_text(cli_page(name, commands[name]), encoding="utf-8")
+            path.write_text(fixed_width(cli_page, name, commands[name]), encoding="utf-8")
         elif page.startswith("api/"):
             path.write_text(api_page(Path(page).stem), encoding="utf-8")
         elif not path.is_file():
