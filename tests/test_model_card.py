@@ -75,6 +75,7 @@ def test_export_merge_writes_a_transformers_card_with_eval_cis(trained_run, tmp_
     assert main(["export", "--merge", str(trained_run), str(out)]) == 0
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and "lora" not in card.data.tags
+    assert "holds the LoRA adapter merged into the base weights" in card.text
     assert "| count/exact_match | 0.625 | [0.5, 0.75] | 40 |" in card.text
     assert "`eval/test`" in card.text
     assert f"{NAME} train --config config.yaml" in card.text
@@ -87,6 +88,7 @@ def test_export_without_merge_writes_an_adapter_card(trained_run, tmp_path):
     assert main(["export", str(trained_run), str(out)]) == 0
     front, text = _front_matter(out / "README.md")
     assert front["library_name"] == "peft" and "count/exact_match" in text
+    assert "holds a LoRA adapter: load it on the base model with peft" in text
 
 
 def _config(algo="dpo", lora=True):
@@ -101,7 +103,7 @@ def test_grpo_and_full_weight_cards_show_their_own_parameters():
     assert front == {"base_model": "Qwen/Qwen2-VL-2B-Instruct", "library_name": "transformers",
                      "pipeline_tag": "image-text-to-text", "tags": [NAME, "grpo"], "license": None}
     assert "| grpo.group_size | 4 |" in text and "loss.beta" not in text
-    assert "| weights | full fine-tuning |" in text
+    assert "| weights | full fine-tuning |" in text and "holds the fully fine-tuned weights" in text
     assert "| `a.jsonl` | not found when this card was written |" in text
     assert "The run recorded no metrics." in text and "not recorded (no metrics.jsonl)" in text
     assert f"{NAME} {__version__}" in text

@@ -126,6 +126,22 @@ def test_the_wheel_trains_in_a_fresh_venv_without_the_extras(wheel_venv, tmp_pat
     assert len([row for row in rows if '"loss"' in row]) == 2
 
 
+IMPORT_EVERY_MODULE = f"""
+import importlib, pkgutil, {NAME}
+for m in pkgutil.walk_packages({NAME}.__path__, "{NAME}."):
+    if not m.name.endswith("__main__"):
+        try:
+            importlib.import_module(m.name)
+        except ModuleNotFoundError as e:
+            print(m.name, e.name)
+"""
+
+
+def test_only_the_study_app_needs_an_extra_to_be_imported(wheel_venv, tmp_path):
+    done = _run([str(wheel_venv / "bin" / "python"), "-c", IMPORT_EVERY_MODULE], tmp_path)
+    assert done.stdout.split() == [f"{NAME}.study.app", "fastapi"]
+
+
 def test_a_command_that_needs_a_missing_extra_says_which_to_install(wheel_venv, tmp_path):
     done = _run([str(wheel_venv / "bin" / NAME), "study", "serve", "--db", "s.sqlite"], tmp_path, check=False)
     assert done.returncode == 2

@@ -73,8 +73,7 @@ def model_card_text(config: dict, config_text: str, fingerprints: dict[str, str 
     sections = [
         f"# {Path(str(config.get('train', {}).get('output_dir', 'model'))).name}",
         f"A vision-language model fine-tuned from `{base}` with {_method_name(config)} by {NAME} {__version__}. "
-        + ("This folder holds a LoRA adapter: load it on the base model with peft."
-           if adapter else "This folder holds the full weights: it loads with plain transformers."),
+        + _what_the_folder_holds(config, adapter),
         "## Training\n\n" + _table(["setting", "value"], _training_rows(config, train_rows)),
         "## Method parameters\n\n" + _table(["parameter", "value"], _method_parameters(config)),
         "## Data\n\n" + _data_section(fingerprints),
@@ -151,6 +150,14 @@ def read_eval_results(run: Path) -> dict[str, dict]:
 
 def _is_adapter(config: dict) -> bool:
     return bool((config.get("lora") or {}).get("enabled", True))
+
+
+def _what_the_folder_holds(config: dict, adapter: bool) -> str:
+    if adapter:
+        return "This folder holds a LoRA adapter: load it on the base model with peft."
+    if _is_adapter(config):
+        return "This folder holds the LoRA adapter merged into the base weights: it loads with plain transformers."
+    return "This folder holds the fully fine-tuned weights: it loads with plain transformers."
 
 
 def _method_name(config: dict) -> str:
