@@ -73,7 +73,8 @@ def fixed_width(function, *args):
 
 
 def api_page(module: str) -> str:
-    return f"# {module}\n\n::: {module}\n"
+    """mkdocstrings renders the module's heading (the page title) and its docstrings from this line."""
+    return f"::: {module}\n"
 
 
 def stage(out: Path) -> list[Path]:
