@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full test install browser clean
+.PHONY: demo demo-full test docs dist install browser clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,8 +33,19 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo --full
 
-test: $(STAMP) browser
+# The docs site (docs/_build/site): pages staged from README, docs/, the real --help and the
+# docstrings, built with warnings as errors so a broken reference fails `make test` too.
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_docs.py
+	$(BIN)/mkdocs build --strict --quiet
+	@echo "docs site: docs/_build/site/index.html"
+
+# The sdist and the wheel in dist/, built with the pinned setuptools (no download).
+dist: $(STAMP)
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
+test: $(STAMP) browser docs
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs demo-out
+	rm -rf $(VENV) runs demo-out docs/_build dist build

@@ -2,28 +2,40 @@
 
 Each area adds its own sub-commands from its module in this package (``data``, ``model``,
 ``train``, ``evaluate``, ``study``, ``demo``); every command sets ``func`` to the function
-that runs it.
+that runs it. ``--version`` prints the versions of the package and of the libraries it trains
+with. A command that needs a package of an optional extra that is not installed stops with
+``error:`` and the ``pip install`` line that adds it.
 """
 
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 import os
 import sys
 
-from vlmrl import __version__
+from vlmrl import NAME, __version__
 from vlmrl.errors import VlmrlError
 from vlmrl.logs import setup_logging
+
+
+# The import name of each package that only an optional extra installs (pyproject.toml's
+# [project.optional-dependencies]; a test checks the two agree).
+EXTRA_OF_MODULE = {
+    "fastapi": "study", "uvicorn": "study", "multipart": "study", "python_multipart": "study",
+    "sacrebleu": "eval", "rouge_score": "eval", "matplotlib": "eval", "httpx": "eval",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from vlmrl.cli import compare, data, demo, evaluate, model, study, tasks, train
 
     parser = argparse.ArgumentParser(
-        prog="vlmrl",
+        prog=NAME,
         description="Preference optimisation (DPO and its fixes) and GRPO for vision-language models.",
     )
-    parser.add_argument("--version", action="version", version=f"vlmrl {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of this package, torch, transformers and peft, and whether CUDA is seen")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for area in (data, model, train, evaluate, compare, study, demo, tasks):
         area.add_commands(commands)
@@ -41,9 +53,46 @@ def main(argv: list[str] | None = None) -> int:
     except VlmrlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: this command needs {e.name}, which is not installed; "
+              f"install it with: pip install '{NAME}[{extra}]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def version_report() -> str:
+    """What ``--version`` prints: this package's version, torch's (with whether CUDA is seen),
+    transformers' and peft's; a library that is not installed shows as ``not installed``."""
+    lines = [f"{NAME} {__version__}", f"python {sys.version.split()[0]}"]
+    try:
+        import torch
+    except ImportError:
+        lines.append("torch not installed")
+    else:
+        seen = f"yes, {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "no"
+        lines.append(f"torch {torch.__version__} (built for CUDA {torch.version.cuda or 'none'}; CUDA seen: {seen})")
+    for library in ("transformers", "peft"):
+        try:
+            lines.append(f"{library} {metadata.version(library)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{library} not installed")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print ``version_report()`` and exit, like argparse's own version action."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_report())
+        parser.exit()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     vlmrl export --merge runs/demo-dpo runs/demo-dpo-merged
 
-The result holds safetensors weights and the processor, and loads with plain transformers
+The result holds safetensors weights, the processor and a model card (``README.md``, see
+``vlmrl.model_card``), and loads with plain transformers
 (``AutoModelForImageTextToText.from_pretrained``), no peft needed. The base model is the one
 named in the run's ``config.yaml``, loaded in the run's dtype with the transformers loader; the
 adapter is checked against it before the merge (``vlmrl.models.adapters``). The run folder cannot
@@ -16,15 +17,15 @@ import logging
 import shutil
 from pathlib import Path
 
-import yaml
-
 from vlmrl.errors import VlmrlError
+from vlmrl.model_card import read_run_config, write_model_card
 
 log = logging.getLogger(__name__)
 
 
 def export_run(run_dir: str | Path, out: str | Path, merge: bool = True, trust_remote_code: bool = False) -> Path:
-    """Write ``out``: the merged model (``merge``) or a copy of the adapter, plus the processor."""
+    """Write ``out``: the merged model (``merge``) or a copy of the adapter, plus the processor and
+    the model card."""
     run, out = Path(run_dir), Path(out)
     final = run / "final"
     if not final.is_dir():
@@ -34,10 +35,12 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = True, trust_r
     is_adapter = (final / "adapter_config.json").is_file()
     if not merge or not is_adapter:  # an adapter as it is, or full fine-tuning's weights
         shutil.copytree(final, out, dirs_exist_ok=True)
+        write_model_card(run, out)
         return out
     merged, processor = merged_model(run, trust_remote_code=trust_remote_code)
     merged.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    write_model_card(run, out, merged=True)
     return out
 
 
@@ -59,14 +62,4 @@ def merged_model(run_dir: str | Path, trust_remote_code: bool = False):
 
 def run_model_config(run: Path) -> dict:
     """The ``model`` section of a run's ``config.yaml``, which must name the base model."""
-    config_file = run / "config.yaml"
-    if not config_file.is_file():
-        raise VlmrlError(f"{run} has no config.yaml: it does not look like a vlmrl training run")
-    try:
-        raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise VlmrlError(f"{config_file}: not a readable YAML file ({e}); the run folder is damaged") from e
-    model_config = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model_config, dict) or not model_config.get("name_or_path"):
-        raise VlmrlError(f"{config_file} names no base model (model.name_or_path); the run folder is damaged")
-    return model_config
+    return read_run_config(run)["model"]

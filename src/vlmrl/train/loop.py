@@ -44,6 +44,7 @@ import torch
 
 from vlmrl.config import Config, config_yaml
 from vlmrl.errors import VlmrlError
+from vlmrl.model_card import write_model_card
 from vlmrl.models.adapters import record_base
 from vlmrl.train import checkpoint, sharding
 from vlmrl.train.metrics_log import MetricsLog
@@ -407,6 +408,7 @@ class Trainer:
                 record_base(acc.unwrap_model(self.model), final)
                 self.processor.save_pretrained(final)
                 (self.out / "config.yaml").write_text(config_yaml(self.config))
+                write_model_card(self.out, final)
         acc.wait_for_everyone()
         return final
 
