@@ -216,6 +216,7 @@ def test_coco_boxes_use_the_stated_size_else_the_header_and_keep_crowd_and_boxle
 @pytest.mark.parametrize("change, why", [
     ({"iscrowd": "yes"}, "iscrowd yes is not 0 or 1"),
     ({"bbox": [1, 1, 10 ** 400, 2]}, "a coordinate or size is too large"),
+    ({"bbox": [1e308, 1, 1e308, 2]}, "a coordinate or size is too large"),
 ])
 def test_coco_bad_crowd_flag_or_huge_box(tmp_path, change, why):
     _image(tmp_path / "a.jpg")

@@ -14,7 +14,7 @@ time, each object with its class name (lower-cased), its box as ``(x0, y0, x1, y
 of the image's width and height (YOLO's own unit; COCO and VOC pixels are divided by the image
 size), or None where the label gives no box (a COCO annotation without ``bbox``, a VOC object
 without ``<bndbox>``), and COCO's crowd flag. The image size is the label's (COCO ``width`` and
-``height``, VOC ``<size>``) when it states one; otherwise it is read from the image file's header
+``height``, VOC ``<size>``) when it states one in whole numbers > 0; otherwise it is read from the image file's header
 (no pixels decoded) only where it is needed: to divide a COCO or VOC pixel box, or when the caller
 asks for every size (``sizes=True``, as scenes do). So YOLO counting never opens an image.
 :func:`read_detections` derives each image's counts (:class:`ImageCounts`) from those boxes; every
@@ -34,6 +34,7 @@ VOC image file that is missing or whose name leads outside the data set's root
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -409,11 +410,15 @@ def _annotation_problem(ann, images: dict, categories: dict) -> str | None:
     if not (isinstance(box, list) and len(box) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
         return f"bbox {str(box)[:80]} is not [x, y, width, height]"
+    too_large = f"bbox {str(box)[:80]}: a coordinate or size is too large"
     try:
-        problem = box_problem([float(v) for v in box])
+        x, y, w, h = (float(v) for v in box)
     except OverflowError:  # an integer too large for a float
-        problem = "a coordinate or size is too large"
-    return f"bbox {str(box)[:80]}: {problem}" if problem else None
+        return too_large
+    problem = box_problem([x, y, w, h])
+    if problem:
+        return f"bbox {str(box)[:80]}: {problem}"
+    return None if math.isfinite(x + w + y + h) else too_large  # finite each, but x + w overflows
 
 
 # ---------------------------------------------------------------------- VOC
