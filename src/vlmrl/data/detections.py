@@ -13,12 +13,12 @@ Layouts understood:
 time, each object with its class name (lower-cased), its box as ``(x0, y0, x1, y1)`` in fractions
 of the image's width and height (YOLO's own unit; COCO and VOC pixels are divided by the image
 size), or None where the label gives no box (a COCO annotation without ``bbox``, a VOC object
-without ``<bndbox>``), and COCO's crowd flag. The image size is the label's (COCO ``width`` and
-``height``, VOC ``<size>``) when it states one in whole numbers > 0; otherwise it is read from the image file's header
-(no pixels decoded) only where it is needed: to divide a COCO or VOC pixel box, or when the caller
-asks for every size (``sizes=True``, as scenes do). So YOLO counting never opens an image.
-:func:`read_detections` derives each image's counts (:class:`ImageCounts`) from those boxes; every
-labelled object counts, crowd ones too.
+without ``<bndbox>`` or with an empty one), and COCO's crowd flag. The image size is the label's
+(COCO ``width`` and ``height``, VOC ``<size>``) when it states one in whole numbers > 0;
+otherwise it is read from the image file's header (no pixels decoded) only where it is needed: to
+divide a COCO or VOC pixel box, or when the caller asks for every size (``sizes=True``, as scenes
+do). So YOLO counting never opens an image. :func:`read_detections` derives each image's counts
+(:class:`ImageCounts`) from those boxes; every labelled object counts, crowd ones too.
 
 A malformed label raises :class:`VlmrlError` naming ``file:line`` (or the COCO record), unless
 ``skip_bad`` is given, in which case the problem is appended to ``skipped`` and the image left
