@@ -75,9 +75,9 @@ def header_size(image: Path) -> tuple[tuple[int, int] | None, str]:
             with Image.open(image) as im:
                 return im.size, ""
     except Image.DecompressionBombError as e:
-        return None, f"{image}: too large for PIL to open ({e}); downscale it"
+        return None, f"{image}: too large for PIL to open ({e})"
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        return None, f"{image}: not an image PIL can read ({e}); replace it"
+        return None, f"{image}: not an image PIL can read ({e})"
 
 
 def image_in_root(root: Path, folders: tuple[Path, ...], file_name: str) -> tuple[Path | None, str]:
