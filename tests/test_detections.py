@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmrl.data.detections import class_names, detect_format, read_detections, source_name
+from vlmrl.data.detections import LabelBox, class_names, detect_format, read_boxes, read_detections, source_name
 from vlmrl.errors import VlmrlError
 
 
@@ -163,5 +163,103 @@ def test_doctests_pass():
     import doctest
 
     import vlmrl.data.detections as detections
+    import vlmrl.data.label_values as label_values
 
-    assert doctest.testmod(detections).failed == 0
+    for module in (detections, label_values):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- boxes: the one reader counts come from
+
+
+def test_yolo_boxes_are_fractions_and_counting_opens_no_image(tmp_path):
+    _yolo(tmp_path, {"a": "1 0.5 0.5 0.2 0.4\n0 0.1 0.2 0.3 0.1 0.2 0.4\n"})
+    [item] = read_boxes(tmp_path, classes=["car", "bus"])
+    # centre (0.5, 0.5), size 0.2 x 0.4; the polygon (0.1, 0.2) (0.3, 0.1) (0.2, 0.4) spans x 0.1-0.3, y 0.1-0.4
+    assert item.boxes == [LabelBox("bus", (0.4, 0.3, 0.6, 0.7)), LabelBox("car", (0.1, 0.1, 0.3, 0.4))]
+    assert item.size is None and item.counts() == Counter(bus=1, car=1)
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not an image")  # counting never reads it
+    assert [i.counts for i in read_detections(tmp_path, classes=["car", "bus"])] == [Counter(bus=1, car=1)]
+    with pytest.raises(VlmrlError, match=r"a\.jpg: not an image PIL can read .*pass --skip-bad"):
+        list(read_boxes(tmp_path, classes=["car", "bus"], sizes=True))
+    skipped = []
+    assert list(read_boxes(tmp_path, classes=["car", "bus"], skip_bad=True, skipped=skipped, sizes=True)) == []
+    assert len(skipped) == 1 and "a.jpg: not an image PIL can read" in skipped[0]
+
+
+def test_yolo_sizes_come_from_the_image_header(tmp_path):
+    _yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": None})
+    items = list(read_boxes(tmp_path, classes=["car"], sizes=True))
+    assert [(Path(i.rel).name, i.size, len(i.boxes)) for i in items] == [("a.jpg", (8, 8), 1), ("b.jpg", (8, 8), 0)]
+
+
+def test_coco_boxes_use_the_stated_size_else_the_header_and_keep_crowd_and_boxless(tmp_path):
+    Image.new("RGB", (50, 20)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (50, 20)).save(tmp_path / "b.jpg")
+    images = [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 200}, {"id": 2, "file_name": "b.jpg"}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 20, 20, 20]},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 100], "iscrowd": 1},
+            {"id": 3, "image_id": 1, "category_id": 2},
+            {"id": 4, "image_id": 2, "category_id": 2, "bbox": [5, 2, 10, 4]}]
+    _coco(tmp_path / "ann.json", images, anns, [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}])
+    a, b = read_boxes(tmp_path)
+    # a: stated 100 x 200 (not the file's 50 x 20); [10, 20, 20, 20] spans x 10-30, y 20-40
+    assert a.size == (100, 200)
+    assert a.boxes == [LabelBox("car", (0.1, 0.1, 0.3, 0.2)), LabelBox("car", (0.0, 0.0, 0.5, 0.5), crowd=True),
+                       LabelBox("bus", None)]
+    # b: no stated size, so the file's 50 x 20; [5, 2, 10, 4] spans x 5-15, y 2-6
+    assert b.size == (50, 20) and b.boxes == [LabelBox("bus", (0.1, 0.1, 0.3, 0.3))]
+    assert [i.counts for i in read_detections(tmp_path)] == [Counter(car=2, bus=1), Counter(bus=1)]
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"iscrowd": "yes"}, "iscrowd yes is not 0 or 1"),
+    ({"bbox": [1, 1, 10 ** 400, 2]}, "a coordinate or size is too large"),
+    ({"bbox": [1e308, 1, 1e308, 2]}, "a coordinate or size is too large"),
+])
+def test_coco_bad_crowd_flag_or_huge_box(tmp_path, change, why):
+    _image(tmp_path / "a.jpg")
+    _coco(tmp_path / "ann.json", [{"id": 1, "file_name": "a.jpg"}],
+          [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], **change}], [{"id": 1, "name": "car"}])
+    with pytest.raises(VlmrlError, match=rf"ann\.json: annotation #0 \(id 5\): .*{why}"):
+        list(read_detections(tmp_path))
+
+
+def test_coco_box_on_an_unreadable_image_without_a_stated_size(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"not an image")
+    _coco(tmp_path / "ann.json", [{"id": 1, "file_name": "a.jpg"}],
+          [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]}], [{"id": 1, "name": "car"}])
+    with pytest.raises(VlmrlError, match=r"a\.jpg: not an image PIL can read"):
+        list(read_detections(tmp_path))
+
+
+def _voc_boxes(path: Path, bndbox: str, size: str = "<size><width>100</width><height>50</height></size>") -> None:
+    path.write_text(f"<annotation><filename>a.jpg</filename>{size}"
+                    f"<object><name>car</name><bndbox>{bndbox}</bndbox></object></annotation>")
+
+
+def test_voc_boxes_are_fractions_of_the_stated_size(tmp_path):
+    _image(tmp_path / "a.jpg")
+    _voc_boxes(tmp_path / "a.xml", "<xmin>10</xmin><ymin>5</ymin><xmax>30.5</xmax><ymax>25</ymax>")
+    [item] = read_boxes(tmp_path)
+    assert item.size == (100, 50) and item.boxes == [LabelBox("car", (0.1, 0.1, 0.305, 0.5))]
+    _voc_boxes(tmp_path / "a.xml", "<xmin>1</xmin><ymin>2</ymin><xmax>3</xmax><ymax>4</ymax>", size="")
+    [item] = read_boxes(tmp_path)  # no <size>: the image file's 8 x 8
+    assert item.size == (8, 8) and item.boxes == [LabelBox("car", (0.125, 0.25, 0.375, 0.5))]
+
+
+@pytest.mark.parametrize("bndbox, why", [
+    ("<xmin>1</xmin><ymin>2</ymin><xmax>3</xmax>", "<bndbox> needs numbers <xmin>, <ymin>, <xmax> and <ymax>"),
+    ("<xmin>1</xmin><ymin>2</ymin><xmax>x</xmax><ymax>4</ymax>", "<bndbox> needs numbers"),
+    ("<xmin>1</xmin><ymin>nan</ymin><xmax>3</xmax><ymax>4</ymax>", "a coordinate or size is NaN or infinite"),
+    ("<xmin>-1</xmin><ymin>2</ymin><xmax>3</xmax><ymax>4</ymax>", "a coordinate or size is negative"),
+    ("<xmin>5</xmin><ymin>2</ymin><xmax>3</xmax><ymax>4</ymax>", "xmax or ymax is below xmin or ymin"),
+], ids=["missing-tag", "not-a-number", "nan", "negative", "max-below-min"])
+def test_voc_bad_box_names_the_file_and_object(tmp_path, bndbox, why):
+    _image(tmp_path / "a.jpg")
+    _voc_boxes(tmp_path / "a.xml", bndbox)
+    with pytest.raises(VlmrlError, match=rf"a\.xml: <object> #0: {why}"):
+        list(read_detections(tmp_path))
+    skipped = []
+    assert list(read_detections(tmp_path, skip_bad=True, skipped=skipped)) == [] and len(skipped) == 1

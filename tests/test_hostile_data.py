@@ -217,6 +217,31 @@ def test_bad_coco_entry_is_an_error_then_a_counted_skip(tmp_path, capsys, images
     assert record.images == [str((root / "a.jpg").resolve())]
 
 
+def tasks_from_detections(root: Path, out: Path, *extra) -> list[str]:
+    return ["data", "tasks", "--detections", root, "--out", out, "--families", "count", "--split", "test=1",
+            "--min-area", "0", *extra]
+
+
+@pytest.mark.parametrize("case", ["coco-traversal", "yolo-nan"])
+def test_data_tasks_detections_refuses_what_from_detections_refuses(tmp_path, capsys, case):
+    if case == "coco-traversal":
+        root = coco_set(tmp_path / "d", [GOOD_IMAGE, {"id": 2, "file_name": "../../../../etc/passwd"}], [GOOD_ANN])
+        message = "ann.json: image id 2: file_name '../../../../etc/passwd' leads outside the data set's root"
+    else:
+        root = yolo_set(tmp_path / "d", {"good": b"0 0.5 0.5 0.1 0.1\n", "bad": b"0 nan 0.5 0.1 0.1\n"})
+        message = "bad.txt:1: a coordinate or size is NaN or infinite"
+    errors = []
+    for argv in (from_detections(root, tmp_path / "o1"), tasks_from_detections(root, tmp_path / "o2")):
+        code, _, err = run(argv, capsys)
+        assert code == 2
+        errors.append(err)
+    assert errors[0] == errors[1] and message in errors[1] and "--skip-bad" in errors[1]
+    code, out, _ = run(tasks_from_detections(root, tmp_path / "o2", "--skip-bad"), capsys)
+    assert code == 0 and "skipped: " in out  # rich folds the long line; stats.json holds it whole
+    stats = json.loads((tmp_path / "o2" / "stats.json").read_text())
+    assert stats["scenes"] == 1 and len(stats["skipped"]) == 1 and message in stats["skipped"][0]
+
+
 def test_coco_file_with_invalid_utf8(tmp_path, capsys):
     root = coco_set(tmp_path / "d", [GOOD_IMAGE], [GOOD_ANN])
     text = b'{"images": [], "annotations": [], "categories": [{"id": 1, "name": "\xff"}]}'

@@ -5,9 +5,11 @@ import shutil
 from collections import Counter, defaultdict
 
 import pytest
+from PIL import Image
 
 from vlmrl.cli import main
 from vlmrl.data.detection_scenes import read_detection_scenes
+from vlmrl.data.detections import read_detections
 from vlmrl.data.formats import iter_records
 from vlmrl.data.pairs import DEFAULT_SPLIT, pairs_from_detections, split_for
 from vlmrl.data.questions import BuildOptions, build_task_files, read_scenes, resolve_families
@@ -156,23 +158,62 @@ def test_copies_of_one_photo_share_a_split(attribute_scenes, tmp_path):
         assert "test" in splits or not any(s.startswith("ood_") for s in splits)
 
 
-def test_coco_crowd_and_tiny_boxes_skip_the_image(tmp_path):
+def test_coco_crowd_tiny_and_boxless_objects_skip_the_image(tmp_path):
     coco = {
         "categories": [{"id": 1, "name": "Car"}, {"id": 2, "name": "Bus"}],
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100},
-                   {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100},
-                   {"id": 3, "file_name": "c.jpg", "width": 100, "height": 100}],
+        "images": [{"id": k, "file_name": f"{name}.jpg", "width": 100, "height": 100}
+                   for k, name in enumerate("abcd", start=1)],
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
             {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 10, 30, 30]},
             {"id": 3, "image_id": 2, "category_id": 1, "bbox": [10, 10, 20, 20], "iscrowd": 1},
             {"id": 4, "image_id": 3, "category_id": 1, "bbox": [10, 10, 1, 1]},
+            {"id": 5, "image_id": 4, "category_id": 2},
         ],
     }
+    for name in "abcd":  # the labels' stated size, not the file's, is what boxes are read against
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.jpg")
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     skipped = []
     scenes = read_detection_scenes(tmp_path, skipped=skipped)
     assert [s.source for s in scenes] == ["a"]
     assert scenes[0].objects[1].box == (60.0, 10.0, 90.0, 40.0) and scenes[0].classes == ("car", "bus")
-    assert any("b.jpg" in s and "crowd" in s for s in skipped)
-    assert any("c.jpg" in s and "tiny" in s for s in skipped)
+    assert (scenes[0].width, scenes[0].height) == (100, 100)
+    assert skipped == ["b.jpg: skipped, it holds a crowd annotation",
+                       "c.jpg: skipped, it holds 1 tiny box(es) (under 0.0005 of the image)",
+                       "d.jpg: skipped, it holds 1 object(s) without a box"]
+
+
+def test_yolo_scene_boxes_are_pixels_of_the_image_read_from_its_header(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (200, 100)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "labels" / "a.txt").write_text("1 0.5 0.5 0.2 0.4\n")
+    [scene] = read_detection_scenes(tmp_path, classes=["Car", "Bus"], keep=["BUS"])
+    # centre (100, 50), size 40 x 40 pixels
+    assert (scene.width, scene.height, scene.classes) == (200, 100, ("bus",))
+    assert [(o.cls, o.box) for o in scene.objects] == [("bus", (80.0, 30.0, 120.0, 70.0))]
+    with pytest.raises(VlmrlError, match=r"--keep: no class lorry in the data \(its classes: car, bus\)"):
+        read_detection_scenes(tmp_path, classes=["car", "bus"], keep=["lorry"])
+
+
+def test_no_usable_image_is_an_error_that_names_the_first_skip(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (100, 100)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.01 0.01\n")
+    with pytest.raises(VlmrlError, match=r"no labelled image to pose questions about; 1 skipped, the first: "
+                                         r"images/a.png: skipped, it holds 1 tiny box"):
+        read_detection_scenes(tmp_path, classes=["car"])
+
+
+def test_real_labels_give_scenes_whose_objects_are_the_counted_ones(shared_data):
+    root = shared_data / "highway-od-40"
+    counts = {i.rel: i.counts for i in read_detections(root)}
+    skipped = []
+    scenes = read_detection_scenes(root, skipped=skipped)
+    assert len(scenes) + len(skipped) == len(counts) == 251 and len(scenes) > 200
+    for scene in scenes:
+        assert Counter(o.cls for o in scene.objects) == counts[scene.rel]
+        assert (scene.width, scene.height) == (640, 640)
+        assert all(-1 < v < 641 for o in scene.objects for v in o.box)

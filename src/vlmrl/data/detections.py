@@ -1,4 +1,4 @@
-"""Read object-detection labels (YOLO, COCO JSON, Pascal VOC XML) as per-image class counts.
+"""Read object-detection labels (YOLO, COCO JSON, Pascal VOC XML): every image's boxes, and its counts.
 
 Layouts understood:
 
@@ -9,15 +9,27 @@ Layouts understood:
   folders (Roboflow writes ``{split}/_annotations.coco.json`` beside the images).
 - Pascal VOC: ``*.xml`` files in ``Annotations/`` (images in ``JPEGImages/``) or beside the images.
 
-Every reader yields :class:`ImageCounts` one image at a time (images are never opened). Class
-names are lower-cased. A malformed label raises :class:`VlmrlError` naming ``file:line``,
-unless ``skip_bad`` is given, in which case the problem is appended to ``skipped`` instead.
-Malformed means: not UTF-8, a class index that is not a whole number of ASCII digits or is out
-of range, a box coordinate or size that is not a finite number >= 0, a COCO entry that is not an
-object, a COCO or VOC image file that is missing or whose name leads outside the data set's root
-(``../../etc/passwd``), an unreadable file (a symbolic link that loops, say). A class list that
-cannot be read (``data.yaml`` not a mapping, ``names`` holding lists, mappings or values YAML
-reads as booleans, a mapping whose keys are not 0..n-1) is an error even with ``skip_bad``.
+:func:`read_boxes` is the one reader of these files: it yields :class:`ImageBoxes` one image at a
+time, each object with its class name (lower-cased), its box as ``(x0, y0, x1, y1)`` in fractions
+of the image's width and height (YOLO's own unit; COCO and VOC pixels are divided by the image
+size), or None where the label gives no box (a COCO annotation without ``bbox``, a VOC object
+without ``<bndbox>`` or with an empty one), and COCO's crowd flag. The image size is the label's
+(COCO ``width`` and ``height``, VOC ``<size>``) when it states one in whole numbers > 0;
+otherwise it is read from the image file's header (no pixels decoded) only where it is needed: to
+divide a COCO or VOC pixel box, or when the caller asks for every size (``sizes=True``, as scenes
+do). So YOLO counting never opens an image. :func:`read_detections` derives each image's counts
+(:class:`ImageCounts`) from those boxes; every labelled object counts, crowd ones too.
+
+A malformed label raises :class:`VlmrlError` naming ``file:line`` (or the COCO record), unless
+``skip_bad`` is given, in which case the problem is appended to ``skipped`` and the image left
+out. Malformed means: not UTF-8, a class index that is not a whole number of ASCII digits or is out
+of range, a box coordinate or size that is not a finite number >= 0 (a VOC box whose max is below
+its min too), a COCO entry that is not an object, a COCO ``iscrowd`` other than 0 or 1, a COCO or
+VOC image file that is missing or whose name leads outside the data set's root
+(``../../etc/passwd``), an image whose size is needed but that PIL cannot open, an unreadable file
+(a symbolic link that loops, say). A class list that cannot be read (``data.yaml`` not a mapping,
+``names`` holding lists, mappings or values YAML reads as booleans, a mapping whose keys are not
+0..n-1) is an error even with ``skip_bad``.
 """
 
 from __future__ import annotations
@@ -31,12 +43,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from vlmrl.data.label_values import (Box, box_fractions, box_problem, header_size, image_in_root, stated_size,
+                                     whole_number)
 from vlmrl.data.text_files import path_problem, read_json, read_text, read_yaml, require_path
 from vlmrl.errors import VlmrlError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SPLIT_DIRS = ("train", "valid", "val", "test")
 _ROBOFLOW_COPY = re.compile(r"^(?P<source>.+)_(?:jpg|jpeg|png|bmp|webp)\.rf\.[A-Za-z0-9]+$", re.I)
+
+
+@dataclass(frozen=True)
+class LabelBox:
+    """One labelled object: class name, box ``(x0, y0, x1, y1)`` in fractions of the image's width
+    and height (None when the label gives no box), and whether COCO marks it a crowd."""
+
+    cls: str
+    box: Box | None
+    crowd: bool = False
+
+
+@dataclass
+class ImageBoxes:
+    """One image's labelled objects in label order, and its ``(width, height)`` when known.
+    ``image`` and the next three fields are as in :class:`ImageCounts`."""
+
+    image: Path
+    rel: str
+    source: str
+    split: str | None
+    size: tuple[int, int] | None
+    boxes: list[LabelBox]
+
+    def counts(self) -> Counter:
+        """Objects per class name, crowd annotations included."""
+        return Counter(b.cls for b in self.boxes)
 
 
 @dataclass
@@ -48,6 +89,35 @@ class ImageCounts:
     source: str  # the source photo: augmentation copies of one photo share it
     split: str | None  # the split folder it came from, if any
     counts: Counter
+
+
+@dataclass
+class _Reading:
+    """What every reader of one data set needs: its root, and what to do with a bad label."""
+
+    root: Path
+    skip_bad: bool
+    skipped: list[str]
+    sizes: bool  # read every image's size, even where no box needs it
+
+    def bad(self, message: str) -> None:
+        if not self.skip_bad:
+            raise VlmrlError(f"{message} (fix it, or pass --skip-bad to skip it and report it)")
+        self.skipped.append(message)
+
+    def image_boxes(self, image: Path, stated: tuple[int, int] | None, boxes: list[LabelBox],
+                    in_pixels: bool) -> ImageBoxes | None:
+        """``image`` with ``boxes``, divided by its size when ``in_pixels``; None when skipped as bad."""
+        size = stated
+        if size is None and (self.sizes or (in_pixels and any(b.box is not None for b in boxes))):
+            size, why = header_size(image)
+            if size is None:
+                self.bad(why)
+                return None
+        if in_pixels:
+            boxes = [LabelBox(b.cls, box_fractions(b.box, size), b.crowd) for b in boxes]
+        rel = image.relative_to(self.root)
+        return ImageBoxes(image, rel.as_posix(), source_name(image), _split_of(rel), size, boxes)
 
 
 def source_name(image: Path) -> str:
@@ -79,25 +149,28 @@ def detect_format(root: Path) -> str:
     )
 
 
-def read_detections(
-    root: str | Path,
-    fmt: str = "auto",
-    classes: list[str] | None = None,
-    skip_bad: bool = False,
-    skipped: list[str] | None = None,
-) -> Iterator[ImageCounts]:
-    """Yield each image's counts. ``skipped`` collects what ``skip_bad`` skipped (file:line why)."""
+def read_boxes(root: str | Path, fmt: str = "auto", classes: list[str] | None = None, skip_bad: bool = False,
+               skipped: list[str] | None = None, sizes: bool = False) -> Iterator[ImageBoxes]:
+    """Yield each image's boxes. ``skipped`` collects what ``skip_bad`` skipped (file:line why);
+    ``sizes`` gives every image its size, read from the image file where the label has none."""
     root = _root(root)
     fmt = detect_format(root) if fmt == "auto" else fmt
-    skipped = [] if skipped is None else skipped
+    reading = _Reading(root, skip_bad, [] if skipped is None else skipped, sizes)
     if fmt == "yolo":
         names = [c.strip().lower() for c in classes] if classes else _yaml_names(root)
-        return _read_yolo(root, names, skip_bad, skipped)
+        return _read_yolo(reading, names)
     if fmt == "coco":
-        return _read_coco(root, skip_bad, skipped)
+        return _read_coco(reading)
     if fmt == "voc":
-        return _read_voc(root, skip_bad, skipped)
+        return _read_voc(reading)
     raise VlmrlError(f"unknown detection format {fmt!r}; use auto, yolo, coco or voc")
+
+
+def read_detections(root: str | Path, fmt: str = "auto", classes: list[str] | None = None, skip_bad: bool = False,
+                    skipped: list[str] | None = None) -> Iterator[ImageCounts]:
+    """Yield each image's counts, from :func:`read_boxes`; ``skipped`` as there."""
+    images = read_boxes(root, fmt, classes, skip_bad, skipped)
+    return (ImageCounts(i.image, i.rel, i.source, i.split, i.counts()) for i in images)
 
 
 def class_names(root: str | Path, fmt: str = "auto", classes: list[str] | None = None) -> list[str] | None:
@@ -122,45 +195,9 @@ def _root(root: str | Path) -> Path:
     return Path(root).resolve()
 
 
-def _bad(message: str, skip_bad: bool, skipped: list[str]) -> None:
-    if not skip_bad:
-        raise VlmrlError(f"{message} (fix it, or pass --skip-bad to skip it and report it)")
-    skipped.append(message)
-
-
 def _split_of(rel: Path) -> str | None:
     first = rel.parts[0] if len(rel.parts) > 1 else None
     return {"valid": "val"}.get(first, first) if first in SPLIT_DIRS else None
-
-
-def _whole_number(text: str) -> bool:
-    """ASCII digits only, short enough for int(): '²'.isdigit() is True but int('²') fails."""
-    return text.isascii() and text.isdigit() and len(text) <= 18
-
-
-def _box_problem(numbers: list[float]) -> str | None:
-    """Why box coordinates and sizes cannot be used: not finite, or negative."""
-    if not all(math.isfinite(v) for v in numbers):
-        return "a coordinate or size is NaN or infinite"
-    if any(v < 0 for v in numbers):
-        return "a coordinate or size is negative"
-    return None
-
-
-def _image_in_root(root: Path, folders: tuple[Path, ...], file_name: str) -> tuple[Path | None, str]:
-    """The image ``file_name`` names, found in the first of ``folders`` holding it, or None and why.
-
-    Names are joined and normalised without following links, and must stay inside ``root``.
-    """
-    candidates = list(dict.fromkeys(Path(os.path.normpath(folder / file_name)) for folder in folders))
-    inside = [c for c in candidates if c.is_relative_to(root)]
-    if not inside:
-        return None, f"file_name {file_name!r} leads outside the data set's root {root}"
-    for image in inside:
-        if image.is_file():
-            return image, ""
-    looked = ", ".join(str(c.parent) for c in inside)
-    return None, f"image {file_name!r} not found (looked in {looked})"
 
 
 # ---------------------------------------------------------------------- YOLO
@@ -201,7 +238,7 @@ def _indexed_names(path: Path, names: dict) -> list:
     """``{0: car, 1: bus}`` → ``[car, bus]``; the keys must be exactly 0..n-1."""
     indexes = {}
     for key in names:
-        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and _whole_number(key))):
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and whole_number(key))):
             raise VlmrlError(f"{path}: 'names' key {key!r} is not a class index; write names as a list, "
                              "or as 0: name, 1: name, ...; or pass --classes")
         indexes[int(key)] = names[key]
@@ -211,47 +248,61 @@ def _indexed_names(path: Path, names: dict) -> list:
     return [indexes[i] for i in range(len(indexes))]
 
 
-def _read_yolo(root: Path, names: list[str], skip_bad: bool, skipped: list[str]) -> Iterator[ImageCounts]:
-    dirs = _yolo_dirs(root)
+def _read_yolo(reading: _Reading, names: list[str]) -> Iterator[ImageBoxes]:
+    dirs = _yolo_dirs(reading.root)
     if not dirs:
-        raise VlmrlError(f"{root}: no images/ + labels/ folders (flat or per split) found")
+        raise VlmrlError(f"{reading.root}: no images/ + labels/ folders (flat or per split) found")
     for d in dirs:
         for image in sorted(p for p in (d / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             if not image.is_file():
-                _bad(f"{path_problem(image) or f'{image} is not a file'}", skip_bad, skipped)
+                reading.bad(f"{path_problem(image) or f'{image} is not a file'}")
                 continue
             label = d / "labels" / f"{image.stem}.txt"
-            counts = _yolo_counts(label, names, skip_bad, skipped) if os.path.lexists(label) else Counter()
-            if counts is None:
-                continue
-            rel = image.relative_to(root)
-            yield ImageCounts(image, rel.as_posix(), source_name(image), _split_of(rel), counts)
+            boxes = _yolo_boxes(reading, label, names) if os.path.lexists(label) else []
+            item = None if boxes is None else reading.image_boxes(image, None, boxes, in_pixels=False)
+            if item is not None:
+                yield item
 
 
-def _yolo_counts(label: Path, names: list[str], skip_bad: bool, skipped: list[str]) -> Counter | None:
-    """Counts of one label file; None when the file was skipped as bad."""
+def _yolo_boxes(reading: _Reading, label: Path, names: list[str]) -> list[LabelBox] | None:
+    """The boxes of one label file; None when the file was skipped as bad."""
     try:
         text = read_text(label)
     except VlmrlError as e:
-        _bad(str(e), skip_bad, skipped)
+        reading.bad(str(e))
         return None
-    counts: Counter = Counter()
+    boxes = []
     for n, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         problem = _yolo_line_problem(fields, len(names))
         if problem:
-            _bad(f"{label}:{n}: {problem}: {line.strip()[:200]!r}", skip_bad, skipped)
+            reading.bad(f"{label}:{n}: {problem}: {line.strip()[:200]!r}")
             return None
-        counts[names[int(fields[0])]] += 1
-    return counts
+        boxes.append(LabelBox(names[int(fields[0])], _yolo_box([float(f) for f in fields[1:]])))
+    return boxes
+
+
+def _yolo_box(values: list[float]) -> Box:
+    """``x_center y_center width height``, or a polygon's points, as ``(x0, y0, x1, y1)``.
+
+    >>> _yolo_box([0.5, 0.5, 0.2, 0.4])
+    (0.4, 0.3, 0.6, 0.7)
+    >>> _yolo_box([0.1, 0.2, 0.3, 0.1, 0.2, 0.4])
+    (0.1, 0.1, 0.3, 0.4)
+    """
+    if len(values) == 4:
+        cx, cy, w, h = values
+        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    xs, ys = values[0::2], values[1::2]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def _yolo_line_problem(fields: list[str], n_classes: int) -> str | None:
     if len(fields) < 5 or (len(fields) > 5 and len(fields) % 2 == 0):
         return "expected 'class x_center y_center width height' (or a polygon)"
-    if not _whole_number(fields[0]):
+    if not whole_number(fields[0]):
         return f"class index {fields[0][:20]!r} is not a whole number"
     try:
         numbers = [float(f) for f in fields[1:]]
@@ -260,7 +311,7 @@ def _yolo_line_problem(fields: list[str], n_classes: int) -> str | None:
     if int(fields[0]) >= n_classes:
         return (f"class index {fields[0]} but only {n_classes} class names are known "
                 "(check data.yaml or --classes)")
-    return _box_problem(numbers)
+    return box_problem(numbers)
 
 
 # ---------------------------------------------------------------------- COCO
@@ -270,12 +321,12 @@ def _coco_files(root: Path) -> list[Path]:
     return [f for f in files if f.name != "stats.json"]
 
 
-def _read_coco(root: Path, skip_bad: bool, skipped: list[str]) -> Iterator[ImageCounts]:
-    files = _coco_files(root)
+def _read_coco(reading: _Reading) -> Iterator[ImageBoxes]:
+    files = _coco_files(reading.root)
     if not files:
-        raise VlmrlError(f"{root}: no COCO *.json annotation files found")
+        raise VlmrlError(f"{reading.root}: no COCO *.json annotation files found")
     for path in files:
-        yield from _coco_file(root, path, skip_bad, skipped)
+        yield from _coco_file(reading, path)
 
 
 def _coco_tables(path: Path) -> tuple[dict, list, list]:
@@ -302,36 +353,46 @@ def _coco_id(value) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
-def _coco_file(root: Path, path: Path, skip_bad: bool, skipped: list[str]) -> Iterator[ImageCounts]:
+def _coco_file(reading: _Reading, path: Path) -> Iterator[ImageBoxes]:
     categories, image_rows, annotations = _coco_tables(path)
     images = {}
     for k, im in enumerate(image_rows):
         if isinstance(im, dict) and _coco_id(im.get("id")) and isinstance(im.get("file_name"), str):
-            images[im["id"]] = im["file_name"]
+            images[im["id"]] = im
         else:
-            _bad(f"{path}: image #{k} must be an object with an 'id' and a 'file_name', got {str(im)[:80]}",
-                 skip_bad, skipped)
-    per_image: dict = {i: Counter() for i in images}
+            reading.bad(f"{path}: image #{k} must be an object with an 'id' and a 'file_name', got {str(im)[:80]}")
+    per_image: dict = {i: [] for i in images}
     bad_images = set()
     for k, ann in enumerate(annotations):
         problem = _annotation_problem(ann, images, categories)
         if problem:
             where = f"{path}: annotation #{k}" + (f" (id {ann.get('id')})" if isinstance(ann, dict) else "")
-            _bad(f"{where}: {problem}", skip_bad, skipped)
+            reading.bad(f"{where}: {problem}")
             if isinstance(ann, dict) and _coco_id(ann.get("image_id")):
                 bad_images.add(ann["image_id"])
         else:
-            per_image[ann["image_id"]][categories[ann["category_id"]]] += 1
-    for k, (image_id, file_name) in enumerate(images.items()):
+            per_image[ann["image_id"]].append(_coco_box(ann, categories))
+    folders = (path.parent, path.parent / "images", reading.root / "images", reading.root / "JPEGImages")
+    for image_id, im in images.items():
         if image_id in bad_images:
             continue
-        folders = (path.parent, path.parent / "images", root / "images", root / "JPEGImages")
-        image, why = _image_in_root(root, folders, file_name)
+        image, why = image_in_root(reading.root, folders, im["file_name"])
         if image is None:
-            _bad(f"{path}: image id {image_id}: {why}", skip_bad, skipped)
+            reading.bad(f"{path}: image id {image_id}: {why}")
             continue
-        rel = image.relative_to(root)
-        yield ImageCounts(image, rel.as_posix(), source_name(image), _split_of(rel), per_image[image_id])
+        stated = stated_size(im.get("width"), im.get("height"))
+        item = reading.image_boxes(image, stated, per_image[image_id], in_pixels=True)
+        if item is not None:
+            yield item
+
+
+def _coco_box(ann: dict, categories: dict) -> LabelBox:
+    """A checked annotation as a box in pixels ``(x0, y0, x1, y1)``: COCO writes ``[x, y, width, height]``."""
+    box = ann.get("bbox")
+    if box is not None:
+        x, y, w, h = (float(v) for v in box)
+        box = (x, y, x + w, y + h)
+    return LabelBox(categories[ann["category_id"]], box, ann.get("iscrowd", 0) == 1)
 
 
 def _annotation_problem(ann, images: dict, categories: dict) -> str | None:
@@ -341,14 +402,23 @@ def _annotation_problem(ann, images: dict, categories: dict) -> str | None:
         return f"image_id {str(ann.get('image_id'))[:40]} is not in 'images'"
     if not _coco_id(ann.get("category_id")) or ann["category_id"] not in categories:
         return f"category_id {str(ann.get('category_id'))[:40]} is not in 'categories'"
+    if ann.get("iscrowd", 0) not in (0, 1):
+        return f"iscrowd {str(ann['iscrowd'])[:40]} is not 0 or 1"
     box = ann.get("bbox")
     if box is None:
         return None
     if not (isinstance(box, list) and len(box) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
         return f"bbox {str(box)[:80]} is not [x, y, width, height]"
-    problem = _box_problem([float(v) for v in box])
-    return f"bbox {box}: {problem}" if problem else None
+    too_large = f"bbox {str(box)[:80]}: a coordinate or size is too large"
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except OverflowError:  # an integer too large for a float
+        return too_large
+    problem = box_problem([x, y, w, h])
+    if problem:
+        return f"bbox {str(box)[:80]}: {problem}"
+    return None if math.isfinite(x + w + y + h) else too_large  # finite each, but x + w overflows
 
 
 # ---------------------------------------------------------------------- VOC
@@ -357,28 +427,63 @@ def _voc_files(root: Path) -> list[Path]:
     return [f for d in dirs for f in sorted(d.glob("*.xml"))]
 
 
-def _read_voc(root: Path, skip_bad: bool, skipped: list[str]) -> Iterator[ImageCounts]:
-    files = _voc_files(root)
+def _read_voc(reading: _Reading) -> Iterator[ImageBoxes]:
+    files = _voc_files(reading.root)
     if not files:
-        raise VlmrlError(f"{root}: no VOC *.xml annotation files found")
+        raise VlmrlError(f"{reading.root}: no VOC *.xml annotation files found")
     for path in files:
-        try:
-            tree = ET.parse(path).getroot()
-        except ET.ParseError as e:
-            _bad(f"{path}: not valid XML ({e})", skip_bad, skipped)
-            continue
-        except OSError:
-            _bad(path_problem(path) or f"{path} cannot be read", skip_bad, skipped)
-            continue
-        names = [(obj.findtext("name") or "").strip().lower() for obj in tree.iter("object")]
-        if "" in names or not (tree.findtext("filename") or "").strip():
-            _bad(f"{path}: an <object> without <name>, or no <filename>", skip_bad, skipped)
-            continue
-        folder = path.parent.parent / "JPEGImages" if path.parent.name == "Annotations" else path.parent
-        image, why = _image_in_root(root, (folder, folder / "images", root / "images", root / "JPEGImages"),
-                                    tree.findtext("filename").strip())
-        if image is None:
-            _bad(f"{path}: {why}", skip_bad, skipped)
-            continue
-        rel = image.relative_to(root)
-        yield ImageCounts(image, rel.as_posix(), source_name(image), _split_of(rel), Counter(names))
+        item = _voc_file(reading, path)
+        if item is not None:
+            yield item
+
+
+def _voc_file(reading: _Reading, path: Path) -> ImageBoxes | None:
+    """One annotation file's image and boxes; None when skipped as bad."""
+    tree, boxes, problem = _voc_labels(path)
+    if problem:
+        reading.bad(problem)
+        return None
+    folder = path.parent.parent / "JPEGImages" if path.parent.name == "Annotations" else path.parent
+    folders = (folder, folder / "images", reading.root / "images", reading.root / "JPEGImages")
+    image, why = image_in_root(reading.root, folders, tree.findtext("filename").strip())
+    if image is None:
+        reading.bad(f"{path}: {why}")
+        return None
+    size = tree.find("size")
+    stated = None if size is None else stated_size(size.findtext("width"), size.findtext("height"))
+    return reading.image_boxes(image, stated, boxes, in_pixels=True)
+
+
+def _voc_labels(path: Path) -> tuple[ET.Element | None, list[LabelBox], str | None]:
+    """The parsed annotation and its objects (boxes in pixels), or why the file cannot be used."""
+    try:
+        tree = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        return None, [], f"{path}: not valid XML ({e})"
+    except OSError:
+        return None, [], path_problem(path) or f"{path} cannot be read"
+    boxes = []
+    for k, obj in enumerate(tree.iter("object")):
+        box, why = _voc_box(obj.find("bndbox"))
+        if why:
+            return None, [], f"{path}: <object> #{k}: {why}"
+        boxes.append(LabelBox((obj.findtext("name") or "").strip().lower(), box))
+    if any(not b.cls for b in boxes) or not (tree.findtext("filename") or "").strip():
+        return None, [], f"{path}: an <object> without <name>, or no <filename>"
+    return tree, boxes, None
+
+
+def _voc_box(bndbox: ET.Element | None) -> tuple[Box | None, str | None]:
+    """A ``<bndbox>`` as a pixel box ``(x0, y0, x1, y1)``, None without one (no element, or one holding
+    none of the four tags), or why it cannot be used."""
+    texts = [None if bndbox is None else bndbox.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")]
+    if all(t is None for t in texts):
+        return None, None
+    try:
+        box = tuple(float(t) for t in texts)
+    except (TypeError, ValueError):  # a missing tag (None), or text that is not a number
+        return None, "<bndbox> needs numbers <xmin>, <ymin>, <xmax> and <ymax>"
+    problem = box_problem(list(box))
+    if not problem and (box[2] < box[0] or box[3] < box[1]):
+        problem = "xmax or ymax is below xmin or ymin"
+    return box, problem
