@@ -156,6 +156,25 @@ def test_sampled_logps_equal_the_update_pass(stopping_model):
     torch.testing.assert_close(samples.mask, batch.completion_mask)
 
 
+def test_in_float64_the_logps_are_those_of_the_update_pass_to_the_last_bit(family_model):
+    """The fp32 tolerance above is rounding: with float64 weights every path gives the same float32 log-probs."""
+    import copy
+
+    from vlmrl.forward.group import build_group_batch, group_logps
+
+    model, processor = family_model
+    model = copy.deepcopy(model).double()
+    items, g, temperature = _items(), 3, 0.9
+    samples = sample_groups(model, processor, items, g, NEW_TOKENS, temperature=temperature, seed=2)
+    batch = build_group_batch(
+        samples.prompts, samples.completions(), g, [len(images) for images, _ in items],
+        processor.tokenizer.pad_token_id, vision_token_ids(model, processor),
+    )
+    with torch.no_grad():
+        logps, _ = group_logps(model, batch, temperature, shared_prompt=True)
+    torch.testing.assert_close(samples.logps, logps, atol=1e-7, rtol=0)
+
+
 # ------------------------------------------------------------------------- (c) work counted
 
 
@@ -166,7 +185,7 @@ class _Counter:
         base = unwrap(model).model
         self.images = self.vision_calls = 0
         self.prefills: list[tuple[int, int]] = []  # (rows, tokens per row) of each multi-token call
-        self.decode_calls = 0
+        self.decode_rows: list[int] = []  # rows of each one-token call
         self.handles = [
             base.visual.register_forward_hook(self._vision, with_kwargs=True),
             base.language_model.register_forward_hook(self._language, with_kwargs=True),
@@ -181,7 +200,7 @@ class _Counter:
         if length > 1:
             self.prefills.append((rows, length))
         else:
-            self.decode_calls += 1
+            self.decode_rows.append(rows)
 
     def close(self):
         for handle in self.handles:
@@ -195,9 +214,9 @@ def test_one_vision_pass_per_image_and_one_prefill_per_prompt(family_model):
     counter = _Counter(model)
     try:
         sample_groups(model, processor, items, g, NEW_TOKENS, temperature=1.0, seed=0)
-        ours = (counter.vision_calls, counter.images, list(counter.prefills), counter.decode_calls)
+        ours = (counter.vision_calls, counter.images, list(counter.prefills), len(counter.decode_rows))
         # The same hooks count generate's way.
-        counter.images = counter.vision_calls = counter.decode_calls = 0
+        counter.images = counter.vision_calls = 0
         counter.prefills.clear()
         generate_ids(model, processor, items, NEW_TOKENS, batch_size=len(items), do_sample=True, num_return_sequences=g)
         theirs = (counter.vision_calls, counter.images, list(counter.prefills))
@@ -233,6 +252,21 @@ def test_completions_end_at_their_stop_token_and_padding_follows(stopping_model)
     answers = samples.answers()
     assert [len(a) for a in answers] == [n - int(s) for n, s in zip(lengths, samples.stopped.tolist())]
     assert samples.texts == [processor.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+
+def test_finished_rows_leave_the_batch(stopping_model):
+    model, processor = stopping_model
+    counter = _Counter(model)
+    try:
+        samples = sample_groups(model, processor, _items(), 4, NEW_TOKENS, temperature=1.0, seed=0)
+    finally:
+        counter.close()
+    lengths = samples.mask.sum(1)
+    # The forward after token t (0-based) runs exactly the rows that had not stopped by it: a
+    # stopped row of length n stopped at token n - 1.
+    running = [int(((lengths > t + 1) | ~samples.stopped).sum()) for t in range(samples.ids.shape[1] - 1)]
+    assert counter.decode_rows == running
+    assert running[0] > running[-1]  # rows really left
 
 
 def test_decoding_ends_when_every_completion_has_stopped(stopping_model):

@@ -1,8 +1,9 @@
 """Sample G completions per prompt with one image encoding and one prompt prefill per prompt.
 
 ``model.generate(num_return_sequences=G)`` copies every prompt G times before its first forward,
-so each image is encoded, and each prompt run through the language model, G times.
-``sample_groups`` does that work once per prompt and shares it:
+so each prompt runs through the language model G times (transformers 5 already encodes each
+image once there and copies its features). ``sample_groups`` runs both once per prompt and
+shares the result:
 
 1. **Prefill**: the N prompts are encoded as ``vlmrl.generate`` encodes them (chat template,
    left padding) and run through the model in one forward with the KV cache on: the vision tower
@@ -11,13 +12,14 @@ so each image is encoded, and each prompt run through the language model, G time
    prompt's length and its M-RoPE offset (``rope_deltas``: how far the 3D positions after the
    image run ahead of the token count) are repeated G times along the batch, a prompt's copies
    together; the prefill's last logits too, so the G first tokens are drawn from them.
-3. **Decode**: all N*G rows advance one token per forward. Positions are those ``model.generate``
+3. **Decode**: every running row advances one token per forward. Positions are those ``model.generate``
    gives: the text row counts real tokens, the three M-RoPE rows add ``rope_deltas`` to it.
    Each step's logits are processed as ``model.generate`` processes them (float32; vision special
    tokens set to -inf, as ``suppress_tokens`` does; then temperature and top-p, or argmax when
-   greedy), and a row that emits a stop token (``vlmrl.generate``'s set: the model's EOS ids,
-   ``<|im_end|>``, the pad id) is finished: it is fed padding and takes no more tokens. The loop
-   ends when every row is finished or after ``max_new_tokens``.
+   greedy). A row that emits a stop token (``vlmrl.generate``'s set: the model's EOS ids,
+   ``<|im_end|>``, the pad id) is finished and leaves the batch (its cache rows are dropped:
+   ``model.generate`` would keep decoding it on padding). The loop ends when every row is
+   finished or after ``max_new_tokens``.
 
 Log-probs: for every sampled token, ``log_softmax(logits / temperature)`` in float32 at that
 token, from the same forward that sampled it: the distribution the GRPO update pass
@@ -158,42 +160,66 @@ def _sample(model, prompts, group_size: int, max_new_tokens: int, decoding: _Dec
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    attention = prompts["attention_mask"].repeat_interleave(group_size, dim=0)
-    lengths = attention.sum(1, keepdim=True)  # (R, 1) real prompt tokens: the next text position
-    rope_deltas = rope_deltas.to(lengths.device).repeat_interleave(group_size, dim=0)
+    out.past_key_values.batch_repeat_interleave(group_size)
+    state = _Rows(
+        index=torch.arange(len(prompts["input_ids"]) * group_size, device=out.logits.device),
+        attention=prompts["attention_mask"].repeat_interleave(group_size, dim=0),
+        rope_deltas=rope_deltas.to(out.logits.device).repeat_interleave(group_size, dim=0),
+        cache=out.past_key_values,
+    )
     logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
+    return _decode(model, state, logits, max_new_tokens, decoding, generator)
 
-    rows = logits.shape[0]
-    ids = torch.full((rows, max_new_tokens), decoding.pad_id, dtype=torch.long, device=logits.device)
-    logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=logits.device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
-    taken = torch.zeros(rows, dtype=torch.long, device=logits.device)  # tokens of each completion so far
-    steps = 0
+
+@dataclass
+class _Rows:
+    """The rows still decoding: their numbers among the N*G, attention mask, M-RoPE offsets, KV cache."""
+
+    index: torch.Tensor  # (A,)
+    attention: torch.Tensor  # (A, P + t)
+    rope_deltas: torch.Tensor  # (A, 1)
+    cache: object
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Drop every row not in ``keep`` (positions among the current rows)."""
+        self.index, self.attention, self.rope_deltas = self.index[keep], self.attention[keep], self.rope_deltas[keep]
+        self.cache.batch_select_indices(keep)
+
+
+def _decode(model, rows: _Rows, logits, max_new_tokens: int, decoding: _Decoding, generator):
+    """Draw one token per running row from ``logits``, drop the rows that stopped, run the rest one step."""
+    import torch
+
+    n, device = len(rows.index), logits.device
+    ids = torch.full((n, max_new_tokens), decoding.pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         token, token_logp = next_token(logits, decoding, generator)
-        ids[:, t] = token.masked_fill(finished, decoding.pad_id)
-        logps[:, t] = token_logp.masked_fill(finished, 0.0)
-        taken += (~finished).long()
-        finished |= torch.isin(token, decoding.stop)
-        steps = t + 1
-        if t + 1 == max_new_tokens or bool(finished.all()):
+        ids[rows.index, t], logps[rows.index, t], lengths[rows.index] = token, token_logp, t + 1
+        done = torch.isin(token, decoding.stop)
+        stopped[rows.index[done]] = True
+        if t + 1 == max_new_tokens or bool(done.all()):
             break
-        # Every row takes a position, finished ones too (fed padding), as in model.generate.
-        attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=1)
-        text_position = lengths + t
-        step_positions = torch.cat([text_position[None], (text_position + rope_deltas)[None].expand(3, -1, -1)])
+        if bool(done.any()):
+            # A finished row is dropped from the batch (model.generate would keep feeding it padding).
+            keep = (~done).nonzero().squeeze(1)
+            rows.keep(keep)
+            token = token[keep]
+        rows.attention = torch.cat([rows.attention, rows.attention.new_ones((len(token), 1))], dim=1)
+        text = rows.attention.sum(1, keepdim=True) - 1  # the new token's text position
         out = model(
-            input_ids=ids[:, t : t + 1],
-            attention_mask=attention,
-            position_ids=step_positions,
-            past_key_values=cache,
+            input_ids=token[:, None],
+            attention_mask=rows.attention,
+            position_ids=torch.cat([text[None], (text + rows.rope_deltas)[None].expand(3, -1, -1)]),
+            past_key_values=rows.cache,
             use_cache=True,
         )
-        cache = out.past_key_values
+        rows.cache = out.past_key_values
         logits = out.logits[:, -1].float()
-    return ids[:, :steps], logps[:, :steps], taken, finished
+    width = int(lengths.max())
+    return ids[:, :width], logps[:, :width], lengths, stopped
 
 
 def prompt_positions(model, prompts):
