@@ -15,7 +15,7 @@ Rows per G, on the same model, prompts and settings (temperature 1, top-p 1):
   prompts (processor), the vision tower and the prefill, and the G-way copy of the cache.
   ``sample_groups`` can at best take the floor plus this row.
 
-Columns: seconds per call (median of ``--repeats``), completions per second, vision-tower image
+Columns: seconds per call (median of ``--repeats`` rounds, each way once per round), completions per second, vision-tower image
 encodings and prompt prefill rows per completion (counted by forward hooks), and the time relative
 to the floor. The weights are redrawn larger (seeded), as in ``generate_speed.py``, so answers
 depend on the input; a random model rarely emits its stop token, so nearly every completion runs
@@ -135,21 +135,29 @@ def run_floor(model, cache, mask, lengths, deltas, new_tokens: int, pad_id: int)
     return rows * new_tokens
 
 
-def measure(run, repeats: int, device: str, setup=None):
-    """``(median seconds, tokens of the last call)`` of ``run(*setup())`` (setup outside the timing)."""
+def timed(run, device: str, setup=None) -> tuple[float, int]:
+    """``(seconds, tokens)`` of one ``run(*setup())`` (the setup outside the timing)."""
     import torch
 
-    times, tokens = [], 0
+    args = setup() if setup else ()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = run(*args)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
+
+
+def rounds(ways: dict, repeats: int, device: str) -> dict[str, tuple[float, int]]:
+    """Each way once per round, ``repeats`` rounds (so a busy spell hits every way alike): median seconds, tokens."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    tokens: dict[str, int] = {}
     for _ in range(repeats):
-        args = setup() if setup else ()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens = run(*args)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
+        for name, (run, setup) in ways.items():
+            seconds, tokens[name] = timed(run, device, setup)
+            times[name].append(seconds)
+    return {name: (statistics.median(times[name]), tokens[name]) for name in ways}
 
 
 def counted(model, run) -> tuple[int, int]:
@@ -190,18 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'G':>3}  {'way':<14}  {'s/call':>7}  {'compl/s':>8}  {'tokens':>6}  {'vision/compl':>12}  "
               f"{'prefill/compl':>13}  {'x floor':>7}")
         for g in groups:
-            rows = []
-            for name, run in (("generate", run_generate), ("sample_groups", run_sampler)):
-                seconds, tokens = measure(lambda r=run: r(model, processor, items, g, new), args.repeats, args.device)
-                images, prefills = counted(model, lambda r=run: r(model, processor, items, g, 1))
-                rows.append((name, seconds, tokens, images, prefills))
-            floor_s, floor_tokens = measure(
-                lambda *ready: run_floor(model, *ready, new, pad), args.repeats, args.device,
-                setup=lambda: ready_cache(model, processor, items, g),
-            )
-            rows.append(("decode floor", floor_s, floor_tokens, 0, 0))
-            prefill_s, _ = measure(lambda: run_prefill(model, processor, items, g), args.repeats, args.device)
-            rows.append(("prefill once", prefill_s, 0, 0, 0))
+            ways = {
+                "generate": (lambda: run_generate(model, processor, items, g, new), None),
+                "sample_groups": (lambda: run_sampler(model, processor, items, g, new), None),
+                "decode floor": (lambda *ready: run_floor(model, *ready, new, pad),
+                                 lambda: ready_cache(model, processor, items, g)),
+                "prefill once": (lambda: run_prefill(model, processor, items, g), None),
+            }
+            measured = rounds(ways, args.repeats, args.device)
+            work = {name: counted(model, lambda r=run: r(model, processor, items, g, 1))
+                    for name, run in (("generate", run_generate), ("sample_groups", run_sampler))}
+            rows = [(name, *measured[name], *work.get(name, (0, 0))) for name in ways]
+            floor_s, prefill_s = measured["decode floor"][0], measured["prefill once"][0]
             completions = len(items) * g
             for name, seconds, tokens, images, prefills in rows:
                 rate = f"{completions / seconds:.1f}" if tokens else "-"
