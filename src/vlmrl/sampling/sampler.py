@@ -42,6 +42,7 @@ from vlmrl.models.load import eval_mode
 
 if TYPE_CHECKING:
     import torch
+    from transformers import BatchFeature
 
 
 @dataclass
@@ -57,7 +58,7 @@ class GroupSamples:
     ``max_new_tokens``. ``texts``: each completion decoded without special tokens, stripped.
     """
 
-    prompts: dict
+    prompts: BatchFeature
     ids: torch.Tensor
     mask: torch.Tensor
     logps: torch.Tensor
@@ -124,8 +125,9 @@ def sample_groups(
         pad_id=tokenizer.pad_token_id,
     )
     generator = torch.Generator(device=device).manual_seed(seed)
+    on_device = {name: value.to(device) for name, value in prompts.items()}  # BatchFeature.to moves in place
     with eval_mode(model), torch.no_grad():
-        ids, logps, lengths, stopped = _sample(model, prompts.to(device), group_size, max_new_tokens, decoding, generator)
+        ids, logps, lengths, stopped = _sample(model, on_device, group_size, max_new_tokens, decoding, generator)
     ids, logps, lengths, stopped = ids.cpu(), logps.cpu(), lengths.cpu(), stopped.cpu()
     mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(ids.tolist(), lengths.tolist())]
