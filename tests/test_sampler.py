@@ -351,3 +351,21 @@ def test_images_must_fill_the_prompt_slots(family_model):
     model, processor = family_model
     with pytest.raises(VlmrlError, match="1 image slot"):
         sample_groups(model, processor, [([], user_prompt("Count."))], 2, 4)
+
+
+def test_a_lora_model_samples_through_its_adapter(tiny_model_dir, one_thread):
+    from vlmrl.models.load import add_lora, load_model
+
+    model, processor = load_model(tiny_model_dir)
+    model = add_lora(model, rank=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ("lora" not in name and p.dim() >= 2 and "visual" not in name):
+                p.normal_(0, 0.2)
+    items = _items()
+    samples = sample_groups(model, processor, items, 2, NEW_TOKENS, greedy=True)
+    assert samples.answers() == [a for a in generate_ids(model, processor, items, NEW_TOKENS, len(items)) for _ in range(2)]
+    with model.disable_adapter():
+        without = sample_groups(model, processor, items, 2, NEW_TOKENS, greedy=True)
+    assert without.completions() != samples.completions()  # the adapter was in the forward
