@@ -17,7 +17,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "TensorBoard logs, checkpoints, config.yaml and final/ (adapter + processor) to train.output_dir. "
         "Example: vlmrl train --algo dpo --config configs/demo-cpu.yaml train.lr=1e-4 loss.name=dpop",
     )
-    train.add_argument("--algo", choices=("sft", "dpo", "grpo"), default=None, help="overrides train.algo of the config")
+    train.add_argument("--algo", choices=("sft", "dpo", "grpo", "kto"), default=None, help="overrides train.algo of the config")
     train.add_argument("--config", required=True, help="YAML config file (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
