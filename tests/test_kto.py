@@ -24,6 +24,7 @@ from vlmrl.errors import VlmrlError
 from vlmrl.models.load import add_lora, load_model
 from vlmrl.train.kto_step import KtoStep
 from vlmrl.train.loop import Trainer
+from vlmrl.train.steps import needs_reference
 
 KTO_NAMES = {"loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
              "logps/rejected", "lr", "grad_norm", "step", "epoch", "pairs_per_s"}
@@ -61,7 +62,8 @@ def test_unpaired_record_keeps_pairs_unchanged_and_puts_its_answer_on_its_side()
                              "metadata": {}}
     assert PreferenceRecord.from_dict(bad.to_dict()) == bad
     # the same answer as desirable and as undesirable is not the same content
-    assert unpaired("x", [], pair.prompt, "4", True).content_key() != unpaired("x", [], pair.prompt, "4", False).content_key()
+    as_good, as_bad = unpaired("x", [], pair.prompt, "4", True), unpaired("x", [], pair.prompt, "4", False)
+    assert as_good.content_key() != as_bad.content_key()
 
 
 def test_unpair_splits_a_pair_like_trl_and_copies_the_metadata():
@@ -181,6 +183,7 @@ def test_config_for_kto(tmp_path):
         ({"loss": {"kto_undesirable_weight": 0}}, r"loss\.kto_undesirable_weight"),
         ({"loss": {"name": "kto"}}, r"loss\.name: .*use `train --algo kto`"),
     ]
+    assert needs_reference(config)  # the reference point and the rewards compare with it
     for change, message in refusals:
         with pytest.raises(VlmrlError, match=message):
             validate_config({**base, **change})

@@ -16,6 +16,10 @@ and ``rewards/margins``. A micro-batch without desirable (or undesirable) answer
 that side: it is NaN there (TRL logs nothing), which TensorBoard leaves out; the loss is always
 defined. A batch of one record would pair its prompt with its own answer, so the config asks for
 ``train.batch_size`` of at least 2; a held-out batch of one (the last one) does pair it with itself.
+
+Departs from TRL in one place: z0 is the mean over this process's micro-batch, where TRL also
+averages it over processes. So, unlike the pair losses (``steps``), KTO's curve depends on how a
+global batch is split into micro-batches and processes, as z0 is estimated on each part.
 """
 
 from __future__ import annotations
