@@ -91,6 +91,16 @@ def test_canonical_and_trl_unpaired_rows_are_read(tmp_path):
         assert records[0].images == [str(tmp_path / "red.png")]
 
 
+def test_trl_standard_unpaired_row_with_text_prompt_and_completion(tmp_path):
+    image(tmp_path / "red.png")
+    path = jsonl(tmp_path / "t.jsonl", [{"images": ["red.png"], "prompt": "How many? <image>", "completion": "2",
+                                         "label": False}])
+    assert detect_format(path) == "trl"
+    (record,) = read_records(path)
+    assert record.prompt == [{"role": "user", "content": [{"type": "text", "text": "How many?"}, {"type": "image"}]}]
+    assert (record.chosen, record.rejected, record.label, record.id) == ("", "2", False, "t-0")
+
+
 @pytest.mark.parametrize("label", ["yes", 1, None])
 def test_a_label_that_is_not_a_boolean_is_a_bad_value(tmp_path, label):
     row = {**unpaired_rows(tmp_path, 1)[0], "label": label}
@@ -307,3 +317,18 @@ def test_resume_after_two_steps_gives_the_identical_curve(tiny_model_dir, synth_
     for ra, rb in zip(a, b):
         for name in ra.keys() - {"pairs_per_s"}:
             assert ra[name] == pytest.approx(rb[name], rel=1e-6, abs=1e-6, nan_ok=True), (ra["step"], name)
+
+
+@pytest.mark.parametrize("lora", [{}, {"enabled": False}], ids=["lora", "full-fine-tuning"])
+def test_every_trainable_parameter_changes_and_no_frozen_one(lora, tiny_model_dir, synth_pairs_file, tmp_path):
+    raw = kto_config(tiny_model_dir, synth_pairs_file, tmp_path / "run", max_steps=2)
+    raw["lora"].update(lora)
+    trainer = Trainer(validate_config(raw))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and len(trainable) < len(before)
+    trainer.train()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == (name in trainable), f"{name}: changed={changed}, trainable={name in trainable}"

@@ -12,7 +12,8 @@ Formats (names as given to ``--from`` / ``--to``):
 - ``trl``: TRL's conversational vision preference format: ``images``, ``prompt`` a message list,
   ``chosen`` / ``rejected`` one-message lists ``[{"role": "assistant", "content": [...]}]``; or
   TRL's unpaired preference format (KTO): ``prompt``, ``completion`` (one assistant message) and
-  ``label`` (true: desirable).
+  ``label`` (true: desirable), in which ``prompt`` and ``completion`` may also be plain text (TRL's
+  standard form; ``<image>`` in the prompt text marks an image).
 - ``llamafactory``: LLaMA-Factory's ShareGPT ranking format: ``conversations``
   (``{"from": "human", "value": "<image>..."}``), ``chosen`` / ``rejected`` ``{"from": "gpt",
   "value": ...}``, ``images``, optional ``system``.
@@ -112,6 +113,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def _format_of_row(row: dict[str, Any]) -> str | None:
+    if "label" in row and "completion" in row:  # unpaired (KTO): ours has messages and a text answer
+        return "vlmrl" if isinstance(row.get("prompt"), list) and isinstance(row["completion"], str) else "trl"
     if "conversations" in row:
         return "llamafactory"
     if "messages" in row or "rejected_response" in row:
@@ -278,7 +281,10 @@ def _parse_seed(row: dict, base: str, default_id: str) -> PreferenceRecord:
 def _parse_trl(row: dict, base: str, default_id: str) -> PreferenceRecord:
     _require(row, ("prompt", "completion", "label") if "label" in row else ("prompt", "chosen", "rejected"), "trl")
     images = _images(row.get("images", row.get("image")), base)
-    prompt = _place_images(_messages(row["prompt"], tags=False), len(images))
+    if "label" in row and isinstance(row["prompt"], str):  # TRL's standard (text) unpaired form
+        prompt = _place_images(parse_tagged_prompt(row["prompt"]), len(images))
+    else:
+        prompt = _place_images(_messages(row["prompt"], tags=False), len(images))
     if "label" in row:
         return _unpaired_record(_id(row, default_id), images, prompt, _answer(row, "completion"), row,
                                 row.get("metadata"))
