@@ -222,7 +222,7 @@ def test_config_names_and_mpo_weights():
         ({"name": "mpo", "mpo_weights": {"quality": -1}}, r"loss\.mpo_weights\.quality"),
         ({"name": "mpo", "mpo_weights": {"qualty": 1}}, r"did you mean loss\.mpo_weights\.quality"),
         ({"name": "bco", "bco_reward_shift": "ema"}, r"loss\.bco_reward_shift"),
-        ({"name": "kto"}, r"loss\.name: .*single answer .* does not read yet; for pairs use bco or mpo"),
+        ({"name": "kto"}, r"loss\.name: .*single answer .*: use `train --algo kto`"),
     ],
 )
 def test_config_refuses_bad_settings(loss, message):

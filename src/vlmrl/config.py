@@ -91,12 +91,20 @@ class MpoWeights(_Section):
 
 
 class LossConfig(_Section):
-    """The preference loss of ``--algo dpo`` (see ``vlmrl.losses.preference``)."""
+    """The preference loss of ``--algo dpo`` (see ``vlmrl.losses.preference``); ``--algo kto`` reads
+    ``beta`` and the ``kto_*`` weights (see ``vlmrl.losses.unpaired``)."""
 
-    name: LossName = Field(default="dpo", description="the loss: " + ", ".join(LossName.__args__))
+    name: LossName = Field(
+        default="dpo", description="the loss of --algo dpo: " + ", ".join(LossName.__args__)
+        + " (--algo kto always trains with KTO)")
     beta: float = Field(
         default=0.1, gt=0,
         description="scale of the implicit reward β·(log π − log π_ref) (SimPO: of the mean log-prob)")
+    kto_desirable_weight: float = Field(
+        default=1.0, gt=0, description="--algo kto: weight λ_D of the desirable answers' losses; with unequal "
+        "counts the KTO paper suggests λ_D·n_D / (λ_U·n_U) between 1 and 4/3")
+    kto_undesirable_weight: float = Field(
+        default=1.0, gt=0, description="--algo kto: weight λ_U of the undesirable answers' losses")
     label_smoothing: float = Field(
         default=0.0, ge=0.0, lt=0.5, description="dpo (cDPO), robust, simpo: probability that a label is flipped")
     dpop_lambda: float = Field(
@@ -116,11 +124,12 @@ class LossConfig(_Section):
 
     @field_validator("name", mode="before")
     @classmethod
-    def _kto_not_yet(cls, value: Any) -> Any:
-        """KTO exists as a pure loss (``vlmrl.losses.unpaired``) but no step trains with it yet."""
+    def _kto_is_an_algo(cls, value: Any) -> Any:
+        """KTO trains on records with one answer, so it is ``--algo kto``, not a pair loss."""
         if value == "kto":
-            raise ValueError("kto trains on records with a single answer marked desirable or not, which "
-                             "`train --algo dpo` does not read yet; for pairs use bco or mpo")
+            raise ValueError("kto trains on records with a single answer marked desirable or not: use "
+                             "`train --algo kto` (it reads loss.beta, loss.kto_desirable_weight and "
+                             "loss.kto_undesirable_weight) instead of loss.name=kto")
         return value
 
     def loss_params(self) -> dict[str, Any]:
@@ -138,7 +147,7 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    algo: Literal["sft", "dpo", "grpo"] = "dpo"
+    algo: Literal["sft", "dpo", "grpo", "kto"] = "dpo"
     # dpo: the fast pair forward (image once, shared prompt; exact, falls back where unsupported)
     fast_path: bool = True
     # dpo: reference log-probs computed once before training and cached (keyed by model + data)
@@ -220,6 +229,8 @@ class Config(_Section):
                 f"loss.reference_free cannot be used with {self.loss.name}: its "
                 + ("penalty" if self.loss.name == "dpop" else "BCO term") + " is measured against the reference"
             )
+        if self.train.algo == "kto":
+            self._kto_consistent()
         if self.loss.name == "mpo" and self.loss.sft_weight > 0:
             raise ValueError("loss.sft_weight cannot be used with mpo: set its NLL weight with "
                              "loss.mpo_weights.generation instead")
@@ -229,6 +240,15 @@ class Config(_Section):
         if self.model.quantization == "4bit" and not self.lora.enabled:
             raise ValueError("model.quantization=4bit (QLoRA) trains LoRA adapters only: set lora.enabled=true")
         return self
+
+    def _kto_consistent(self) -> None:
+        if self.train.batch_size < 2:
+            raise ValueError("--algo kto estimates its reference point from each record's prompt paired with "
+                             "another record's answer of the same micro-batch, so it needs train.batch_size "
+                             "of 2 or more (the KTO paper and TRL advise an effective batch of 16 or more)")
+        if self.loss.reference_free or self.loss.sft_weight > 0:
+            raise ValueError("--algo kto measures every answer against the reference and has no SFT term: "
+                             "set loss.reference_free=false and loss.sft_weight=0")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, algo: str | None = None) -> Config:

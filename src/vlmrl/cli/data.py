@@ -36,6 +36,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-images", action="store_true",
                    help="check that image files exist but do not decode them")
     p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.add_argument("--for", dest="for_algo", choices=("kto",), default=None,
+                   help="kto: check for `train --algo kto`, which also accepts records with one answer "
+                   "(completion, label); without it such records are problems")
     p.set_defaults(func=_check)
 
 
@@ -51,6 +54,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="input format (default: detected)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip records that cannot be read (and say which) instead of stopping")
+    p.add_argument("--unpair", action="store_true",
+                   help="write each pair as two records with one answer each, chosen desirable and rejected "
+                   "undesirable (ids ID-desirable, ID-undesirable), for `train --algo kto`; as TRL's "
+                   "unpair_preference_dataset. Output format vlmrl or trl")
     p.set_defaults(func=_convert)
 
 
@@ -58,7 +65,7 @@ def _check(args: argparse.Namespace) -> int:
     from vlmrl.data.check import check_records
 
     report = check_records(args.file, args.format, max_chars=args.max_chars,
-                           check_images=not args.no_images)
+                           check_images=not args.no_images, kto=args.for_algo == "kto")
     if args.json:
         print(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
     else:
@@ -96,12 +103,15 @@ def _print_report(report) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     from vlmrl.data.formats import detect_format, read_records
+    from vlmrl.data.records import unpair
     from vlmrl.data.writers import write_records
 
     source = args.from_format or detect_format(args.input)
     # Read everything first, so a bad record stops the command before a half-written output.
     skipped: list = []
     records = read_records(args.input, source, skip_bad=args.skip_bad, skipped=skipped)
+    if args.unpair:
+        records = [one for record in records for one in unpair(record)]
     write_records(records, args.output, args.to)
     print(f"wrote {len(records)} records to {args.output} ({args.to}) from {args.input} ({source})")
     if skipped:

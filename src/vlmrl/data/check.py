@@ -4,6 +4,10 @@
 `scan` is the pass itself, which ``data.load.load_records`` (what training and evaluation call)
 runs keeping the good records.
 
+Records with one answer (unpaired, for KTO) pass only when the check is for KTO (``kto=True``:
+``data check --for kto``, ``train --algo kto``); otherwise each is an ``unpaired`` problem. Pairs
+pass either way (a KTO run splits each into two unpaired records).
+
 Image files are decoded in a pool of worker processes while the records stream by. A truncated
 JPEG is only caught by decoding it, so each image is loaded, JPEGs at 1/8 scale (``draft``),
 which reads every byte of the file at a fraction of the cost of a full decode.
@@ -47,7 +51,8 @@ PROBLEM_KINDS = {
     "unreadable-image": "an image file that is not an image, or is truncated or corrupt",
     "image-shape": f"an image the model's processor refuses (aspect ratio above {MAX_ASPECT_RATIO})",
     "image-count": "image slots in the prompt differ from the images listed",
-    "empty-answer": "chosen or rejected is empty",
+    "empty-answer": "chosen or rejected (an unpaired record's completion) is empty",
+    "unpaired": "a record with one answer (completion, label), outside a check for KTO",
     "same-answers": "chosen and rejected are the same text",
     "duplicate-id": "an id used by an earlier record",
     "duplicate-content": "the same images, prompt, chosen and rejected as an earlier record",
@@ -98,9 +103,10 @@ class CheckReport:
 
 
 def check_records(path: str | Path, fmt: str | None = None, max_chars: int = DEFAULT_MAX_CHARS,
-                  check_images: bool = True, workers: int = 2) -> CheckReport:
-    """Read every record of ``path`` and report all problems (see PROBLEM_KINDS)."""
-    report, _, _ = scan(path, fmt, max_chars, check_images, workers, keep=False)
+                  check_images: bool = True, workers: int = 2, kto: bool = False) -> CheckReport:
+    """Read every record of ``path`` and report all problems (see PROBLEM_KINDS); ``kto``: unpaired
+    records are allowed."""
+    report, _, _ = scan(path, fmt, max_chars, check_images, workers, keep=False, kto=kto)
     return report
 
 
@@ -203,7 +209,7 @@ class _ImageChecker:
 
 
 def scan(path: str | Path, fmt: str | None, max_chars: int, check_images: bool, workers: int,
-         keep: bool) -> tuple[CheckReport, list[PreferenceRecord], bool]:
+         keep: bool, kto: bool = False) -> tuple[CheckReport, list[PreferenceRecord], bool]:
     """The report, the clean records (when ``keep``), and whether the whole file is unreadable."""
     require_path(path)
     if fmt is None:
@@ -229,7 +235,7 @@ def scan(path: str | Path, fmt: str | None, max_chars: int, check_images: bool, 
         if isinstance(item, Problem):
             found.append((position, item))
             continue
-        for kind, message in _record_problems(item, max_chars, location, seen_ids, seen_content):
+        for kind, message in _record_problems(item, max_chars, location, seen_ids, seen_content, kto):
             found.append((position, Problem(location, kind, message)))
         for image in item.images:
             if not os.path.isfile(image):
@@ -260,26 +266,22 @@ def _missing_image(image: str) -> str:
     return f"{why} (or drop the record)"
 
 
-def _record_problems(r: PreferenceRecord, max_chars: int, location: str,
-                     seen_ids: dict[str, str], seen_content: dict[str, str]) -> list[tuple[str, str]]:
+def _record_problems(r: PreferenceRecord, max_chars: int, location: str, seen_ids: dict[str, str],
+                     seen_content: dict[str, str], kto: bool = False) -> list[tuple[str, str]]:
     out = []
     slots = r.image_slots()
     if slots != len(r.images):
         out.append(("image-count", f"the prompt has {slots} image slot(s) but the record lists "
                     f"{len(r.images)} image(s); make them match"))
-    for name in ("chosen", "rejected"):
-        if not getattr(r, name).strip():
-            out.append(("empty-answer", f"'{name}' is empty; write the answer or drop the record"))
-    if r.chosen.strip() and r.chosen.strip() == r.rejected.strip():
-        out.append(("same-answers", "chosen and rejected are the same text, so the pair teaches "
-                    "nothing; make rejected differ or drop the record"))
+    out.extend(_unpaired_problems(r, kto) if r.is_unpaired else _pair_problems(r))
     texts = [p["text"] for m in r.prompt for p in m["content"] if p.get("type") == "text"]
     tags = sorted({tag for tag in _LITERAL_TAGS for t in texts if tag in t})
     if tags:
         out.append(("literal-tag", f"the prompt text holds the literal tag(s) {', '.join(tags)}, "
                     "which a model would read as plain text; use image parts and chat messages "
                     "(or the seed format, whose tags are parsed)"))
-    for name, text in (("prompt", r.prompt_text()), ("chosen", r.chosen), ("rejected", r.rejected)):
+    answers = [("completion", r.answer)] if r.is_unpaired else [("chosen", r.chosen), ("rejected", r.rejected)]
+    for name, text in [("prompt", r.prompt_text()), *answers]:
         if len(text) > max_chars:
             out.append(("too-long", f"'{name}' is {len(text)} characters (limit {max_chars}); "
                         "shorten it or raise --max-chars"))
@@ -290,8 +292,30 @@ def _record_problems(r: PreferenceRecord, max_chars: int, location: str,
         seen_ids[r.id] = location
     key = r.content_key()
     if key in seen_content:
-        out.append(("duplicate-content", f"same images, prompt, chosen and rejected as "
+        what = "completion and label" if r.is_unpaired else "chosen and rejected"
+        out.append(("duplicate-content", f"same images, prompt, {what} as "
                     f"{seen_content[key]}; drop one of them"))
     else:
         seen_content[key] = location
+    return out
+
+
+def _pair_problems(r: PreferenceRecord) -> list[tuple[str, str]]:
+    out = []
+    for name in ("chosen", "rejected"):
+        if not getattr(r, name).strip():
+            out.append(("empty-answer", f"'{name}' is empty; write the answer or drop the record"))
+    if r.chosen.strip() and r.chosen.strip() == r.rejected.strip():
+        out.append(("same-answers", "chosen and rejected are the same text, so the pair teaches "
+                    "nothing; make rejected differ or drop the record"))
+    return out
+
+
+def _unpaired_problems(r: PreferenceRecord, kto: bool) -> list[tuple[str, str]]:
+    out = []
+    if not kto:
+        out.append(("unpaired", f"record {r.id} has one answer (unpaired); unpaired records train only with "
+                    "--algo kto (check them with `vlmrl data check --for kto`)"))
+    if not r.answer.strip():
+        out.append(("empty-answer", "'completion' is empty; write the answer or drop the record"))
     return out

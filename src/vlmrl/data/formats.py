@@ -3,12 +3,17 @@
 Formats (names as given to ``--from`` / ``--to``):
 
 - ``vlmrl``: the project's own; one ``PreferenceRecord.to_dict()`` per JSONL line. Keeps everything.
+  An unpaired record (for KTO) has ``completion`` and ``label`` (true: desirable) instead of
+  ``chosen`` and ``rejected``.
 - ``seed``: ``{"image_path", "prompt", "chosen", "rejected"}`` where ``prompt`` is tagged text,
   ``"<|user|>\\nCount the vehicles. <image>\\n<|assistant|>\\n"``. Role tags and ``<image>`` are
   parsed into chat messages (the model's own template is applied later); untagged text is one
   user turn. ``image_path`` is a path or a list of paths.
 - ``trl``: TRL's conversational vision preference format: ``images``, ``prompt`` a message list,
-  ``chosen`` / ``rejected`` one-message lists ``[{"role": "assistant", "content": [...]}]``.
+  ``chosen`` / ``rejected`` one-message lists ``[{"role": "assistant", "content": [...]}]``; or
+  TRL's unpaired preference format (KTO): ``prompt``, ``completion`` (one assistant message) and
+  ``label`` (true: desirable), in which ``prompt`` and ``completion`` may also be plain text (TRL's
+  standard form; ``<image>`` in the prompt text marks an image).
 - ``llamafactory``: LLaMA-Factory's ShareGPT ranking format: ``conversations``
   (``{"from": "human", "value": "<image>..."}``), ``chosen`` / ``rejected`` ``{"from": "gpt",
   "value": ...}``, ``images``, optional ``system``.
@@ -17,7 +22,8 @@ Formats (names as given to ``--from`` / ``--to``):
 - ``hf``: a ``datasets`` folder (``save_to_disk``) or a ``.parquet`` file with the canonical
   columns; ``prompt`` and ``metadata`` are JSON strings.
 
-What each format keeps. ``vlmrl``, ``trl`` and ``hf`` keep a record exactly. Where the target
+What each format keeps. ``vlmrl``, ``trl`` and ``hf`` keep a record exactly. Only ``vlmrl`` and
+``trl`` hold unpaired records; the writers of the others refuse them. Where the target
 format has no place for them, ``id`` and ``metadata`` travel as extra keys (``"id"``,
 ``"metadata"``), so every round trip keeps them (LLaMA-Factory and ms-swift ignore extra keys).
 The text formats (seed, llamafactory, swift) write ``<image>`` tags into text, so they cannot keep
@@ -42,16 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmrl.data.records import Message, PreferenceRecord
+from vlmrl.data.records import Message, PreferenceRecord, unpaired
 from vlmrl.data.text_files import BadText, decode_utf8, parse_json, read_text, require_file, require_path
 from vlmrl.errors import VlmrlError
 
 log = logging.getLogger(__name__)
 
 FORMATS: dict[str, str] = {
-    "vlmrl": "id, images, prompt (messages), chosen, rejected, metadata",
+    "vlmrl": "id, images, prompt (messages), chosen, rejected (or completion, label), metadata",
     "seed": "image_path, prompt (tagged text), chosen, rejected",
-    "trl": "images, prompt, chosen, rejected (message lists)",
+    "trl": "images, prompt, chosen, rejected (message lists), or prompt, completion, label (unpaired)",
     "llamafactory": "conversations, chosen, rejected ({from, value}), images",
     "swift": "messages (last turn = chosen), rejected_response, images",
     "hf": "a datasets folder or .parquet file with id, images, prompt, chosen, rejected, metadata",
@@ -107,6 +113,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def _format_of_row(row: dict[str, Any]) -> str | None:
+    if "label" in row and "completion" in row:  # unpaired (KTO): ours has messages and a text answer
+        return "vlmrl" if isinstance(row.get("prompt"), list) and isinstance(row["completion"], str) else "trl"
     if "conversations" in row:
         return "llamafactory"
     if "messages" in row or "rejected_response" in row:
@@ -114,7 +122,8 @@ def _format_of_row(row: dict[str, Any]) -> str | None:
     if "image_path" in row or isinstance(row.get("prompt"), str):
         return "seed"
     if isinstance(row.get("prompt"), list):
-        return "trl" if isinstance(row.get("chosen"), list) or "image" in row else "vlmrl"
+        lists = isinstance(row.get("chosen"), list) or isinstance(row.get("completion"), list)
+        return "trl" if lists or "image" in row else "vlmrl"
     return None
 
 
@@ -241,7 +250,8 @@ def _hf_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
 
 
 def _parse_vlmrl(row: dict, base: str, default_id: str) -> PreferenceRecord:
-    _require(row, ("id", "images", "prompt", "chosen", "rejected"), "vlmrl")
+    answers = ("completion", "label") if "label" in row else ("chosen", "rejected")
+    _require(row, ("id", "images", "prompt", *answers), "vlmrl")
     prompt = row["prompt"]
     if isinstance(prompt, str):  # hf stores the messages as a JSON string
         try:
@@ -254,9 +264,10 @@ def _parse_vlmrl(row: dict, base: str, default_id: str) -> PreferenceRecord:
             metadata = parse_json(metadata)
         except BadText as e:
             raise _RecordProblem("bad-value", f"'metadata' is not a JSON object ({e})") from None
-    return _record(_id(row, default_id), _images(row["images"], base),
-                   _messages(prompt, tags=False), _text(row, "chosen"), _text(row, "rejected"),
-                   metadata)
+    record_id, images, messages = _id(row, default_id), _images(row["images"], base), _messages(prompt, tags=False)
+    if "label" in row:
+        return _unpaired_record(record_id, images, messages, _text(row, "completion"), row, metadata)
+    return _record(record_id, images, messages, _text(row, "chosen"), _text(row, "rejected"), metadata)
 
 
 def _parse_seed(row: dict, base: str, default_id: str) -> PreferenceRecord:
@@ -268,9 +279,15 @@ def _parse_seed(row: dict, base: str, default_id: str) -> PreferenceRecord:
 
 
 def _parse_trl(row: dict, base: str, default_id: str) -> PreferenceRecord:
-    _require(row, ("prompt", "chosen", "rejected"), "trl")
+    _require(row, ("prompt", "completion", "label") if "label" in row else ("prompt", "chosen", "rejected"), "trl")
     images = _images(row.get("images", row.get("image")), base)
-    prompt = _place_images(_messages(row["prompt"], tags=False), len(images))
+    if "label" in row and isinstance(row["prompt"], str):  # TRL's standard (text) unpaired form
+        prompt = _place_images(parse_tagged_prompt(row["prompt"]), len(images))
+    else:
+        prompt = _place_images(_messages(row["prompt"], tags=False), len(images))
+    if "label" in row:
+        return _unpaired_record(_id(row, default_id), images, prompt, _answer(row, "completion"), row,
+                                row.get("metadata"))
     return _record(_id(row, default_id), images, prompt, _answer(row, "chosen"),
                    _answer(row, "rejected"), row.get("metadata"))
 
@@ -437,6 +454,17 @@ def _sharegpt_answer(row: dict, key: str) -> str:
     if isinstance(value, str):
         return value
     raise _RecordProblem("bad-value", f"'{key}' must be {{\"from\": \"gpt\", \"value\": ...}}")
+
+
+def _unpaired_record(id_: str, images: list[str], prompt: list[Message], completion: str, row: dict,
+                     metadata: Any) -> PreferenceRecord:
+    """A record with one answer; ``row["label"]`` must be a JSON boolean (true: desirable)."""
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise _RecordProblem("bad-value", f"'label' must be true (a desirable answer) or false (an undesirable "
+                             f"one), got {label!r}")
+    checked = _record(id_, images, prompt, "", "", metadata)
+    return unpaired(checked.id, images, prompt, completion, label, checked.metadata)
 
 
 def _record(id_: Any, images: list[str], prompt: list[Message], chosen: str, rejected: str,

@@ -8,10 +8,19 @@ own chat template is applied later (never literal role tags)::
 Each ``{"type": "image"}`` slot is filled, in order, by ``images``. ``chosen`` and ``rejected``
 are the assistant's answer texts. ``metadata`` carries what the task knows about the record,
 for counting: ``{"counts": {"car": 2, "bus": 0, ...}, "source_image": "...", "split": "train"}``.
+
+An unpaired record (KTO's data: one answer, marked desirable or undesirable) is the same class
+with ``label`` set: ``True`` puts the answer in ``chosen`` and leaves ``rejected`` empty, ``False``
+the reverse, so ``chosen`` is always a desirable answer and ``rejected`` an undesirable one. A pair
+has ``label=None`` and reads, writes and hashes exactly as before; an unpaired record is written
+``{"id", "images", "prompt", "completion", "label", "metadata"}``, the keys of TRL's unpaired
+preference format. ``unpair`` splits a pair into its two unpaired records, as TRL's
+``unpair_preference_dataset`` does.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -28,6 +37,16 @@ class PreferenceRecord:
     chosen: str
     rejected: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    label: bool | None = None  # None: a pair; True / False: one desirable / undesirable answer
+
+    @property
+    def is_unpaired(self) -> bool:
+        return self.label is not None
+
+    @property
+    def answer(self) -> str:
+        """An unpaired record's one answer (``chosen`` when desirable, else ``rejected``)."""
+        return self.chosen if self.label else self.rejected
 
     def image_slots(self) -> int:
         """Number of ``{"type": "image"}`` parts in the prompt."""
@@ -50,11 +69,17 @@ class PreferenceRecord:
         return " ".join(p.strip() for p in pieces if p.strip())
 
     def content_key(self) -> str:
-        """Identity of the pair's content: (images, prompt, chosen, rejected)."""
-        blob = json.dumps([self.images, self.prompt, self.chosen, self.rejected], sort_keys=True)
+        """Identity of the content: (images, prompt, chosen, rejected), and the label of an unpaired record."""
+        content = [self.images, self.prompt, self.chosen, self.rejected]
+        if self.is_unpaired:
+            content.append(self.label)
+        blob = json.dumps(content, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
+        if self.is_unpaired:
+            return {"id": self.id, "images": list(self.images), "prompt": self.prompt,
+                    "completion": self.answer, "label": self.label, "metadata": self.metadata}
         return {
             "id": self.id,
             "images": list(self.images),
@@ -66,6 +91,9 @@ class PreferenceRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreferenceRecord:
+        if "label" in d:
+            return unpaired(str(d["id"]), list(d["images"]), list(d["prompt"]), d["completion"],
+                            bool(d["label"]), dict(d.get("metadata") or {}))
         return cls(
             id=str(d["id"]),
             images=list(d["images"]),
@@ -74,6 +102,27 @@ class PreferenceRecord:
             rejected=d["rejected"],
             metadata=dict(d.get("metadata") or {}),
         )
+
+
+def unpaired(id_: str, images: list[str], prompt: list[Message], completion: str, label: bool,
+             metadata: dict[str, Any] | None = None) -> PreferenceRecord:
+    """A record with one answer, desirable when ``label`` (it goes in ``chosen``), else in ``rejected``."""
+    chosen, rejected = (completion, "") if label else ("", completion)
+    return PreferenceRecord(id_, images, prompt, chosen, rejected, dict(metadata or {}), label)
+
+
+def unpair(record: PreferenceRecord) -> list[PreferenceRecord]:
+    """A pair as two unpaired records, ids ``ID-desirable`` (chosen) and ``ID-undesirable`` (rejected),
+    each with its own copy of the metadata; an unpaired record is returned as it is.
+
+    >>> [(r.id, r.answer, r.label) for r in unpair(PreferenceRecord("p1", [], user_prompt("2+2?", 0), "4", "5"))]
+    [('p1-desirable', '4', True), ('p1-undesirable', '5', False)]
+    """
+    if record.is_unpaired:
+        return [record]
+    return [unpaired(f"{record.id}-{kind}", list(record.images), copy.deepcopy(record.prompt), answer, label,
+                     copy.deepcopy(record.metadata))
+            for kind, answer, label in (("desirable", record.chosen, True), ("undesirable", record.rejected, False))]
 
 
 def user_prompt(text: str, n_images: int = 1) -> list[Message]:

@@ -2,6 +2,8 @@
 
 Only standard JSON is written: a record holding NaN or an infinite number (which Python's ``json``
 would write as the non-standard ``NaN`` / ``Infinity``) is refused with a message naming it.
+Unpaired records (one answer and a label, for KTO) are written by ``vlmrl`` and ``trl`` only: the
+other formats have no place for a label, so their writers refuse them with a message.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from vlmrl.data.formats import FORMATS, non_finite_key, parts_text
 from vlmrl.data.records import Message, PreferenceRecord
 from vlmrl.errors import VlmrlError
 
+UNPAIRED_FORMATS = ("vlmrl", "trl")  # the formats with a place for an unpaired record's label
+
 
 def write_records(records: Iterable[PreferenceRecord], path: str | Path, fmt: str) -> Path:
     """Write records in ``fmt``; JSON formats choose a ``.json`` array or ``.jsonl`` lines by suffix,
@@ -24,6 +28,8 @@ def write_records(records: Iterable[PreferenceRecord], path: str | Path, fmt: st
         raise VlmrlError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     base = os.path.dirname(os.path.abspath(path))
+    if fmt not in UNPAIRED_FORMATS:
+        records = (_paired(r, fmt) for r in records)
     if fmt == "hf":
         return _write_hf(records, path, base)
     rows = ((r.id, _WRITERS[fmt](r, [_relative(p, base) for p in r.images])) for r in records)
@@ -39,6 +45,13 @@ def write_records(records: Iterable[PreferenceRecord], path: str | Path, fmt: st
     else:
         raise VlmrlError(f"{path}: name the output .json (one array) or .jsonl (one record a line)")
     return path
+
+
+def _paired(record: PreferenceRecord, fmt: str) -> PreferenceRecord:
+    if record.is_unpaired:
+        raise VlmrlError(f"record {record.id} has one answer (unpaired), which format {fmt} cannot hold (it "
+                         f"holds pairs); write unpaired records as {' or '.join(UNPAIRED_FORMATS)}")
+    return record
 
 
 def _json(value, record_id: str, indent: int | None = None, name: str = "") -> str:
@@ -76,6 +89,9 @@ def _write_trl(r: PreferenceRecord, images: list[str]) -> dict:
     def answer(text: str) -> list[Message]:
         return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
+    if r.is_unpaired:  # TRL's unpaired preference format, as its KTOTrainer reads it
+        return {"id": r.id, "images": images, "prompt": r.prompt, "completion": answer(r.answer),
+                "label": r.label, "metadata": r.metadata}
     return {"id": r.id, "images": images, "prompt": r.prompt, "chosen": answer(r.chosen),
             "rejected": answer(r.rejected), "metadata": r.metadata}
 

@@ -54,6 +54,7 @@ from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
 from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.train.fast_step import FastPreferenceStep
 from vlmrl.train.grpo import GrpoStep
+from vlmrl.train.kto_step import KtoStep
 from vlmrl.train.steps import PreferenceStep, SftStep, needs_reference
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ class Trainer:
         from vlmrl.data.load import load_records
 
         data = self.config.data
-        self.train_records = load_records(data.train, data.format, skip_bad=data.skip_bad)
-        self.eval_records = load_records(data.eval, data.format, skip_bad=data.skip_bad) if data.eval else []
+        kto = self.config.train.algo == "kto"  # unpaired records accepted, pairs split in two
+        self.train_records = load_records(data.train, data.format, skip_bad=data.skip_bad, kto=kto)
+        self.eval_records = load_records(data.eval, data.format, skip_bad=data.skip_bad, kto=kto) if data.eval else []
         t = self.config.train
         per_epoch = batches_per_epoch(len(self.train_records), t.batch_size, self.world)
         steps_per_epoch = per_epoch // t.grad_accum
@@ -183,6 +185,8 @@ class Trainer:
         max_length = c.data.max_length
         if t.algo == "sft":
             return SftStep(self.model, self.processor, max_length)
+        if t.algo == "kto":
+            return KtoStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
         if t.algo == "grpo":
             return GrpoStep(self.model, self.processor, c.grpo, reference, unwrapped)
         if not t.fast_path and not c.data.cache_vision and not t.precompute_ref:

@@ -96,7 +96,9 @@ def loss_needs_reference(loss: LossConfig) -> bool:
 
 def needs_reference(config: Config) -> bool:
     """Whether a run of ``config`` needs a reference model: DPO with a loss that compares with one
-    (``loss_needs_reference``), or GRPO with a KL penalty (``grpo.beta > 0``); never SFT."""
+    (``loss_needs_reference``), KTO, or GRPO with a KL penalty (``grpo.beta > 0``); never SFT."""
+    if config.train.algo == "kto":
+        return True
     if config.train.algo == "dpo":
         return loss_needs_reference(config.loss)
     if config.train.algo == "grpo":
