@@ -316,7 +316,10 @@ def test_resume_after_two_steps_gives_the_identical_curve(tiny_model_dir, synth_
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for name in ra.keys() - {"pairs_per_s"}:
-            assert ra[name] == pytest.approx(rb[name], rel=1e-6, abs=1e-6, nan_ok=True), (ra["step"], name)
+            if ra[name] is None or rb[name] is None:  # a side with no answer in a micro-batch: no mean (JSON null)
+                assert ra[name] is rb[name] is None, (ra["step"], name)
+                continue
+            assert ra[name] == pytest.approx(rb[name], rel=1e-6, abs=1e-6), (ra["step"], name)
 
 
 @pytest.mark.parametrize("lora", [{}, {"enabled": False}], ids=["lora", "full-fine-tuning"])
