@@ -1,6 +1,6 @@
 """DPO step speed on CPU, side by side: TRL's DPOTrainer, our plain step, our fast step, the floor.
 
-    python benchmarks/dpo_speed.py                     # every config, best of 3
+    python benchmarks/dpo_speed.py                     # every config, best of 3 (small-448 alone ~25 min)
     python benchmarks/dpo_speed.py --configs small-448 # one config
     python benchmarks/dpo_speed.py --quick             # 1 warm-up + 2 measured steps, 1 run: a smoke test
 
