@@ -31,31 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from generate_speed import prepare  # the same model, weights and prompts as the generation benchmark
+
 FLOOR_TARGET = 1.3  # sampling within 1.3x of the decode-only floor (issue 14)
-
-
-def prepare(work: Path, family: str, size: str, n: int, device: str):
-    import torch
-
-    from vlmrl.data.formats import read_records
-    from vlmrl.data.records import user_prompt
-    from vlmrl.data.synth import synth_pairs_file
-    from vlmrl.models.load import load_model
-    from vlmrl.models.tiny import build_tiny, image_side
-
-    model_dir = build_tiny(family, work / "model", size=size, seed=0)
-    pairs = synth_pairs_file(work / "data", n_images=n, seed=0, image_size=image_side(family, size))
-    records = read_records(pairs)[:n]
-    model, processor = load_model(model_dir)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.1 if "visual" in name else 0.3)
-    model.to(device).eval()
-    prompts = ["Count the vehicles.", "Please count the number of vehicles you see in the image."]
-    items = [(r.images, user_prompt(prompts[i % 2])) for i, r in enumerate(records)]
-    return model, processor, items
 
 
 class WorkCounter:
@@ -189,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model, processor, items = prepare(Path(tmp), args.family, args.size, args.prompts, args.device)
+        model.eval()
         pad = processor.tokenizer.pad_token_id
         run_sampler(model, processor, items[:2], 2, 2)  # warm-up: first-call costs out of the timing
         run_generate(model, processor, items[:2], 2, 2)
