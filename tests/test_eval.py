@@ -12,7 +12,7 @@ from vlmrl.data.formats import read_records
 from vlmrl.data.writers import write_records
 from vlmrl.errors import VlmrlError
 from vlmrl.eval import metrics as M
-from vlmrl.eval.run import base_sample, evaluate, load_for_eval, score_counts
+from vlmrl.eval.run import base_sample, evaluate, load_for_eval, score_tasks
 from vlmrl.tasks.counting import CountingTask
 
 
@@ -51,7 +51,7 @@ def test_counting_metrics_from_hand_answers(records):
     r0, r1 = records[0], records[1]
     answers = [r0.chosen, r1.rejected]
     samples = [base_sample(r, a) for r, a in zip(records[:2], answers)]
-    metrics = score_counts(records[:2], answers, samples, seed=0)
+    metrics = score_tasks(records[:2], answers, samples, seed=0)
     task = CountingTask()
     wrong = task.score(task.parse(r1.rejected), r1.metadata["counts"])
     assert metrics["exact_match"]["value"] == pytest.approx(0.5)
