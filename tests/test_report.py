@@ -357,10 +357,15 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
 
     assert main(argv) == 2  # the broken record stops it ...
     assert "--skip-bad" in capsys.readouterr().err
-    assert main(argv + ["--skip-bad"]) == 0  # ... unless skipped, and then it says so
+    # ... unless skipped, and then it says so
+    assert main(argv + ["--skip-bad", "--blank-baseline", "--train-data", str(synth_pairs_file)]) == 0
     printed = capsys.readouterr()
     assert "skipped 1 of 9" in printed.err
     assert "lora vs base: exact match" in printed.out and "report.html" in printed.out
+    # Counting records are count-family records: the family table, both models beside both baselines.
+    table = printed.out[printed.out.index("accuracy by family"):].splitlines()
+    assert table[0].split()[4:] == ["base", "lora", "majority", "answer", "blank", "image"]
+    assert table[1].split()[:2] == ["all", "8"] and table[2].split()[:2] == ["count", "8"]
 
     html = (out / "report.html").read_text()
     base_metrics = json.loads((out / "base" / "metrics.json").read_text())
