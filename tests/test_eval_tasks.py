@@ -231,24 +231,31 @@ def test_eval_cli_baseline_flags_need_data(tmp_path, capsys):
     assert "--train-data and --blank-baseline go with --data" in capsys.readouterr().err
 
 
-def test_report_has_family_tables_with_paired_deltas_and_a_family_filter(tmp_path):
-    import re
-
+def mixed_eval_dirs(root: Path) -> list:
+    """Evaluation folders of a base and a tuned model on :func:`mixed_records`; the tuned model
+    gets r1 (arithmetic) and r4 (grounding) right as well."""
     from vlmrl.eval.run import write_results
-    from vlmrl.report.html import write_report
     from vlmrl.report.inputs import RunResult
 
     records, answers = mixed_records()
     tuned_answers = list(answers)
-    tuned_answers[1] = "3"  # arithmetic r1 now right
-    tuned_answers[4] = "[0, 0, 10, 10]"  # grounding r4 now right
+    tuned_answers[1] = "3"
+    tuned_answers[4] = "[0, 0, 10, 10]"
     runs = []
     for name, said in (("base", answers), ("tuned", tuned_answers)):
         samples = [base_sample(r, a) for r, a in zip(records, said)]
         metrics = score_tasks(records, said, samples, seed=0)
         metrics.update(score_baselines(None, None, records, samples, None, False, 4, 8, seed=0))
-        runs.append(RunResult(name, write_results(tmp_path / name, metrics, samples)))
-    html = write_report(tmp_path / "out", runs).read_text()
+        runs.append(RunResult(name, write_results(root / name, metrics, samples)))
+    return runs
+
+
+def test_report_has_family_tables_with_paired_deltas_and_a_family_filter(tmp_path):
+    import re
+
+    from vlmrl.report.html import write_report
+
+    html = write_report(tmp_path / "out", mixed_eval_dirs(tmp_path)).read_text()
     deltas = json.loads((tmp_path / "out" / "comparison.json").read_text())["models"]["tuned"]["deltas"]
     # Paired over the two grounding records: (0 + 1) / 2; arithmetic over its three: 1 / 3.
     assert deltas["family/grounding/accuracy"]["delta"] == pytest.approx(1 / 2)
@@ -261,6 +268,13 @@ def test_report_has_family_tables_with_paired_deltas_and_a_family_filter(tmp_pat
     assert set(rows) == {"all", "spatial", "arithmetic", "compare", "grounding", "count", "attribute"}
     assert "50.0%" in rows["grounding"] and "100.0%" in rows["grounding"] and "+50.0" in rows["grounding"]
     assert 'data-group="hops"' in html and 'data-group="axis"' in html
+    assert "(from the evaluated data itself: optimistic)" in section
+    # On mixed data the headline is task accuracy (the exact match covers the one counting record).
+    assert "tuned vs base: task accuracy +20.0 points" in html
+    # The metrics table leaves the tables' rows to them, and keeps the rest.
+    metric_rows = set(re.findall(r'<tr data-metric="([^"]+)"', html))
+    assert {"task/accuracy", "family/grounding/iou", "exact_match", "task/format_rate"} <= metric_rows
+    assert not any(m.startswith("baseline/") or m == "family/spatial/accuracy" for m in metric_rows)
     cards = dict(re.findall(r'data-id="([^"]+)" data-family="([^"]+)"', html))
     assert cards["r3"] == "grounding" and cards["r5"] == "count" and len(cards) == 10
     options = re.search(r'<select id="family">(.*?)</select>', html)[1]

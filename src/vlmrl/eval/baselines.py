@@ -26,8 +26,8 @@ from vlmrl.eval.tasks import gold_text, question_type
 from vlmrl.tasks.core import render_completion, task_meta
 
 GREY = (128, 128, 128)
-# The metrics each baseline reports (its per-family, per-hop and per-axis accuracies included).
-BASELINE_PREFIXES = ("task/accuracy", "family/", "hops/", "axis/")
+GROUPS = ("family", "hops", "axis")
+MAJORITY_NOTES = {True: "from the training file", False: "from the evaluated data itself: optimistic"}
 
 
 def majority_answers(records: Sequence[PreferenceRecord]) -> dict[str, str]:
@@ -71,6 +71,16 @@ def blank_items(records: Sequence[PreferenceRecord]) -> list[tuple[list[Any], li
     return items
 
 
-def baseline_metrics(name: str, summary: dict[str, dict]) -> dict[str, dict]:
-    """A baseline's accuracies renamed ``baseline/<name>/<metric>``."""
-    return {f"baseline/{name}/{k}": v for k, v in summary.items() if k.startswith(BASELINE_PREFIXES)}
+def baseline_metrics(name: str, summary: dict[str, Any], note: str | None = None) -> dict[str, Any]:
+    """A baseline's accuracies (overall, per family, hop count and axis) renamed
+    ``baseline/<name>/<metric>``; ``note`` (where its answers come from) goes in every entry."""
+    out = {f"baseline/{name}/{k}": v for k, v in summary.items() if is_accuracy(k)}
+    if note:
+        out = {k: {**v, "note": note} for k, v in out.items()}
+    return out
+
+
+def is_accuracy(metric: str) -> bool:
+    """``task/accuracy`` or the accuracy of one family, hop count or OOD axis."""
+    parts = metric.split("/")
+    return metric == "task/accuracy" or (len(parts) == 3 and parts[0] in GROUPS and parts[2] == "accuracy")

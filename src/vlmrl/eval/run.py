@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
-from vlmrl.eval.baselines import baseline_metrics, blank_items, majority_answers, majority_completion
+from vlmrl.eval.baselines import MAJORITY_NOTES, baseline_metrics, blank_items, majority_answers, majority_completion
 from vlmrl.eval.metrics import summarise, text_metrics, with_ci
 from vlmrl.eval.tasks import has_task, task_values
 
@@ -198,7 +198,8 @@ def score_baselines(model, processor, records, samples, train_records, blank: bo
         log.warning("majority baseline from the evaluated records themselves (no --train-data): optimistic")
     majority = majority_answers(train_records if train_records is not None else records)
     guesses = [majority_completion(r, majority) for r in records]
-    metrics = baseline_metrics("majority", _summary(records, guesses, samples, "majority", seed))
+    metrics = baseline_metrics("majority", _summary(records, guesses, samples, "majority", seed),
+                               MAJORITY_NOTES[train_records is not None])
     if blank:
         blind, _ = answer_all(model, processor, blank_items(records), max_new_tokens, batch_size)
         metrics.update(baseline_metrics("blank", _summary(records, blind, samples, "blank", seed)))

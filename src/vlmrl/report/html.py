@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from vlmrl.errors import VlmrlError
+from vlmrl.eval.baselines import is_accuracy
 from vlmrl.eval.breakdown import BASELINES, GROUPS, group_keys
 from vlmrl.report import gallery, plots
 from vlmrl.report.assets import CSS, JS
@@ -148,7 +149,10 @@ def summary_html(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> 
 
 
 def _headline(rows: list[MetricDelta]) -> MetricDelta:
-    return next((r for m in HEADLINE_METRICS for r in rows if r.metric == m), rows[0])
+    """The first of :data:`HEADLINE_METRICS` paired over the most records (on mixed task data,
+    task accuracy rather than the counting records' exact match)."""
+    ranked = [(-r.n, HEADLINE_METRICS.index(r.metric), i) for i, r in enumerate(rows) if r.metric in HEADLINE_METRICS]
+    return rows[min(ranked)[2]] if ranked else rows[0]
 
 
 def _summary_text(result: EvalResult, results: list[EvalResult], rows: list[MetricDelta]) -> str:
@@ -198,7 +202,7 @@ def group_tables(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> 
         if len(keys) < 2 and group != "family":
             continue
         table = _group_table(group, ["task/accuracy", *keys], results, deltas)
-        sections.append(f'<section class="groups" data-group="{group}"><h2>{escape(title.capitalize())}</h2>'
+        sections.append(f'<section class="groups" data-group="{group}"><h2>{escape(title[0].upper() + title[1:])}</h2>'
                         f"{table}</section>")
     return "\n".join(sections)
 
@@ -209,8 +213,7 @@ def _group_table(group: str, keys: list[str], results: list[EvalResult], deltas:
     head = [f"<th>{escape(group)}</th>", "<th>n</th>", f"<th>{escape(base.name)}</th>"]
     for r in results[1:]:
         head += [f"<th>{escape(r.name)}</th>", f"<th>&Delta; vs {escape(base.name)}</th>"]
-    head += [f"<th>{escape(label)} ({escape(base.name)})</th>" if key == "blank" else f"<th>{escape(label)}</th>"
-             for key, label in baselines]
+    head += [f"<th>{escape(label)}{_baseline_note(base, key)}</th>" for key, label in baselines]
     body = []
     for metric in keys:
         name = "all" if metric == "task/accuracy" else metric.split("/")[1]
@@ -226,16 +229,23 @@ def _group_table(group: str, keys: list[str], results: list[EvalResult], deltas:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
+def _baseline_note(base: EvalResult, key: str) -> str:
+    """Where a baseline's answers come from: the majority's source, the base model for blank images."""
+    note = base.metrics[f"baseline/{key}/task/accuracy"].get("note") if key == "majority" else base.name
+    return f' <span class="muted">({escape(note)})</span>' if note else ""
+
+
 def _entry_cell(entry: dict | None) -> str:
     return f"<td>{_value_cell(entry, True) if entry else '&ndash;'}</td>"
 
 
 def _metric_order(results: list[EvalResult]) -> list[str]:
-    """Every metric any model reports: the base's in its order, then the others' new ones."""
+    """Every metric any model reports, the base's in its order, then the others' new ones; less
+    those the accuracy tables show (a group's accuracy, the baselines)."""
     seen: dict[str, None] = {}
     for r in results:
         seen.update(dict.fromkeys(r.metrics))
-    return list(seen)
+    return [m for m in seen if m == "task/accuracy" or not (is_accuracy(m) or m.startswith("baseline/"))]
 
 
 def _value_cell(entry: dict, rate: bool) -> str:
@@ -344,11 +354,11 @@ _TEMPLATE = """<!DOCTYPE html>
 <p class="muted">{n} records. Brackets are 95% confidence intervals; deltas use a paired bootstrap
 over records, and are marked significant when their interval excludes 0.</p>
 </header>
+{groups}
 <section>
 <h2>Metrics</h2>
 {table}
 </section>
-{groups}
 <section>
 <h2>Plots</h2>
 <div class="plots">

@@ -107,6 +107,8 @@ def read_metrics(path: Path) -> dict[str, dict[str, float]]:
             "ci_high": _float_or_nan(entry.get("ci_high")),
             "n": entry.get("n"),
         }
+        if isinstance(entry.get("note"), str):  # a baseline says where its answers come from
+            metrics[name]["note"] = entry["note"]
     return metrics
 
 
