@@ -5,7 +5,8 @@
 Each model is evaluated into ``out/<name>/`` (``metrics.json``, ``samples.jsonl``) by
 ``vlmrl.eval.run.evaluate``, one at a time so that only one model is in memory; then
 ``out/report.html`` and ``out/comparison.json`` compare every tuned model with the base (the
-first). A tuned run is a training run folder (its ``final/`` adapter goes on the base), an
+first), and ``Comparison.tables`` holds the accuracy tables by family / hops / OOD axis with the
+baselines (:mod:`vlmrl.eval.breakdown`). A tuned run is a training run folder (its ``final/`` adapter goes on the base), an
 adapter folder, or a merged export. Names and runs are checked before any model is loaded.
 ``vlmrl compare`` parses its flags and calls ``compare_models``.
 """

@@ -195,7 +195,7 @@ def score_baselines(model, processor, records, samples, train_records, blank: bo
     if not any(s.get("values") for s in samples):
         return {}
     if train_records is None:
-        log.warning("majority baseline from the evaluated records themselves (no --train-data): optimistic")
+        log.info("majority baseline from the evaluated records themselves (no --train-data): optimistic")
     majority = majority_answers(train_records if train_records is not None else records)
     guesses = [majority_completion(r, majority) for r in records]
     metrics = baseline_metrics("majority", _summary(records, guesses, samples, "majority", seed),
@@ -207,11 +207,12 @@ def score_baselines(model, processor, records, samples, train_records, blank: bo
 
 
 def _summary(records, answers, samples, name: str, seed: int) -> dict[str, dict]:
+    """A baseline's answers scored like the model's; each sample keeps ``<name>_answer`` and its values."""
     rows = task_rows(records, answers)
     for sample, row, answer in zip(samples, rows, answers):
         if row is not None:
             sample[f"{name}_answer"] = answer
-            sample["values"].update(baseline_metrics(name, {k: v for k, v in row[0].items()}))
+            sample["values"].update(baseline_metrics(name, row[0]))
     return summarise([row[0] for row in rows if row is not None], seed=seed)
 
 
