@@ -283,3 +283,23 @@ def test_report_has_family_tables_with_paired_deltas_and_a_family_filter(tmp_pat
     assert 'getAttribute("data-family")' in html
     # Right / wrong comes from the task for every family: r4 was wrong and is now right.
     assert re.search(r'data-vs-1="improved" data-id="r4"', html)
+
+
+def test_eval_cli_refuses_a_task_record_it_cannot_score_before_loading_a_model(tmp_path, capsys):
+    from PIL import Image
+
+    from vlmrl.cli import main
+    from vlmrl.data.writers import write_records
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    good = task_record("good", "spatial", "integer", 2, 3)
+    bad = task_record("bad", "spatial", "integer", 2, 3)
+    del bad.metadata["task"]["kind"]
+    for record in (good, bad):
+        record.images = [str(tmp_path / "a.png")]
+    data = write_records([good, bad], tmp_path / "data.jsonl", "vlmrl")
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {data}: record bad: its metadata.task cannot be scored (missing 'kind'); a task record needs " \
+           "family, kind and answer as `vlmrl data tasks` writes them: rebuild the file or fix the record" in err

@@ -156,6 +156,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if records is not None and not records:
         raise VlmrlError(f"{args.data}: no records to evaluate")
     train_records = _read_train(args) if args.train_data else None
+    if records is not None:
+        from vlmrl.eval.tasks import check_task_records
+
+        check_task_records(records, args.data)
+        check_task_records(train_records or [], args.train_data)
     model, processor = _load(args)
     if args.mme:
         from vlmrl.eval.suite_run import evaluate_mme

@@ -55,6 +55,7 @@ def compare_models(base: str, tuned: list[str], data: str | Path, out: str | Pat
     images too (every model; the tables show the base's).
     """
     from vlmrl.eval.breakdown import breakdown_tables
+    from vlmrl.eval.tasks import check_task_records
     from vlmrl.data.load import load_records
     from vlmrl.report.html import write_report
 
@@ -66,6 +67,8 @@ def compare_models(base: str, tuned: list[str], data: str | Path, out: str | Pat
     train_records = load_records(train_data, skip_bad=skip_bad, check_images=False) if train_data else None
     if train_data and not train_records:
         raise VlmrlError(f"--train-data {train_data}: no records; the majority baseline needs the training answers")
+    check_task_records(records, str(data))
+    check_task_records(train_records or [], str(train_data))
     out = Path(out)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype, "seed": seed,
                 "loader": loader, "trust_remote_code": trust_remote_code, "train_records": train_records,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+from vlmrl.errors import VlmrlError
 from vlmrl.tasks import answers
 from vlmrl.tasks.core import answer_block, format_ok, task_meta, task_of
 
@@ -108,6 +109,17 @@ def task_values(metadata: Mapping[str, Any], completion: str, n_tokens: int | No
     (matched IoU, never exactly 1 for a good answer); a counting record keeps today's lenient
     exact match.
     """
+    try:
+        return _task_values(metadata, completion, n_tokens, truncated)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        reason = f"missing {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise VlmrlError(
+            f"its metadata.task cannot be scored ({reason}); a task record needs family, kind and "
+            "answer as `vlmrl data tasks` writes them: rebuild the file or fix the record"
+        ) from None
+
+
+def _task_values(metadata, completion, n_tokens, truncated):
     task, meta = task_of(metadata), task_meta(metadata)
     family, hops, axis = str(meta.get("family", "?")), meta.get("hops", 1), axis_of(metadata)
     per_answer = dict(task.metrics(completion, meta))
@@ -137,6 +149,17 @@ def task_values(metadata: Mapping[str, Any], completion: str, n_tokens: int | No
            "task_accuracy": accuracy, "correct": accuracy >= (0.5 if meta.get("kind") == "boxes" else 1.0),
            "gold_text": gold_text(meta)}
     return values, {**own, **fields}
+
+
+def check_task_records(records, source: str) -> None:
+    """Fail early, naming the file and record, when a record that names a task cannot be scored
+    (an unknown family, a ``metadata.task`` without kind or answer): its gold answer is scored."""
+    for record in records:
+        if has_task(record.metadata):
+            try:
+                task_values(record.metadata, record.chosen)
+            except VlmrlError as e:
+                raise VlmrlError(f"{source}: record {record.id}: {e}") from None
 
 
 def has_task(metadata: Mapping[str, Any]) -> bool:
