@@ -364,7 +364,8 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
     assert "lora vs base: exact match" in printed.out and "report.html" in printed.out
     # Counting records are count-family records: the family table, both models beside both baselines.
     table = printed.out[printed.out.index("accuracy by family"):].splitlines()
-    assert table[0].split()[4:] == ["base", "lora", "majority", "answer", "blank", "image"]
+    assert table[0].split()[4:] == ["base", "lora", "majority", "answer", "blank", "image", "(base)",
+                                    "blank", "image", "(lora)"]  # each model shown grey images
     assert table[1].split()[:2] == ["all", "8"] and table[2].split()[:2] == ["count", "8"]
 
     html = (out / "report.html").read_text()
@@ -376,6 +377,8 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
                  if m.startswith(("baseline/", "family/count/accuracy", "hops/1/accuracy", "axis/iid/accuracy"))}
     assert set(rows) == (set(base_metrics) | set(tuned_metrics)) - in_tables  # those are in the tables
     assert set(re.findall(r'<tr data-family="([^"]+)"', html)) == {"all", "count"}
+    assert "<th>blank image (base)</th>" in html and "<th>blank image (lora)</th>" in html
+    assert "majority answer <span class=\"muted\">(from the training file)</span>" in html
     assert "lora vs base: exact match" in html  # counting data: the headline is today's
     assert len(re.findall(r'<article class="card"', html)) == 8
     assert len(re.findall(r'<img src="data:image/jpeg;base64,', html)) == 8

@@ -4,9 +4,9 @@
 
 ``metrics`` is what :func:`vlmrl.eval.run.evaluate` returns (or ``metrics.json``). Each table has
 one row per group (``all``, then every ``family/<f>``, ``hops/<n>`` or ``axis/<a>`` found),
-one column per model, then the baselines of the first model's metrics: the majority answer and,
-when it was run, the blank image (:mod:`vlmrl.eval.baselines`). Cells are accuracy in % with
-the 95% bootstrap CI.
+one column per model, then the baselines (:mod:`vlmrl.eval.baselines`): the majority answer
+(the same for every model: the first's) and, where it was run, each model's blank-image
+accuracy. Cells are accuracy in % with the 95% bootstrap CI.
 """
 
 from __future__ import annotations
@@ -15,7 +15,19 @@ import math
 from typing import Mapping, Sequence
 
 GROUPS = (("family", "accuracy by family"), ("hops", "accuracy by hop count"), ("axis", "accuracy by OOD axis"))
-BASELINES = (("majority", "majority answer"), ("blank", "blank image"))
+
+
+def baseline_columns(columns: Sequence[tuple[str, Mapping[str, dict]]]) -> list[tuple[str, Mapping[str, dict], str]]:
+    """``(label, metrics, key prefix)`` of each baseline column: the majority answer (the first
+    model's), then the blank image of every model that ran it (named when there are several)."""
+    first = columns[0][1]
+    cols = []
+    if "baseline/majority/task/accuracy" in first:
+        cols.append(("majority answer", first, "baseline/majority/"))
+    for name, metrics in columns:
+        if "baseline/blank/task/accuracy" in metrics:
+            cols.append(("blank image" if len(columns) == 1 else f"blank image ({name})", metrics, "baseline/blank/"))
+    return cols
 
 
 def group_keys(metrics: Mapping[str, dict], group: str) -> list[str]:
@@ -32,8 +44,7 @@ def breakdown_tables(columns: Sequence[tuple[str, Mapping[str, dict]]]) -> str:
     first = columns[0][1]
     if "task/accuracy" not in first:
         return ""
-    cols = [(name, m, "") for name, m in columns]
-    cols += [(label, first, f"baseline/{key}/") for key, label in BASELINES if f"baseline/{key}/task/accuracy" in first]
+    cols = [(name, m, "") for name, m in columns] + baseline_columns(columns)
     tables = []
     for group, title in GROUPS:
         keys = group_keys(first, group)

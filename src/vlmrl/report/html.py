@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vlmrl.errors import VlmrlError
 from vlmrl.eval.baselines import is_accuracy
-from vlmrl.eval.breakdown import BASELINES, GROUPS, group_keys
+from vlmrl.eval.breakdown import GROUPS, baseline_columns, group_keys
 from vlmrl.report import gallery, plots
 from vlmrl.report.assets import CSS, JS
 from vlmrl.report.deltas import NO_DIRECTION, MetricDelta, lower_is_better, metric_deltas
@@ -209,11 +209,11 @@ def group_tables(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> 
 
 def _group_table(group: str, keys: list[str], results: list[EvalResult], deltas: list[list[MetricDelta]]) -> str:
     base = results[0]
-    baselines = [(key, label) for key, label in BASELINES if f"baseline/{key}/task/accuracy" in base.metrics]
+    baselines = baseline_columns([(r.name, r.metrics) for r in results])
     head = [f"<th>{escape(group)}</th>", "<th>n</th>", f"<th>{escape(base.name)}</th>"]
     for r in results[1:]:
         head += [f"<th>{escape(r.name)}</th>", f"<th>&Delta; vs {escape(base.name)}</th>"]
-    head += [f"<th>{escape(label)}{_baseline_note(base, key)}</th>" for key, label in baselines]
+    head += [f"<th>{escape(label)}{_baseline_note(metrics, prefix)}</th>" for label, metrics, prefix in baselines]
     body = []
     for metric in keys:
         name = "all" if metric == "task/accuracy" else metric.split("/")[1]
@@ -223,15 +223,15 @@ def _group_table(group: str, keys: list[str], results: list[EvalResult], deltas:
         for r, rows in zip(results[1:], deltas):
             cells.append(_entry_cell(r.metrics.get(metric)))
             cells.append(_delta_cell(next((d for d in rows if d.metric == metric), None), True))
-        cells += [_entry_cell(base.metrics.get(f"baseline/{key}/{metric}")) for key, _ in baselines]
+        cells += [_entry_cell(metrics.get(prefix + metric)) for _, metrics, prefix in baselines]
         body.append(f'<tr data-{group}="{escape(name)}">{"".join(cells)}</tr>')
     return (f'<div class="tablewrap"><table class="metrics"><thead><tr>{"".join(head)}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def _baseline_note(base: EvalResult, key: str) -> str:
-    """Where a baseline's answers come from: the majority's source, the base model for blank images."""
-    note = base.metrics[f"baseline/{key}/task/accuracy"].get("note") if key == "majority" else base.name
+def _baseline_note(metrics: dict, prefix: str) -> str:
+    """Where a baseline's answers come from, when it says (the majority's source)."""
+    note = metrics[prefix + "task/accuracy"].get("note")
     return f' <span class="muted">({escape(note)})</span>' if note else ""
 
 
