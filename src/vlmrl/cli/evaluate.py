@@ -63,7 +63,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     _model_options(ev)
     what = ev.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", help="preference records with counts in metadata (any format `vlmrl data` reads)")
+    what.add_argument("--data", help="preference records, any mix of task families (metadata.task) and counting "
+                           "records (metadata.counts); any format `vlmrl data` reads")
     what.add_argument("--mme", metavar="DIR", help="an MME folder (one folder per subtask)")
     what.add_argument("--llava-bench", metavar="DIR", help="a LLaVA-Bench folder (questions.jsonl, images/, answers)")
     ev.add_argument("--out", required=True, help="output folder for metrics.json and samples.jsonl")
