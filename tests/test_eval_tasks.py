@@ -303,3 +303,18 @@ def test_eval_cli_refuses_a_task_record_it_cannot_score_before_loading_a_model(t
     err = capsys.readouterr().err
     assert f"error: {data}: record bad: its metadata.task cannot be scored (missing 'kind'); a task record needs " \
            "family, kind and answer as `vlmrl data tasks` writes them: rebuild the file or fix the record" in err
+
+
+def test_eval_and_report_ask_the_task_and_import_no_counting_code():
+    import ast
+
+    import vlmrl
+
+    root = Path(vlmrl.__file__).parent
+    for path in [*(root / "eval").glob("*.py"), *(root / "report").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # "from vlmrl.tasks import counting" too
+                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.startswith("vlmrl.tasks.counting") or n == "vlmrl.rewards" for n in names), path
