@@ -12,7 +12,7 @@ from vlmrl.data.formats import read_records
 from vlmrl.data.writers import write_records
 from vlmrl.errors import VlmrlError
 from vlmrl.eval import metrics as M
-from vlmrl.eval.run import base_sample, evaluate, load_for_eval, score_counts
+from vlmrl.eval.run import base_sample, evaluate, load_for_eval, score_tasks
 from vlmrl.tasks.counting import CountingTask
 
 
@@ -51,7 +51,7 @@ def test_counting_metrics_from_hand_answers(records):
     r0, r1 = records[0], records[1]
     answers = [r0.chosen, r1.rejected]
     samples = [base_sample(r, a) for r, a in zip(records[:2], answers)]
-    metrics = score_counts(records[:2], answers, samples, seed=0)
+    metrics = score_tasks(records[:2], answers, samples, seed=0)
     task = CountingTask()
     wrong = task.score(task.parse(r1.rejected), r1.metadata["counts"])
     assert metrics["exact_match"]["value"] == pytest.approx(0.5)
@@ -188,3 +188,25 @@ def test_merged_export_answers_like_base_plus_adapter(tiny_model_dir, run_dir, r
         a = plain_pair_logps(adapted, encode_pairs(records[:3], processor, 1024))
         b = plain_pair_logps(merged, encode_pairs(records[:3], merged_processor, 1024))
     torch.testing.assert_close(a.chosen, b.chosen, atol=1e-3, rtol=1e-4)
+
+
+def test_counting_numbers_are_todays_on_every_record(synth_pairs_file):
+    """Regression: every counting key equals the plain CountingTask computation of before tasks."""
+    every = read_records(synth_pairs_file)
+    answers = [(r.chosen, r.rejected, "I see 2 cars.", "A lovely day.")[i % 4] for i, r in enumerate(every)]
+    samples = [base_sample(r, a) for r, a in zip(every, answers)]
+    metrics = score_tasks(every, answers, samples, seed=0)
+    task = CountingTask()
+    scores = [task.score(task.parse(a), r.metadata["counts"]) for r, a in zip(every, answers)]
+    assert metrics["exact_match"]["value"] == pytest.approx(sum(s.exact for s in scores) / len(every))
+    assert metrics["class_accuracy"]["value"] == pytest.approx(sum(s.class_accuracy for s in scores) / len(every))
+    assert metrics["parse_failure"]["value"] == pytest.approx(sum(s.parse_failure for s in scores) / len(every))
+    for cls in task.classes:
+        assert metrics[f"accuracy/{cls}"]["value"] == pytest.approx(sum(s.hits[cls] for s in scores) / len(every))
+        errors = [s.abs_errors[cls] for s in scores if s.abs_errors[cls] is not None]
+        assert metrics[f"abs_error/{cls}"]["value"] == pytest.approx(sum(errors) / len(errors))
+    totals = [s.total_error for s in scores if s.total_error is not None]
+    assert metrics["total_abs_error"]["value"] == pytest.approx(sum(totals) / len(totals))
+    assert [s["correct"] for s in samples] == [s.exact for s in scores]
+    # The strict task accuracy reads only a well-formed answer: the chosen sentences pay, the rest not.
+    assert metrics["family/count/accuracy"]["value"] == pytest.approx(sum(i % 4 == 0 for i in range(len(every))) / len(every))

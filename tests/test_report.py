@@ -357,17 +357,29 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
 
     assert main(argv) == 2  # the broken record stops it ...
     assert "--skip-bad" in capsys.readouterr().err
-    assert main(argv + ["--skip-bad"]) == 0  # ... unless skipped, and then it says so
+    # ... unless skipped, and then it says so
+    assert main(argv + ["--skip-bad", "--blank-baseline", "--train-data", str(synth_pairs_file)]) == 0
     printed = capsys.readouterr()
     assert "skipped 1 of 9" in printed.err
     assert "lora vs base: exact match" in printed.out and "report.html" in printed.out
+    # Counting records are count-family records: the family table, both models beside both baselines.
+    table = printed.out[printed.out.index("accuracy by family"):].splitlines()
+    assert table[0].split()[4:] == ["base", "lora", "majority", "answer", "blank", "image", "(base)",
+                                    "blank", "image", "(lora)"]  # each model shown grey images
+    assert table[1].split()[:2] == ["all", "8"] and table[2].split()[:2] == ["count", "8"]
 
     html = (out / "report.html").read_text()
     base_metrics = json.loads((out / "base" / "metrics.json").read_text())
     tuned_metrics = json.loads((out / "lora" / "metrics.json").read_text())
     assert "rewards/accuracies" in tuned_metrics  # the adapter switched off is its reference
     rows = re.findall(r'<tr data-metric="([^"]+)"', html)
-    assert set(rows) == set(base_metrics) | set(tuned_metrics)
+    in_tables = {m for m in set(base_metrics) | set(tuned_metrics)
+                 if m.startswith(("baseline/", "family/count/accuracy", "hops/1/accuracy", "axis/iid/accuracy"))}
+    assert set(rows) == (set(base_metrics) | set(tuned_metrics)) - in_tables  # those are in the tables
+    assert set(re.findall(r'<tr data-family="([^"]+)"', html)) == {"all", "count"}
+    assert "<th>blank image (base)</th>" in html and "<th>blank image (lora)</th>" in html
+    assert "majority answer <span class=\"muted\">(from the training file)</span>" in html
+    assert "lora vs base: exact match" in html  # counting data: the headline is today's
     assert len(re.findall(r'<article class="card"', html)) == 8
     assert len(re.findall(r'<img src="data:image/jpeg;base64,', html)) == 8
     assert "lora vs base: exact match" in html and "training loss" in html

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
+from test_eval_tasks import mixed_eval_dirs
 from test_report import EXPECTED, GOLD, build_fixture
 
 from vlmrl.report.html import write_report
@@ -72,3 +73,26 @@ def test_filters_show_exactly_the_expected_cards(page):
             assert page.inner_text("#shown") == f"showing {len(expected)} of {len(GOLD)}"
         page.click('button[data-filter="all"]')
         assert visible_ids(page) == everything
+
+
+def test_family_filter_combines_with_the_outcome_filter(tmp_path, chromium):
+    report = write_report(tmp_path / "out", mixed_eval_dirs(tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(**chromium)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(report.as_uri())
+        page.wait_for_load_state("load")
+        assert len(visible_ids(page)) == 10
+        page.select_option("#family", "grounding")
+        assert visible_ids(page) == {"r3", "r4"}
+        assert page.inner_text("#shown") == "showing 2 of 10"
+        assert page.inner_text('button[data-filter="improved"] .count') == "(1)"
+        page.click('button[data-filter="improved"]')
+        assert visible_ids(page) == {"r4"}
+        page.select_option("#family", "arithmetic")
+        assert visible_ids(page) == {"r1"}
+        page.select_option("#family", "all")
+        assert visible_ids(page) == {"r1", "r4"}
+        if os.environ.get("VLMRL_SCREENSHOT_DIR"):
+            page.screenshot(path=str(Path(os.environ["VLMRL_SCREENSHOT_DIR"]) / "report_families.png"), full_page=True)
+        browser.close()

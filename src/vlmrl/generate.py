@@ -68,6 +68,11 @@ def generate(
     """
     ids = generate_ids(model, processor, items, max_new_tokens, batch_size, do_sample, temperature,
                        top_p, seed, num_return_sequences)
+    return answer_texts(processor, ids)
+
+
+def answer_texts(processor, ids: Sequence[Sequence[int]]) -> list[str]:
+    """The text of each answer's new token ids, as :func:`generate` returns it."""
     return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 

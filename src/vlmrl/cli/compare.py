@@ -29,6 +29,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--names", help="comma-separated labels, base first (default: base, then each run's folder name)")
     p.add_argument("--max-gallery", type=int, default=200, metavar="N",
                    help="gallery cards at most; improved and regressed records are kept first (default 200)")
+    p.add_argument("--train-data", metavar="FILE",
+                   help="training file for the majority-answer baseline (default: --data itself, optimistic)")
+    p.add_argument("--blank-baseline", action="store_true",
+                   help="also answer every prompt with grey images of the same size (is the task visual?)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (and say which) instead of stopping")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -47,8 +51,11 @@ def run_compare(args: argparse.Namespace) -> int:
                             skip_bad=args.skip_bad, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed,
                             max_gallery=args.max_gallery, title=args.title,
-                            loader=args.loader, trust_remote_code=args.trust_remote_code)
+                            loader=args.loader, trust_remote_code=args.trust_remote_code,
+                            train_data=args.train_data, blank_baseline=args.blank_baseline)
     for line in result.summaries:
         print(line)
+    if result.tables:
+        print(result.tables)
     print(f"report: {result.report.resolve().as_uri()}")
     return 0

@@ -51,8 +51,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev = commands.add_parser(
         "eval", help="metrics with 95%% bootstrap CIs on preference data, MME or LLaVA-Bench",
         description=(
-            "Evaluate a model. --data: counting metrics (exact match, per-class accuracy and MAE, "
-            "total count, parse failures), preference metrics (log-prob accuracy; implicit reward "
+            "Evaluate a model. --data: each record scored by its task (accuracy per family, hop count "
+            "and OOD axis, format rate, answer length, truncation, think/answer consistency, grounding "
+            "IoU) beside a majority-answer and (--blank-baseline) a blank-image baseline; counting "
+            "metrics (exact match, per-class accuracy and MAE, total count, parse failures), preference metrics (log-prob accuracy; implicit reward "
             "accuracy and margin against the reference) and BLEU / ROUGE-L against the chosen "
             "answers. --mme: MME acc, acc+ and scores. --llava-bench: LLaVA-Bench relative scores "
             "from a judge."
@@ -61,12 +63,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     _model_options(ev)
     what = ev.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", help="preference records with counts in metadata (any format `vlmrl data` reads)")
+    what.add_argument("--data", help="preference records, any mix of task families (metadata.task) and counting "
+                           "records (metadata.counts); any format `vlmrl data` reads")
     what.add_argument("--mme", metavar="DIR", help="an MME folder (one folder per subtask)")
     what.add_argument("--llava-bench", metavar="DIR", help="a LLaVA-Bench folder (questions.jsonl, images/, answers)")
     ev.add_argument("--out", required=True, help="output folder for metrics.json and samples.jsonl")
     ev.add_argument("--format", dest="fmt", help="format of --data (default: detected)")
     ev.add_argument("--skip-bad", action="store_true", help="skip bad records (and say which) instead of stopping")
+    ev.add_argument("--train-data", metavar="FILE",
+                    help="with --data: the training file the majority-answer baseline is computed from "
+                         "(default: the evaluated data itself, which is optimistic)")
+    ev.add_argument("--blank-baseline", action="store_true",
+                    help="with --data: also answer every prompt with grey images of the same size "
+                         "(a task the model solves blind is not visual)")
     ev.add_argument("--reference", metavar="M", help="reference model for implicit rewards (default: the adapter switched off)")
     ev.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta*(log pi - log ref) (default 0.1)")
     ev.add_argument("--max-length", type=int, default=1024, help="longest prompt+answer for the log-prob pass (default 1024)")
@@ -142,9 +151,17 @@ def run_infer(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     if args.llava_bench and not (args.judge_url or args.judge_model_path):
         raise VlmrlError("--llava-bench needs a judge: --judge-url URL (OpenAI-compatible) or --judge-model-path")
+    if (args.train_data or args.blank_baseline) and not args.data:
+        raise VlmrlError("--train-data and --blank-baseline go with --data (task records)")
     records = _read(args) if args.data else None
     if records is not None and not records:
         raise VlmrlError(f"{args.data}: no records to evaluate")
+    train_records = _read_train(args) if args.train_data else None
+    if records is not None:
+        from vlmrl.eval.tasks import check_task_records
+
+        check_task_records(records, args.data)
+        check_task_records(train_records or [], args.train_data)
     model, processor = _load(args)
     if args.mme:
         from vlmrl.eval.suite_run import evaluate_mme
@@ -171,8 +188,11 @@ def run_eval(args: argparse.Namespace) -> int:
                                          loader=args.loader, trust_remote_code=args.trust_remote_code)
         metrics = evaluate(model, processor, records, args.out, reference=reference,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 64,
-                           max_length=args.max_length, beta=args.beta, seed=args.seed)
+                           max_length=args.max_length, beta=args.beta, seed=args.seed,
+                           train_records=train_records, blank_baseline=args.blank_baseline)
     print(metrics_table(metrics))
+    if records is not None:
+        _print_breakdown(metrics, majority_source=args.train_data)
     log.info("wrote %s and %s", Path(args.out) / "metrics.json", Path(args.out) / "samples.jsonl")
     return 0
 
@@ -181,6 +201,28 @@ def _read(args: argparse.Namespace):
     from vlmrl.data.load import load_records
 
     return load_records(args.data, fmt=args.fmt, skip_bad=args.skip_bad)
+
+
+def _read_train(args: argparse.Namespace):
+    from vlmrl.data.load import load_records
+
+    records = load_records(args.train_data, skip_bad=args.skip_bad, check_images=False)  # answers only
+    if not records:
+        raise VlmrlError(f"--train-data {args.train_data}: no records; the majority baseline needs the training answers")
+    return records
+
+
+def _print_breakdown(metrics: dict[str, dict], majority_source: str | None) -> None:
+    from vlmrl.eval.breakdown import breakdown_tables
+
+    tables = breakdown_tables([("model", metrics)])
+    if not tables:
+        return
+    print()
+    print(tables)
+    source = f"from {majority_source}" if majority_source else (
+        "from the evaluated data itself: optimistic; give --train-data for the honest baseline")
+    print(f"majority answer per question type {source}")
 
 
 def _judge(args: argparse.Namespace):

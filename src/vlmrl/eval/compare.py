@@ -5,7 +5,8 @@
 Each model is evaluated into ``out/<name>/`` (``metrics.json``, ``samples.jsonl``) by
 ``vlmrl.eval.run.evaluate``, one at a time so that only one model is in memory; then
 ``out/report.html`` and ``out/comparison.json`` compare every tuned model with the base (the
-first). A tuned run is a training run folder (its ``final/`` adapter goes on the base), an
+first), and ``Comparison.tables`` holds the accuracy tables by family / hops / OOD axis with the
+baselines (:mod:`vlmrl.eval.breakdown`). A tuned run is a training run folder (its ``final/`` adapter goes on the base), an
 adapter folder, or a merged export. Names and runs are checked before any model is loaded.
 ``vlmrl compare`` parses its flags and calls ``compare_models``.
 """
@@ -37,18 +38,24 @@ class TunedRun:
 class Comparison:
     report: Path  # out/report.html
     summaries: list[str]  # one line per tuned model: "<name> vs <base>: exact match +x points [CI]"
+    tables: str = ""  # accuracy by family / hops / OOD axis, every model and the baselines
 
 
 def compare_models(base: str, tuned: list[str], data: str | Path, out: str | Path, *,
                    names: str | None = None, skip_bad: bool = False, batch_size: int = 16,
                    max_new_tokens: int = 64, dtype: str = "float32", seed: int = 0,
                    max_gallery: int | None = 200, title: str = "vlmrl: before / after",
-                   loader: str = "transformers", trust_remote_code: bool = False) -> Comparison:
+                   loader: str = "transformers", trust_remote_code: bool = False,
+                   train_data: str | Path | None = None, blank_baseline: bool = False) -> Comparison:
     """Evaluate ``base`` and every ``tuned`` run on the records of ``data``, write the report.
 
     ``names`` is ``--names`` (comma-separated labels, base first; see ``model_names``);
-    ``max_gallery`` None or below 1 shows every record in the gallery.
+    ``max_gallery`` None or below 1 shows every record in the gallery. ``train_data`` is the
+    majority baseline's source (None: ``data``, optimistic); ``blank_baseline`` answers with grey
+    images too (every model; the tables show the base's).
     """
+    from vlmrl.eval.breakdown import breakdown_tables
+    from vlmrl.eval.tasks import check_task_records
     from vlmrl.data.load import load_records
     from vlmrl.report.html import write_report
 
@@ -57,16 +64,23 @@ def compare_models(base: str, tuned: list[str], data: str | Path, out: str | Pat
     records = load_records(data, skip_bad=skip_bad)
     if not records:
         raise VlmrlError(f"{data}: no records to evaluate")
+    train_records = load_records(train_data, skip_bad=skip_bad, check_images=False) if train_data else None
+    if train_data and not train_records:
+        raise VlmrlError(f"--train-data {train_data}: no records; the majority baseline needs the training answers")
+    check_task_records(records, str(data))
+    check_task_records(train_records or [], str(train_data))
     out = Path(out)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "dtype": dtype, "seed": seed,
-                "loader": loader, "trust_remote_code": trust_remote_code}
+                "loader": loader, "trust_remote_code": trust_remote_code, "train_records": train_records,
+                "blank_baseline": blank_baseline}
     results = [_evaluate_one(labels[0], base, TunedRun(None, None, None), records, out, settings)]
     for label, run in zip(labels[1:], runs):
         results.append(_evaluate_one(label, base, run, records, out, settings))
     gallery = max_gallery if max_gallery and max_gallery > 0 else None
     report = write_report(out, results, title=title, max_gallery=gallery, seed=seed)
     summary = json.loads((out / "comparison.json").read_text())
-    return Comparison(report, [m["summary"] for m in summary["models"].values()])
+    tables = breakdown_tables([(r.name, json.loads((r.eval_dir / "metrics.json").read_text())) for r in results])
+    return Comparison(report, [m["summary"] for m in summary["models"].values()], tables)
 
 
 def model_names(tuned: list[str], names: str | None) -> list[str]:
@@ -127,7 +141,8 @@ def _evaluate_one(name: str, base: str, run: TunedRun, records, out: Path, setti
                                      trust_remote_code=settings["trust_remote_code"])
     eval_dir = out / name
     evaluate(model, processor, records, eval_dir, batch_size=settings["batch_size"],
-             max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
+             max_new_tokens=settings["max_new_tokens"], seed=settings["seed"],
+             train_records=settings["train_records"], blank_baseline=settings["blank_baseline"])
     del model, processor
     gc.collect()
     return RunResult(name=name, eval_dir=eval_dir, train_log=run.train_log)

@@ -16,8 +16,6 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from vlmrl.tasks.counting import CountScore
-
 N_RESAMPLES = 1000
 CONFIDENCE = 0.95
 
@@ -92,28 +90,7 @@ def paired_bootstrap_diff(
     return float(diffs.mean()), low, high
 
 
-# ----------------------------------------------------------------------------- counting
-def count_values(score: CountScore) -> dict[str, float | None]:
-    """One record's contribution to each counting metric (``None`` = not defined for it).
-
-    A class the answer does not mention has no absolute error (it is not guessed as 0), so it
-    counts as wrong for ``accuracy/<cls>`` and is left out of ``abs_error/<cls>``; the same for
-    the total when nothing was parsed.
-    """
-    values: dict[str, float | None] = {
-        "exact_match": float(score.exact),
-        "class_accuracy": score.class_accuracy,
-        "total_accuracy": float(score.total_error == 0),
-        "total_abs_error": None if score.total_error is None else float(score.total_error),
-        "parse_failure": float(score.parse_failure),
-    }
-    for cls, hit in score.hits.items():
-        values[f"accuracy/{cls}"] = float(hit)
-        err = score.abs_errors[cls]
-        values[f"abs_error/{cls}"] = None if err is None else float(err)
-    return values
-
-
+# ----------------------------------------------------------------------------- summaries
 def summarise(rows: Sequence[Mapping[str, float | None]], seed: int = 0) -> dict[str, dict]:
     """Per-record metric values -> ``{metric: {value, ci_low, ci_high, n}}`` (None values skipped).
 

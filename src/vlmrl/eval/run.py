@@ -11,40 +11,55 @@ The entry points (``compare`` and ``vlmrl eval`` both call these)::
         switched off is the reference.
 
     evaluate(model, processor, records, out_dir, *, reference=None, batch_size=16,
-             max_new_tokens=64, max_length=1024, beta=0.1, seed=0) -> dict
-        records: list[PreferenceRecord]. reference: None (a PeftModel's adapter switched off;
-        for a plain model no implicit-reward metrics), a model, or a zero-argument callable
-        returning a context manager inside which ``model`` acts as the reference.
+             max_new_tokens=64, max_length=1024, beta=0.1, seed=0, train_records=None,
+             blank_baseline=False) -> dict
+        records: list[PreferenceRecord], any mix of task families. reference: None (a
+        PeftModel's adapter switched off; for a plain model no implicit-reward metrics), a model,
+        or a zero-argument callable returning a context manager inside which ``model`` acts as
+        the reference. train_records: the majority baseline's source; blank_baseline: also
+        answer with grey images (:mod:`vlmrl.eval.baselines`).
         Writes ``out_dir/metrics.json`` ({metric: {value, ci_low, ci_high, n}}) and
         ``out_dir/samples.jsonl`` (one row per record) and returns the metrics dict.
 
-Metric names. Counting (records with ``metadata["counts"]``): ``exact_match``,
-``class_accuracy``, ``accuracy/<cls>``, ``abs_error/<cls>``, ``total_accuracy``,
-``total_abs_error``, ``parse_failure``. Preference (TRL's names): ``logps/chosen``,
-``logps/rejected``, ``logps/accuracy`` (chosen more likely than rejected), and with a reference
-``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins`` (implicit
-reward ``beta * (log pi - log ref)``, Rafailov et al. 2023 eq. 5). Text, answer against the
-chosen text: ``text/bleu`` (corpus), ``text/sentence_bleu``, ``text/rouge_l``.
+Metric names. Every record that names its task (``metadata.task``, or ``metadata.counts``):
+the task metrics of :mod:`vlmrl.eval.tasks` (``task/accuracy``, ``family/<f>/accuracy``,
+``hops/<n>/accuracy``, ``axis/<a>/accuracy``, ``task/format_rate``, ``task/answer_tokens``,
+``task/truncation_rate``, ``task/think_consistency``, ``family/grounding/acc@0.5`` and
+``family/grounding/iou``, ...), and the baselines' accuracies under ``baseline/majority/`` and
+``baseline/blank/``. Counting (records with ``metadata["counts"]``), as before tasks existed:
+``exact_match``, ``class_accuracy``, ``accuracy/<cls>``, ``abs_error/<cls>``,
+``total_accuracy``, ``total_abs_error``, ``parse_failure``. Preference (TRL's names):
+``logps/chosen``, ``logps/rejected``, ``logps/accuracy`` (chosen more likely than rejected), and
+with a reference ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins`` (implicit reward ``beta * (log pi - log ref)``, Rafailov et al. 2023 eq. 5).
+Text, answer against the chosen text: ``text/bleu`` (corpus), ``text/sentence_bleu``,
+``text/rouge_l``.
 
 ``samples.jsonl`` rows: ``id``, ``image`` (first image path), ``images``, ``prompt`` (text),
 ``answer``, ``chosen``, ``rejected``, ``gold_counts``, ``parsed_counts``, ``parsed_total``,
-``correct`` (exact match), ``class_hits``, ``parse_failure``, ``chosen_logp``,
-``rejected_logp``, ``ref_chosen_logp``, ``ref_rejected_logp`` (null when not computed),
-``bleu``, ``rouge_l``.
+``correct`` (right or wrong; for counting the exact match), ``class_hits``, ``parse_failure``,
+``chosen_logp``, ``rejected_logp``, ``ref_chosen_logp``, ``ref_rejected_logp`` (null when not
+computed), ``bleu``, ``rouge_l``; for a record with a task also ``family``, ``hops``, ``axis``,
+``question_type``, ``task_accuracy``, ``gold_text``, ``majority_answer`` (``blank_answer``) and
+``values`` (the record's value of every mean metric above, which the report pairs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
-from vlmrl.eval.metrics import count_values, summarise, text_metrics, with_ci
-from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
+from vlmrl.eval.baselines import MAJORITY_NOTES, baseline_metrics, blank_items, majority_answers, majority_completion
+from vlmrl.eval.metrics import summarise, text_metrics, with_ci
+from vlmrl.eval.tasks import has_task, task_values
+
+log = logging.getLogger(__name__)
 
 
 def load_for_eval(model_path: str | Path | None, adapter: str | Path | None = None, dtype: str = "float32",
@@ -82,24 +97,39 @@ def evaluate(
     max_length: int = 1024,
     beta: float = 0.1,
     seed: int = 0,
+    train_records: Sequence[PreferenceRecord] | None = None,
+    blank_baseline: bool = False,
 ) -> dict[str, dict]:
-    """Answer every record greedily, score it, and write ``metrics.json`` and ``samples.jsonl``."""
-    from vlmrl.generate import generate
+    """Answer every record greedily, score it, and write ``metrics.json`` and ``samples.jsonl``.
 
+    ``train_records``: the majority baseline's source (None: the evaluated records, optimistic);
+    ``blank_baseline``: also answer every prompt with grey images (:mod:`vlmrl.eval.baselines`).
+    """
     records = list(records)
     if not records:
         raise VlmrlError("no records to evaluate")
-    answers = generate(model, processor, [(r.images, r.prompt) for r in records], max_new_tokens, batch_size)
+    answers, lengths = answer_all(model, processor, [(r.images, r.prompt) for r in records], max_new_tokens,
+                                  batch_size)
     samples = [base_sample(r, a) for r, a in zip(records, answers)]
     metrics: dict[str, dict] = {}
-    metrics.update(score_counts(records, answers, samples, seed))
+    metrics.update(score_tasks(records, answers, samples, seed, lengths, max_new_tokens))
     text, text_rows = text_metrics(answers, [r.chosen for r in records], seed=seed)
     for sample, row in zip(samples, text_rows):
         sample.update(row)
     metrics.update(text)
     metrics.update(score_preferences(model, processor, records, samples, reference, batch_size, max_length, beta, seed))
+    metrics.update(score_baselines(model, processor, records, samples, train_records, blank_baseline,
+                                   batch_size, max_new_tokens, seed))
     write_results(out_dir, metrics, samples)
     return metrics
+
+
+def answer_all(model, processor, items, max_new_tokens: int, batch_size: int) -> tuple[list[str], list[int]]:
+    """Greedy answers and their lengths in new tokens (before the stop token)."""
+    from vlmrl.generate import answer_texts, generate_ids
+
+    ids = generate_ids(model, processor, items, max_new_tokens, batch_size)
+    return answer_texts(processor, ids), [len(row) for row in ids]
 
 
 def base_sample(record: PreferenceRecord, answer: str) -> dict[str, Any]:
@@ -120,35 +150,70 @@ def base_sample(record: PreferenceRecord, answer: str) -> dict[str, Any]:
     }
 
 
-def task_for(record: PreferenceRecord, cache: dict[tuple[str, ...], CountingTask]) -> CountingTask:
-    """The counting task of a record's classes (``metadata["classes"]``, else the gold's keys)."""
-    classes = tuple(record.metadata.get("classes") or record.metadata["counts"].keys() or DEFAULT_CLASSES)
-    if classes not in cache:
-        cache[classes] = CountingTask(classes)
-    return cache[classes]
+def task_rows(records, answers, lengths=None, max_new_tokens: int | None = None) -> list[tuple[dict, dict] | None]:
+    """Each record's ``(values, sample fields)`` from its task (:func:`vlmrl.eval.tasks.task_values`);
+    None for a record with no task (it gets only the preference and text metrics).
 
-
-def score_counts(records, answers, samples, seed: int) -> dict[str, dict]:
-    """Counting metrics over the records that carry gold counts; fills the samples' count fields."""
-    tasks: dict[tuple[str, ...], CountingTask] = {}
-    rows = []
-    for record, answer, sample in zip(records, answers, samples):
-        gold = record.metadata.get("counts")
-        if not isinstance(gold, dict):
+    ``lengths`` are the answers' token counts; truncated = as long as ``max_new_tokens``.
+    Without them (hand-written answers) there is no length or truncation metric.
+    """
+    rows: list[tuple[dict, dict] | None] = []
+    for i, (record, answer) in enumerate(zip(records, answers)):
+        if not has_task(record.metadata):
+            rows.append(None)
             continue
-        task = task_for(record, tasks)
-        parsed = task.parse(answer)
-        score = task.score(parsed, gold)
-        sample.update(
-            gold_counts={c: int(gold.get(c, 0)) for c in task.classes},
-            parsed_counts=parsed.counts,
-            parsed_total=parsed.total,
-            correct=score.exact,
-            class_hits=score.hits,
-            parse_failure=score.parse_failure,
-        )
-        rows.append(count_values(score))
-    return summarise(rows, seed=seed)
+        n = lengths[i] if lengths is not None else None
+        try:
+            truncated = None if n is None or max_new_tokens is None else n >= max_new_tokens
+            values, fields = task_values(record.metadata, answer, n, truncated)
+        except VlmrlError as e:
+            raise VlmrlError(f"record {record.id}: {e}") from None
+        rows.append((values, fields))
+    return rows
+
+
+def score_tasks(records, answers, samples, seed: int, lengths=None, max_new_tokens: int | None = None
+                ) -> dict[str, dict]:
+    """Task and counting metrics over the records that name a task; fills the samples' fields
+    (and ``values``: the record's value of each metric, which the report pairs)."""
+    rows = task_rows(records, answers, lengths, max_new_tokens)
+    scored = []
+    for sample, row in zip(samples, rows):
+        if row is not None:
+            sample.update(row[1], values=row[0])
+            scored.append(row[0])
+    skipped = rows.count(None)
+    if skipped and scored:
+        log.info("%d of %d records name no task (no metadata.task, no metadata.counts): they get only the "
+                 "preference and text metrics", skipped, len(rows))
+    return summarise(scored, seed=seed)
+
+
+def score_baselines(model, processor, records, samples, train_records, blank: bool, batch_size: int,
+                    max_new_tokens: int, seed: int) -> dict[str, dict]:
+    """The majority-answer baseline, and with ``blank`` the blank-image one (``baseline/...``)."""
+    if not any(s.get("values") for s in samples):
+        return {}
+    if train_records is None:
+        log.info("majority baseline from the evaluated records themselves (no --train-data): optimistic")
+    majority = majority_answers(train_records if train_records is not None else records)
+    guesses = [majority_completion(r, majority) for r in records]
+    metrics = baseline_metrics("majority", _summary(records, guesses, samples, "majority", seed),
+                               MAJORITY_NOTES[train_records is not None])
+    if blank:
+        blind, _ = answer_all(model, processor, blank_items(records), max_new_tokens, batch_size)
+        metrics.update(baseline_metrics("blank", _summary(records, blind, samples, "blank", seed)))
+    return metrics
+
+
+def _summary(records, answers, samples, name: str, seed: int) -> dict[str, dict]:
+    """A baseline's answers scored like the model's; each sample keeps ``<name>_answer`` and its values."""
+    rows = task_rows(records, answers)
+    for sample, row, answer in zip(samples, rows, answers):
+        if row is not None:
+            sample[f"{name}_answer"] = answer
+            sample["values"].update(baseline_metrics(name, row[0]))
+    return summarise([row[0] for row in rows if row is not None], seed=seed)
 
 
 def score_preferences(model, processor, records, samples, reference, batch_size: int, max_length: int,

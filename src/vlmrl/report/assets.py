@@ -65,16 +65,18 @@ td.mark { width: 18px; }
 .bad { color: var(--bad); font-weight: 700; }
 """
 
-# Filters the gallery by each card's outcome against the selected tuned model; keeps the counts
-# on the buttons in step with the selection.
+# Filters the gallery by each card's outcome against the selected tuned model and by its task
+# family; keeps the counts on the buttons in step with the selection.
 JS = """
 (function () {
-  var state = { filter: "all", vs: "1" };
+  var state = { filter: "all", vs: "1", family: "all" };
   var cards = Array.prototype.slice.call(document.querySelectorAll("#gallery .card"));
   var buttons = Array.prototype.slice.call(document.querySelectorAll(".filters button"));
   var select = document.getElementById("vs");
+  var family = document.getElementById("family");
   function outcome(card) { return card.getAttribute("data-vs-" + state.vs); }
-  function matches(card, filter) { return filter === "all" || outcome(card) === filter; }
+  function inFamily(card) { return state.family === "all" || card.getAttribute("data-family") === state.family; }
+  function matches(card, filter) { return inFamily(card) && (filter === "all" || outcome(card) === filter); }
   function apply() {
     var shown = 0;
     cards.forEach(function (card) {
@@ -97,6 +99,7 @@ JS = """
     b.addEventListener("click", function () { state.filter = b.getAttribute("data-filter"); apply(); });
   });
   if (select) { select.addEventListener("change", function () { state.vs = select.value; apply(); }); }
+  if (family) { family.addEventListener("change", function () { state.family = family.value; apply(); }); }
   apply();
 })();
 """

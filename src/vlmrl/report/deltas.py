@@ -17,6 +17,10 @@ LOWER_IS_BETTER = ("error", "mae", "rmse", "failure", "loss")
 # Quantities with no better direction on their own (DPO can lower both log-probs and still win).
 NO_DIRECTION = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected")
 
+# Metrics of a group of records (a family, a hop count, an OOD axis; the baselines' too), each
+# defined on the group's records whatever the answers.
+SCOPED = ("family/", "hops/", "axis/", "baseline/")
+
 OUTCOMES = ("improved", "regressed", "both-wrong", "both-right", "unscored")
 
 
@@ -49,22 +53,18 @@ def outcome(base_correct: bool | None, tuned_correct: bool | None) -> str:
 def record_values(s: Sample) -> dict[str, float]:
     """The per-record value behind each metric of ``metrics.json`` that is a mean over records.
 
-    Counting values come from the evaluator's own ``count_values`` on the row's parsed counts, so
-    the two cannot disagree. A key is left out where the row does not say (a class not mentioned
-    has no error, a log-prob not computed has no accuracy); :func:`paired_values` checks that the
-    means agree with the evaluator's before pairing anything.
+    Task and counting values are the row's ``values``, the very numbers the evaluator averaged,
+    so the two cannot disagree; a counting row written before ``values`` existed is re-scored by
+    the count task (:func:`vlmrl.tasks.core.task_of`). A key is left out where the row does not
+    say (a class not mentioned has no error, a log-prob not computed has no accuracy);
+    :func:`paired_values` checks that the means agree with the evaluator's before pairing anything.
     """
-    from vlmrl.eval.metrics import count_values
-    from vlmrl.tasks.counting import CountingTask, ParsedCounts
-
     row = s.row
     values: dict[str, float] = {}
-    if s.gold:
-        total = row.get("parsed_total")
-        parsed = ParsedCounts(counts={c: s.parsed.get(c) for c in s.gold},
-                              total=total if _is_number(total) else None)
-        score = CountingTask(tuple(s.gold)).score(parsed, s.gold)
-        values.update({k: v for k, v in count_values(score).items() if v is not None})
+    if isinstance(row.get("values"), dict):
+        values.update({k: float(v) for k, v in row["values"].items() if _is_number(v)})
+    elif s.gold:
+        values.update({k: v for k, v in _count_values(s).items() if v is not None})
     for key, metric in (("bleu", "text/sentence_bleu"), ("rouge_l", "text/rouge_l"),
                         ("chosen_logp", "logps/chosen"), ("rejected_logp", "logps/rejected")):
         if _is_number(row.get(key)):
@@ -78,21 +78,33 @@ def record_values(s: Sample) -> dict[str, float]:
     return values
 
 
+def _count_values(s: Sample) -> dict[str, float | None]:
+    """Today's counting values of a counting row without ``values``, from its task."""
+    from vlmrl.tasks.core import task_of
+
+    metadata = {"counts": s.gold, "classes": list(s.gold)}
+    return task_of(metadata).part_values(s.answer, metadata)[0]
+
+
 def paired_values(
     metric: str, base: EvalResult, tuned: EvalResult
 ) -> tuple[list[float], list[float]] | None:
     """Per-record values of ``metric`` for the records both models answered, base first.
 
-    ``None`` unless every record has a value and each model's mean reproduces the value in its
-    ``metrics.json`` (so a CI is never drawn around a quantity the evaluator did not report).
+    A metric of a group of records (:data:`SCOPED`: ``family/count/accuracy`` is defined on the
+    count records) is paired over the group, which is the same for both models. Any other metric
+    needs a value on every record: one defined only where the answer allows (an absolute error
+    where the model named the class, think/answer consistency) is not paired. ``None`` then, or
+    unless each model's mean reproduces the value in its ``metrics.json`` (so a CI is never
+    drawn around a quantity the evaluator did not report).
     """
     per_model = []
     for result in (base, tuned):
         values = {s.id: record_values(s).get(metric) for s in result.samples}
-        if not values or any(v is None for v in values.values()):
-            return None
-        if not math.isclose(sum(values.values()) / len(values), result.metrics[metric]["value"],
-                            rel_tol=1e-6, abs_tol=1e-9):
+        if metric.startswith(SCOPED):
+            values = {i: v for i, v in values.items() if v is not None}
+        if not values or any(v is None for v in values.values()) or not math.isclose(sum(values.values()) / len(values), result.metrics[metric]["value"],
+                                          rel_tol=1e-6, abs_tol=1e-9):
             return None
         per_model.append(values)
     shared = [i for i in per_model[0] if i in per_model[1]]

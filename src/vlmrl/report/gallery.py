@@ -1,4 +1,5 @@
-"""The gallery: one card per record with its image, the prompt, each model's answer and the truth.
+"""The gallery: one card per record with its image, the prompt, each model's answer and the truth,
+tagged with its outcome per tuned model and its task family (the page's filters read both).
 
 Images are embedded as downscaled JPEG data URIs so the page needs nothing beside it. Every
 text that reaches the page goes through ``html.escape``: answers are model output.
@@ -13,7 +14,6 @@ from pathlib import Path
 
 from vlmrl.report.deltas import outcomes
 from vlmrl.report.inputs import EvalResult, Sample
-from vlmrl.tasks.counting import CountingTask
 
 THUMBNAIL_SIZE = 224
 # Cards kept first when the gallery is cut to --max-gallery: the instructive ones.
@@ -55,7 +55,8 @@ def select_ids(results: list[EvalResult], max_items: int | None) -> list[str]:
 
 
 def gallery_html(results: list[EvalResult], ids: list[str]) -> str:
-    """The cards; each carries ``data-vs-<k>`` = its outcome for tuned model ``k`` (1-based)."""
+    """The cards; each carries ``data-vs-<k>`` = its outcome for tuned model ``k`` (1-based) and
+    ``data-family`` = its task family (``none`` for a record without a task)."""
     by_model = [{s.id: s for s in r.samples} for r in results]
     per_tuned = [outcomes(results[0], r) for r in results[1:]]
     cards = [
@@ -79,7 +80,7 @@ def _card(record_id: str, samples: list[Sample | None], results, per_tuned) -> s
         _answer_row(r.name, s) for r, s in zip(results, samples)
     )
     return (
-        f'<article class="card" {attrs} data-id="{escape(record_id)}">'
+        f'<article class="card" {attrs} data-id="{escape(record_id)}" data-family="{escape(base.family or "none")}">'
         f"<figure>{figure}</figure>"
         f'<div class="body"><div class="rid">{escape(record_id)}</div>'
         f'<p class="prompt">{escape(base.prompt)}</p>'
@@ -102,9 +103,14 @@ def _answer_row(name: str, sample: Sample | None) -> str:
 
 
 def _gold_text(sample: Sample) -> str:
-    """The gold counts as the canonical sentence, or the chosen answer for a non-counting record."""
+    """The gold answer as its task writes it (the row's ``gold_text``; for a counting row written
+    before it existed, the count task's sentence), else the chosen answer."""
+    if isinstance(sample.row.get("gold_text"), str):
+        return sample.row["gold_text"]
     if sample.gold:
-        return CountingTask(tuple(sample.gold)).render(sample.gold)
+        from vlmrl.tasks import answers
+
+        return answers.render("counts", sample.gold, {"classes": list(sample.gold)})
     return str(sample.row.get("chosen") or "(no reference answer)")
 
 

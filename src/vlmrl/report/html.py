@@ -15,14 +15,21 @@ from html import escape
 from pathlib import Path
 
 from vlmrl.errors import VlmrlError
+from vlmrl.eval.baselines import is_accuracy
+from vlmrl.eval.breakdown import GROUPS, baseline_columns, group_keys
 from vlmrl.report import gallery, plots
 from vlmrl.report.assets import CSS, JS
 from vlmrl.report.deltas import NO_DIRECTION, MetricDelta, lower_is_better, metric_deltas
 from vlmrl.report.inputs import EvalResult, RunResult, load_run
 
-HEADLINE_METRICS = ("exact_match", "rewards/accuracies", "logps/accuracy")
+HEADLINE_METRICS = ("exact_match", "task/accuracy", "rewards/accuracies", "logps/accuracy")
 LABELS = {
     "exact_match": "exact match",
+    "task/accuracy": "task accuracy",
+    "task/format_rate": "format rate",
+    "task/answer_tokens": "answer length (tokens)",
+    "task/truncation_rate": "truncated answers",
+    "task/think_consistency": "think/answer consistency",
     "class_accuracy": "class accuracy",
     "total_accuracy": "total right",
     "total_abs_error": "total abs. error",
@@ -39,7 +46,7 @@ LABELS = {
     "text/rouge_l": "ROUGE-L",
 }
 # Shares in [0, 1]: shown in %, their deltas in points.
-RATE_WORDS = ("accura", "exact", "failure", "rouge")
+RATE_WORDS = ("accura", "exact", "failure", "rouge", "rate", "consistency", "acc@", "iou")
 FILTERS = (("all", "all"), ("improved", "improved"), ("regressed", "regressed"), ("both-wrong", "both wrong"))
 
 
@@ -112,6 +119,7 @@ def render_page(
         js=JS,
         summary=summary_html(results, deltas),
         table=metrics_table(results, deltas),
+        groups=group_tables(results, deltas),
         plots=plot_html or '<p class="muted">Nothing to plot.</p>',
         controls=_gallery_controls(results),
         cards=gallery.gallery_html(results, ids),
@@ -141,7 +149,10 @@ def summary_html(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> 
 
 
 def _headline(rows: list[MetricDelta]) -> MetricDelta:
-    return next((r for m in HEADLINE_METRICS for r in rows if r.metric == m), rows[0])
+    """The first of :data:`HEADLINE_METRICS` paired over the most records (on mixed task data,
+    task accuracy rather than the counting records' exact match)."""
+    ranked = [(-r.n, HEADLINE_METRICS.index(r.metric), i) for i, r in enumerate(rows) if r.metric in HEADLINE_METRICS]
+    return rows[min(ranked)[2]] if ranked else rows[0]
 
 
 def _summary_text(result: EvalResult, results: list[EvalResult], rows: list[MetricDelta]) -> str:
@@ -177,12 +188,64 @@ def metrics_table(results: list[EvalResult], deltas: list[list[MetricDelta]]) ->
     )
 
 
+def group_tables(results: list[EvalResult], deltas: list[list[MetricDelta]]) -> str:
+    """Accuracy by family (and by hop count and OOD axis when there are several): one section per
+    grouping, each model's accuracy with its CI, the paired delta vs the base, and the base's
+    baselines; "" when no model reports task accuracy."""
+    if not any("task/accuracy" in r.metrics for r in results):
+        return ""
+    sections = []
+    for group, title in GROUPS:
+        keys: dict[str, None] = {}
+        for r in results:
+            keys.update(dict.fromkeys(group_keys(r.metrics, group)))
+        if len(keys) < 2 and group != "family":
+            continue
+        table = _group_table(group, ["task/accuracy", *keys], results, deltas)
+        sections.append(f'<section class="groups" data-group="{group}"><h2>{escape(title[0].upper() + title[1:])}</h2>'
+                        f"{table}</section>")
+    return "\n".join(sections)
+
+
+def _group_table(group: str, keys: list[str], results: list[EvalResult], deltas: list[list[MetricDelta]]) -> str:
+    base = results[0]
+    baselines = baseline_columns([(r.name, r.metrics) for r in results])
+    head = [f"<th>{escape(group)}</th>", "<th>n</th>", f"<th>{escape(base.name)}</th>"]
+    for r in results[1:]:
+        head += [f"<th>{escape(r.name)}</th>", f"<th>&Delta; vs {escape(base.name)}</th>"]
+    head += [f"<th>{escape(label)}{_baseline_note(metrics, prefix)}</th>" for label, metrics, prefix in baselines]
+    body = []
+    for metric in keys:
+        name = "all" if metric == "task/accuracy" else metric.split("/")[1]
+        n = (base.metrics.get(metric) or {}).get("n")
+        cells = [f'<th scope="row">{escape(name)}</th>', f"<td>{'' if n is None else n}</td>",
+                 _entry_cell(base.metrics.get(metric))]
+        for r, rows in zip(results[1:], deltas):
+            cells.append(_entry_cell(r.metrics.get(metric)))
+            cells.append(_delta_cell(next((d for d in rows if d.metric == metric), None), True))
+        cells += [_entry_cell(metrics.get(prefix + metric)) for _, metrics, prefix in baselines]
+        body.append(f'<tr data-{group}="{escape(name)}">{"".join(cells)}</tr>')
+    return (f'<div class="tablewrap"><table class="metrics"><thead><tr>{"".join(head)}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _baseline_note(metrics: dict, prefix: str) -> str:
+    """Where a baseline's answers come from, when it says (the majority's source)."""
+    note = metrics[prefix + "task/accuracy"].get("note")
+    return f' <span class="muted">({escape(note)})</span>' if note else ""
+
+
+def _entry_cell(entry: dict | None) -> str:
+    return f"<td>{_value_cell(entry, True) if entry else '&ndash;'}</td>"
+
+
 def _metric_order(results: list[EvalResult]) -> list[str]:
-    """Every metric any model reports: the base's in its order, then the others' new ones."""
+    """Every metric any model reports, the base's in its order, then the others' new ones; less
+    those the accuracy tables show (a group's accuracy, the baselines)."""
     seen: dict[str, None] = {}
     for r in results:
         seen.update(dict.fromkeys(r.metrics))
-    return list(seen)
+    return [m for m in seen if m == "task/accuracy" or not (is_accuracy(m) or m.startswith("baseline/"))]
 
 
 def _value_cell(entry: dict, rate: bool) -> str:
@@ -220,8 +283,14 @@ def _verdict_class(d: MetricDelta) -> str:
 
 
 def _gallery_controls(results: list[EvalResult]) -> str:
+    families = sorted({s.family for r in results for s in r.samples if s.family})
+    family = ""
+    if families:
+        options = "".join(f'<option value="{escape(f)}">{escape(f)}</option>' for f in families)
+        family = (f'<label class="vs">family <select id="family"><option value="all">all families</option>'
+                  f"{options}</select></label>")
     if len(results) < 2:
-        return ""
+        return f'<div class="controls">{family}</div>' if family else ""
     buttons = "".join(
         f'<button type="button" data-filter="{key}">{label} <span class="count"></span></button>'
         for key, label in FILTERS
@@ -233,7 +302,7 @@ def _gallery_controls(results: list[EvalResult]) -> str:
         f'<label class="vs">compare <b>{escape(results[0].name)}</b> with '
         f'<select id="vs">{options}</select></label>'
     )
-    return f'<div class="controls"><div class="filters">{buttons}</div>{selector}</div>'
+    return f'<div class="controls"><div class="filters">{buttons}</div>{selector}{family}</div>'
 
 
 def _is_rate(metric: str, results: list[EvalResult]) -> bool:
@@ -285,6 +354,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <p class="muted">{n} records. Brackets are 95% confidence intervals; deltas use a paired bootstrap
 over records, and are marked significant when their interval excludes 0.</p>
 </header>
+{groups}
 <section>
 <h2>Metrics</h2>
 {table}

@@ -2,7 +2,7 @@
 
 An evaluation folder holds ``metrics.json`` (metric -> ``{value, ci_low, ci_high, n}``) and
 ``samples.jsonl`` (one row per record: id, image, prompt, answer, gold and parsed counts,
-correct flags). A training run holds ``metrics.jsonl``: one JSON object per logged step.
+correct flags, the task family and the record's value of each metric). A training run holds ``metrics.jsonl``: one JSON object per logged step.
 Nothing here computes a statistic; it only reads, checks and names what it read.
 """
 
@@ -42,8 +42,16 @@ class Sample:
     answer: str
     gold: dict[str, int]
     parsed: dict[str, int | None]
-    correct: bool | None  # exact match; None for a record without gold counts
+    correct: bool | None  # right or wrong (counting: exact match); None for a record without a task
     row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def family(self) -> str | None:
+        """The record's task family (``count`` for a counting row written before tasks), or None."""
+        family = self.row.get("family")
+        if isinstance(family, str):
+            return family
+        return "count" if self.gold else None
 
     def class_hits(self) -> dict[str, bool]:
         """Class -> counted right; the evaluator's own flags when the row has them."""
@@ -99,6 +107,8 @@ def read_metrics(path: Path) -> dict[str, dict[str, float]]:
             "ci_high": _float_or_nan(entry.get("ci_high")),
             "n": entry.get("n"),
         }
+        if isinstance(entry.get("note"), str):  # a baseline says where its answers come from
+            metrics[name]["note"] = entry["note"]
     return metrics
 
 
@@ -126,7 +136,8 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _sample(row: dict[str, Any]) -> Sample:
-    """A row as a Sample; a record without gold counts has ``gold == {}`` and ``correct is None``."""
+    """A row as a Sample; a record without gold counts has ``gold == {}``, and one without a
+    boolean ``correct`` (no task) ``correct is None``."""
     gold_raw = row.get("gold_counts", row.get("gold")) or {}
     gold = {str(c): int(v) for c, v in gold_raw.items()}
     parsed_raw = row.get("parsed_counts", row.get("parsed")) or {}
@@ -137,6 +148,8 @@ def _sample(row: dict[str, Any]) -> Sample:
     correct = row.get("correct", row.get("exact"))
     if gold and not isinstance(correct, bool):
         raise ValueError("gold counts but no boolean 'correct' flag")
+    if "values" in row and not isinstance(row["values"], dict):
+        raise ValueError("'values' is not an object of metric -> value")
     return Sample(
         id=str(row["id"]),
         image=str(image) if image else None,
@@ -144,7 +157,7 @@ def _sample(row: dict[str, Any]) -> Sample:
         answer=str(row["answer"]),
         gold=gold,
         parsed=parsed,
-        correct=correct if gold else None,
+        correct=correct if isinstance(correct, bool) else None,
         row=row,
     )
 

@@ -79,16 +79,18 @@ def class_accuracy_bars(results: list[EvalResult]) -> str:
 
 
 def count_error_histogram(results: list[EvalResult]) -> str:
-    """How far each answer's total is from the gold total, per model (bars side by side)."""
-    if not any(r.samples for r in results):
+    """How far each answer's total is from the gold total over the counting records, per model
+    (bars side by side); "" when there are none."""
+    if not any(s.gold for r in results for s in r.samples):
         return ""
     plt = _pyplot()
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(5.0, 2.8))
         width = 0.8 / len(results)
         for i, r in enumerate(results):
-            counts = Counter(_error_bin(s.total_error()) for s in r.samples)
-            shares = [100 * counts[b] / max(1, len(r.samples)) for b in ERROR_BINS]
+            counting = [s for s in r.samples if s.gold]
+            counts = Counter(_error_bin(s.total_error()) for s in counting)
+            shares = [100 * counts[b] / max(1, len(counting)) for b in ERROR_BINS]
             xs = [k + (i - (len(results) - 1) / 2) * width for k in range(len(ERROR_BINS))]
             ax.bar(xs, shares, width, label=r.name, color=_color(i))
         ax.set_xticks(range(len(ERROR_BINS)), ERROR_BINS)

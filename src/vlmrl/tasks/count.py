@@ -10,6 +10,7 @@ the single answer block (see :mod:`vlmrl.tasks.answers`, kind ``counts``).
 from __future__ import annotations
 
 import random
+from typing import Any, Mapping
 
 from vlmrl.tasks.base import ProgramTask
 from vlmrl.tasks.core import Negative, Question, Scene
@@ -42,3 +43,35 @@ class CountFamily(ProgramTask):
                 seen.add(text)
                 found.append(Negative(strategy, counts))
         return found
+
+    def part_values(self, completion: str, metadata: Mapping[str, Any]) -> tuple[dict[str, float | None], dict]:
+        """Today's counting metrics of one answer, and the sample fields they come from.
+
+        The answer is read as before tasks existed (:meth:`CountingTask.parse` over the whole
+        completion, not only a strict answer block), so counting records keep their numbers. The
+        classes are ``metadata["classes"]``, else the gold's keys. Values (``None`` = not defined
+        for this record): ``exact_match``, ``class_accuracy``, ``accuracy/<cls>``,
+        ``abs_error/<cls>`` (left out for a class the answer does not mention: it is not guessed
+        as 0), ``total_accuracy``, ``total_abs_error``, ``parse_failure``.
+        """
+        from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
+
+        gold = metadata["counts"]
+        task = CountingTask(tuple(metadata.get("classes") or gold.keys() or DEFAULT_CLASSES))
+        parsed = task.parse(completion)
+        score = task.score(parsed, gold)
+        values: dict[str, float | None] = {
+            "exact_match": float(score.exact),
+            "class_accuracy": score.class_accuracy,
+            "total_accuracy": float(score.total_error == 0),
+            "total_abs_error": None if score.total_error is None else float(score.total_error),
+            "parse_failure": float(score.parse_failure),
+        }
+        for cls, hit in score.hits.items():
+            values[f"accuracy/{cls}"] = float(hit)
+            err = score.abs_errors[cls]
+            values[f"abs_error/{cls}"] = None if err is None else float(err)
+        fields = {"gold_counts": {c: int(gold.get(c, 0)) for c in task.classes}, "parsed_counts": parsed.counts,
+                  "parsed_total": parsed.total, "correct": score.exact, "class_hits": score.hits,
+                  "parse_failure": score.parse_failure, "gold_text": task.render(gold)}
+        return values, fields
