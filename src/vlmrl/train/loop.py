@@ -54,9 +54,12 @@ from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
 from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.train.fast_step import FastPreferenceStep
 from vlmrl.train.grpo import GrpoStep
+from vlmrl.train.online import OnlineDpoStep, RftStep, build_judge
 from vlmrl.train.steps import PreferenceStep, SftStep, needs_reference
 
 log = logging.getLogger(__name__)
+
+SAMPLING_ALGOS = ("grpo", "online_dpo", "rft")  # they train on their own samples and evaluate by exact match
 
 
 class TrainingDiverged(VlmrlError):
@@ -166,7 +169,7 @@ class Trainer:
         else:
             optimizer = build_optimizer(model, t.lr, t.weight_decay)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if checkpoint.is_sharded(self.model) and (t.algo == "grpo" or self.eval_records):
+        if checkpoint.is_sharded(self.model) and (t.algo in SAMPLING_ALGOS or self.eval_records):
             raise VlmrlError("a sharded model (FSDP) trains with sft and dpo, without data.eval: GRPO's sampling "
                              "and the held-out evaluation run on whole models; use DDP (configs/accelerate/ddp.yaml)")
         # The scheduler is stepped here, once per optimizer step: accelerate's prepared scheduler
@@ -178,13 +181,19 @@ class Trainer:
         self.step_fn = self._make_step(reference, unwrapped)
 
     def _make_step(self, reference, unwrapped):
-        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), or GRPO."""
+        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), GRPO, online DPO or RFT."""
         c, t = self.config, self.config.train
         max_length = c.data.max_length
         if t.algo == "sft":
             return SftStep(self.model, self.processor, max_length)
         if t.algo == "grpo":
             return GrpoStep(self.model, self.processor, c.grpo, reference, unwrapped)
+        if t.algo == "online_dpo":
+            judge = build_judge(c.online, self.trust_remote_code)
+            return OnlineDpoStep(self.model, self.processor, c.online, c.loss, judge, reference, unwrapped)
+        if t.algo == "rft":
+            return RftStep(self.model, self.processor, c.online, build_judge(c.online, self.trust_remote_code),
+                           unwrapped)
         if not t.fast_path and not c.data.cache_vision and not t.precompute_ref:
             return PreferenceStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
         caches = self.out.parent
@@ -328,7 +337,7 @@ class Trainer:
         model = acc.unwrap_model(self.model)  # no distributed wrapper: shards may differ in size
         model.eval()
         mine = self.eval_records[acc.process_index :: self.world]
-        if t.algo == "grpo":
+        if t.algo in SAMPLING_ALGOS:
             return self._evaluate_exact_match(model, mine)
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, accuracy, pairs
         for start in range(0, len(mine), t.batch_size):

@@ -95,9 +95,9 @@ def loss_needs_reference(loss: LossConfig) -> bool:
 
 
 def needs_reference(config: Config) -> bool:
-    """Whether a run of ``config`` needs a reference model: DPO with a loss that compares with one
-    (``loss_needs_reference``), or GRPO with a KL penalty (``grpo.beta > 0``); never SFT."""
-    if config.train.algo == "dpo":
+    """Whether a run of ``config`` needs a reference model: DPO or online DPO with a loss that compares
+    with one (``loss_needs_reference``), or GRPO with a KL penalty (``grpo.beta > 0``); never SFT or RFT."""
+    if config.train.algo in ("dpo", "online_dpo"):
         return loss_needs_reference(config.loss)
     if config.train.algo == "grpo":
         return config.grpo.beta > 0
