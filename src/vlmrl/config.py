@@ -138,9 +138,10 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    algo: Literal["sft", "dpo", "grpo", "online_dpo", "rft"] = Field(
+    algo: Literal["sft", "dpo", "grpo", "online_dpo", "rft", "iterative_dpo"] = Field(
         default="dpo", description="sft; dpo (offline pairs, the loss: section); grpo; online_dpo (pairs from the "
-        "policy's own samples, the online: and loss: sections); rft (SFT on the best of the policy's samples)")
+        "policy's own samples, the online: and loss: sections); rft (SFT on the best of the policy's samples); "
+        "iterative_dpo (online.rounds rounds of: label the policy's samples, train online.steps_per_round steps)")
     # dpo: the fast pair forward (image once, shared prompt; exact, falls back where unsupported)
     fast_path: bool = True
     # dpo: reference log-probs computed once before training and cached (keyed by model + data)
@@ -241,6 +242,14 @@ class OnlineConfig(_Section):
     shared_prompt: bool = Field(
         default=True, description="score a prompt's k answers in one prompt | a1 | ... | ak row (eager or sdpa "
         "attention); false: one row per answer, the image still encoded once")
+    rounds: int = Field(default=2, ge=1, description="iterative_dpo: how many rounds of label-then-train")
+    steps_per_round: int = Field(default=10, gt=0, description="iterative_dpo: optimizer steps in each round")
+    reference: Literal["initial", "previous"] = Field(
+        default="initial", description="iterative_dpo: the reference of every round is the initial model (the "
+        "previous round's adapter continues on it), or the previous round's policy (merged; a new adapter on it)")
+    round_labels: dict[int, Path] = Field(
+        default_factory=dict, description="iterative_dpo: {round: pair file} (e.g. what `vlmrl study export` "
+        "writes): that round trains on the file's pairs instead of judging its own samples")
 
     @field_validator("rewards", mode="before")
     @classmethod
@@ -269,8 +278,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        if self.train.algo == "online_dpo" and "name" not in self.loss.model_fields_set:
-            self.loss.name = "dpop"  # online DPO's default loss, as issue 13 asks; an explicit loss.name wins
+        if self.train.algo in ("online_dpo", "iterative_dpo") and "name" not in self.loss.model_fields_set:
+            self.loss.name = "dpop"  # the online methods' default loss, as issue 13 asks; an explicit loss.name wins
+        late = [r for r in self.online.round_labels if not 0 <= r < self.online.rounds]
+        if late:
+            raise ValueError(f"online.round_labels names round(s) {late}, outside 0..{self.online.rounds - 1} "
+                             "(rounds count from 0)")
         if self.train.early_stopping_patience and self.data.eval is None:
             raise ValueError("train.early_stopping_patience needs held-out data: set data.eval")
         if self.loss.reference_free and self.loss.name in ("dpop", "bco", "mpo"):

@@ -12,14 +12,15 @@ OVERRIDES_HELP = "dotted overrides of the config, e.g. train.lr=1e-5 loss.name=d
 def add_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="SFT, preference training (DPO, DPOP, IPO, hinge, robust, SimPO, RPO), GRPO, online DPO or "
-        "rejection-sampling fine-tuning of a vision-language model",
+        help="SFT, preference training (DPO, DPOP, IPO, hinge, robust, SimPO, RPO), GRPO, online or iterative "
+        "DPO, or rejection-sampling fine-tuning of a vision-language model",
         description="Train as the YAML config says, with overrides from the command line. Writes metrics.jsonl, "
         "TensorBoard logs, checkpoints, config.yaml and final/ (adapter + processor) to train.output_dir. "
         "Example: vlmrl train --algo dpo --config configs/demo-cpu.yaml train.lr=1e-4 loss.name=dpop",
     )
-    train.add_argument("--algo", choices=("sft", "dpo", "grpo", "online_dpo", "rft"), default=None,
-                       help="overrides train.algo of the config (online_dpo and rft: see the online: section)")
+    train.add_argument("--algo", choices=("sft", "dpo", "grpo", "online_dpo", "rft", "iterative_dpo"),
+                       default=None, help="overrides train.algo of the config (online_dpo, rft, iterative_dpo: see "
+                       "the online: section)")
     train.add_argument("--config", required=True, help="YAML config file (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)

@@ -191,6 +191,8 @@ class Trainer:
         if t.algo == "online_dpo":
             judge = build_judge(c.online, self.trust_remote_code)
             return OnlineDpoStep(self.model, self.processor, c.online, c.loss, judge, reference, unwrapped)
+        if t.algo == "iterative_dpo":
+            raise VlmrlError("iterative_dpo trains in rounds, each a dpo run: start it with vlmrl.train.loop.train")
         if t.algo == "rft":
             return RftStep(self.model, self.processor, c.online, build_judge(c.online, self.trust_remote_code),
                            unwrapped)
@@ -433,7 +435,12 @@ class Trainer:
 
 
 def train(config: Config, resume: bool = False, trust_remote_code: bool = False) -> Path:
-    """Train as ``config`` says; returns ``RUN/final``. Raises TrainingInterrupted on Ctrl-C.
-    ``trust_remote_code`` (the ``--trust-remote-code`` flag) lets the model folder's own code run."""
+    """Train as ``config`` says; returns ``RUN/final`` (iterative DPO: the last round's). Raises
+    TrainingInterrupted on Ctrl-C. ``trust_remote_code`` (the ``--trust-remote-code`` flag) lets the
+    model folder's own code run."""
+    if config.train.algo == "iterative_dpo":  # rounds of this loop, each on its own pairs (train/iterative.py)
+        from vlmrl.train.iterative import train_rounds
+
+        return train_rounds(config, resume=resume, trust_remote_code=trust_remote_code)
     return Trainer(config, resume=resume, trust_remote_code=trust_remote_code).train()
 

@@ -138,6 +138,7 @@ class Drawn:
     records: list
     prompts: object  # the sampler's processor batch of every record
     completions: list[list[int]]
+    texts: list[str]
     rewards: list[list[float | None]]  # per record, k each
     metrics: dict[str, float]
 
@@ -166,7 +167,7 @@ class GroupSampler:
             "val/contain_eos_token": samples.stopped.float().mean().item(),
             "completions/mean_length": samples.mask.sum(1).float().mean().item(),
         }
-        return Drawn(list(records), samples.prompts, samples.completions(), rewards, metrics)
+        return Drawn(list(records), samples.prompts, samples.completions(), samples.texts, rewards, metrics)
 
     def _judge(self, records, texts: list[str]) -> tuple[list[list[float | None]], int]:
         k = self.config.group_size
