@@ -127,10 +127,8 @@ def test_online_loss_equals_preference_loss_on_plain_per_answer_forwards(
     lengths = batch.group.completion_mask.sum(1)
 
     def logps(model_, rows_):
-        return torch.stack([
-            _plain_logp(model_, trainer.processor, records[batch.sources[r // k]], completions[r, : lengths[r]].tolist())
-            for r in rows_.tolist()
-        ])
+        answers = [(records[batch.sources[r // k]], completions[r, : lengths[r]].tolist()) for r in rows_.tolist()]
+        return torch.stack([_plain_logp(model_, trainer.processor, record, ids) for record, ids in answers])
 
     with torch.no_grad():
         pc, pr = logps(model, batch.chosen), logps(model, batch.rejected)

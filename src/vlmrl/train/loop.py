@@ -181,7 +181,7 @@ class Trainer:
         self.step_fn = self._make_step(reference, unwrapped)
 
     def _make_step(self, reference, unwrapped):
-        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), GRPO, online DPO or RFT."""
+        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), GRPO, online DPO, RFT."""
         c, t = self.config, self.config.train
         max_length = c.data.max_length
         if t.algo == "sft":
@@ -358,7 +358,8 @@ class Trainer:
         return result
 
     def _evaluate_exact_match(self, model, records) -> dict[str, float]:
-        """GRPO's held-out check: greedy answers scored by the counting task.
+        """The held-out check of the algorithms that sample (grpo, online_dpo, rft): greedy answers scored by
+        the counting task.
 
         ``eval/loss`` is ``1 - eval/exact_match`` so that early stopping reads it like a loss.
         """
@@ -367,7 +368,7 @@ class Trainer:
 
         acc = self.accelerator
         answers = generate(model, self.processor, [(r.images, r.prompt) for r in records],
-                           self.config.grpo.max_new_tokens, batch_size=max(8, self.config.train.batch_size))
+                           self._answer_length(), batch_size=max(8, self.config.train.batch_size))
         hits = 0.0
         for record, answer in zip(records, answers):
             gold = record.metadata["counts"]
@@ -377,6 +378,11 @@ class Trainer:
         model.train()
         em = (sums[0] / sums[1]).item()
         return {"eval/exact_match": em, "eval/loss": 1.0 - em}
+
+    def _answer_length(self) -> int:
+        """The longest held-out answer: the one the run samples with (``grpo`` or ``online`` section)."""
+        c = self.config
+        return c.grpo.max_new_tokens if c.train.algo == "grpo" else c.online.max_new_tokens
 
     def _early_stop(self, eval_loss: float) -> bool:
         best = self.state["best_eval_loss"]
