@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from vlmrl.cli import main
-from vlmrl.config import validate_config
+from vlmrl.config import OnlineConfig, validate_config
 from vlmrl.errors import VlmrlError
 from vlmrl.generate import encode_prompts
+from vlmrl.judges import PromptJudge, RewardJudge
 from vlmrl.losses.preference import preference_loss
 from vlmrl.train.loop import Trainer
-from vlmrl.train.online import OnlineDpoStep, RftStep, best_answer, copeland, form_pairs
+from vlmrl.train.online import GroupSampler, OnlineDpoStep, RftStep, best_answer, copeland, form_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -247,3 +249,47 @@ def test_resume_continues_the_identical_curve(tiny_model_dir, synth_pairs_file, 
         for name in ("loss", "objective/scores", "completions/mean_length", "logps/chosen", "grad_norm"):
             assert math.isclose(a[name], b[name], rel_tol=1e-6, abs_tol=1e-6), (a["step"], name, a[name], b[name])
 
+
+
+# ----------------------------------------------------------------------------------- a pairwise judge
+
+
+def _answers_in(conversation) -> tuple[str, str]:
+    text = conversation[-1]["content"][-1]["text"]
+    a = re.search(r"Assistant A's Answer\]\n(.*)\n\[The End of Assistant A", text, re.S).group(1)
+    b = re.search(r"Assistant B's Answer\]\n(.*)\n\[The End of Assistant B", text, re.S).group(1)
+    return a, b
+
+
+def _longer_wins(conversations) -> list[str]:
+    """A judge model that prefers the longer answer, whichever side it is shown on."""
+    replies = []
+    for conversation in conversations:
+        a, b = _answers_in(conversation)
+        replies.append("[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[C]]")
+    return replies
+
+
+def test_a_pairwise_judge_ranks_by_wins_and_a_position_biased_one_forms_no_pair(
+    tiny_model_dir, synth_pairs_file, tmp_path
+):
+    trainer = Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "r")))
+    model, processor, records = trainer.step_fn.unwrapped, trainer.processor, trainer.train_records[:2]
+    by_reward = GroupSampler(model, processor, trainer.config.online, RewardJudge(["test_online:length_reward"]))
+    pairwise = OnlineConfig(group_size=3, max_new_tokens=6, judge="http", judge_url="http://127.0.0.1:9",
+                            judge_model="m", judge_mode="pairwise")
+    longer = GroupSampler(model, processor, pairwise, PromptJudge(_longer_wins, {"model": "longer"}))
+    biased = GroupSampler(model, processor, pairwise, PromptJudge(lambda cs: ["[[A]]"] * len(cs), {"model": "a"}))
+    drawn = {}
+    for name, sampler in (("reward", by_reward), ("longer", longer), ("biased", biased)):
+        torch.manual_seed(11)
+        drawn[name] = sampler.draw(records)
+    assert drawn["longer"].texts == drawn["reward"].texts  # the same samples, judged three ways
+    for i in range(2):
+        lengths = [len(t) for t in drawn["reward"].texts[i * 3 : (i + 1) * 3]]
+        expected = [float(sum((x > y) - (x < y) for y in lengths)) for x in lengths]  # wins minus losses
+        assert drawn["longer"].rewards[i] == expected
+        assert form_pairs(drawn["longer"].rewards[i]) == form_pairs(drawn["reward"].rewards[i])
+    # "[[A]]" whatever the order: the two orders disagree on every pair, so every pair is a tie.
+    assert drawn["biased"].metrics["judge/inconsistent"] == 6 and drawn["biased"].metrics["judge/failures"] == 0
+    assert all(form_pairs(r) == ([], 1) for r in drawn["biased"].rewards)

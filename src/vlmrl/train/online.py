@@ -11,8 +11,9 @@ Both steps start the same way (``GroupSampler.draw``), once per micro-batch:
    reward, ``vlmrl.tasks.rewards``, accuracy plus format) through ``vlmrl.judges.RewardJudge``; or
    an HTTP or local VLM judge rating each answer (``judge_mode: score``), or comparing every two
    answers of a prompt in both orders (``judge_mode: pairwise``; a disagreement between the
-   orders is a tie), an answer's reward then being its wins minus its losses (Copeland). An answer
-   the judge failed on has no reward: it is in no pair and never kept (``judge/failures``).
+   orders is a tie, counted in ``judge/inconsistent``), an answer's reward then being its wins minus
+   its losses (Copeland). An answer the judge failed on has no reward: it is in no pair and never
+   kept (``judge/failures``).
 
 Then:
 
@@ -159,33 +160,37 @@ class GroupSampler:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # torch's global state is in every checkpoint
         samples = sample_groups(self.model, self.processor, [(r.images, r.prompt) for r in records], k,
                                 c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed)
-        rewards, failures = self._judge(records, samples.texts)
+        rewards, metrics = self._judge(records, samples.texts)
         scored = [r for group in rewards for r in group if r is not None]
-        metrics = {
+        metrics.update({
             "objective/scores": sum(scored) / len(scored) if scored else 0.0,
-            "judge/failures": float(failures),
             "val/contain_eos_token": samples.stopped.float().mean().item(),
             "completions/mean_length": samples.mask.sum(1).float().mean().item(),
-        }
+        })
         return Drawn(list(records), samples.prompts, samples.completions(), samples.texts, rewards, metrics)
 
-    def _judge(self, records, texts: list[str]) -> tuple[list[list[float | None]], int]:
+    def _judge(self, records, texts: list[str]) -> tuple[list[list[float | None]], dict[str, float]]:
+        """Each record's k rewards (None: the judge failed), and ``judge/failures`` (answers, or pairwise: pairs)."""
         k = self.config.group_size
         if self.config.judge_mode == "pairwise":
             return self._judge_pairwise(records, texts)
         result = self.judge.score([r for r in records for _ in range(k)], texts)
         scores = result.scores
-        return [scores[i * k : (i + 1) * k] for i in range(len(records))], result.failures
+        return [scores[i * k : (i + 1) * k] for i in range(len(records))], {"judge/failures": float(result.failures)}
 
-    def _judge_pairwise(self, records, texts: list[str]) -> tuple[list[list[float | None]], int]:
+    def _judge_pairwise(self, records, texts: list[str]) -> tuple[list[list[float | None]], dict[str, float]]:
+        """Every two answers of a record compared in both orders; rewards by ``copeland``.
+
+        ``judge/inconsistent`` counts the pairs whose two orders disagreed (ties, position bias)."""
         k = self.config.group_size
         index = [(i, a, b) for i in range(len(records)) for a in range(k) for b in range(a + 1, k)]
         asked = [(records[i], texts[i * k + a], texts[i * k + b]) for i, a, b in index]
-        verdicts = self.judge.prefer_many(asked).verdicts
+        preferences = self.judge.prefer_many(asked)
         per_record = [{} for _ in records]
-        for (i, a, b), verdict in zip(index, verdicts):
+        for (i, a, b), verdict in zip(index, preferences.verdicts):
             per_record[i][(a, b)] = verdict
-        return [copeland(v, k) for v in per_record], sum(v is None for v in verdicts)
+        metrics = {"judge/failures": float(preferences.failures), "judge/inconsistent": float(preferences.inconsistent)}
+        return [copeland(v, k) for v in per_record], metrics
 
 
 def group_batch_of(drawn: Drawn, rows: list[int], completions: list[list[int]], group_size: int,
