@@ -132,7 +132,24 @@ def test_iterative_from_the_cli(tiny_model_dir, prompt_pool, tmp_path, capsys):
     args = ["train", "--algo", "iterative_dpo", "--config", str(CONFIGS / "demo-cpu.yaml"),
             f"model.name_or_path={tiny_model_dir}", f"data.train={prompt_pool}", "data.eval=null",
             f"train.output_dir={run}", "train.batch_size=4", "train.grad_accum=1", "train.progress=false",
-            "online.rounds=1", "online.steps_per_round=1", "online.group_size=2", "online.max_new_tokens=4",
-            "online.rewards=[test_iterative:length_reward]"]
+            "online.rounds=1", "online.steps_per_round=3", "online.group_size=2", "online.max_new_tokens=4",
+            "online.rewards=[test_iterative:length_reward]", "train.lr=1e-2"]
     assert main(args) == 0
-    assert str(run / "rounds" / "r0" / "train" / "final") in capsys.readouterr().out
+    final = run / "rounds" / "r0" / "train" / "final"
+    assert str(final) in capsys.readouterr().out
+    assert (run / "config.yaml").is_file() and not (run / "rounds" / "r0" / "eval").exists()  # no data.eval
+    train_rows = [row for row in _rows(run / "rounds" / "r0" / "train" / "metrics.jsonl") if "loss" in row]
+    assert [row["step"] for row in train_rows] == [1, 2, 3]
+    for name in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+        assert all(math.isfinite(row[name]) for row in train_rows), name
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert any(v.abs().max() > 0 for name, v in adapter.items() if "lora_B" in name)
+
+
+def test_full_finetuning_needs_the_previous_reference(tiny_model_dir, prompt_pool, tmp_path):
+    raw = _raw(tiny_model_dir, prompt_pool, tmp_path)
+    raw["lora"] = {"enabled": False}
+    with pytest.raises(VlmrlError, match="online.reference=previous for full fine-tuning"):
+        validate_config(raw)
+    raw["online"]["reference"] = "previous"
+    assert validate_config(raw).online.reference == "previous"

@@ -280,6 +280,10 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.train.algo in ("online_dpo", "iterative_dpo") and "name" not in self.loss.model_fields_set:
             self.loss.name = "dpop"  # the online methods' default loss, as issue 13 asks; an explicit loss.name wins
+        iterative = self.train.algo == "iterative_dpo"
+        if iterative and self.online.reference == "initial" and not self.lora.enabled and self.online.rounds > 1:
+            raise ValueError("online.reference=initial continues the LoRA adapter from round to round on the initial "
+                             "model: set lora.enabled=true, or online.reference=previous for full fine-tuning")
         late = [r for r in self.online.round_labels if not 0 <= r < self.online.rounds]
         if late:
             raise ValueError(f"online.round_labels names round(s) {late}, outside 0..{self.online.rounds - 1} "

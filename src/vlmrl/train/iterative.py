@@ -24,7 +24,8 @@ As in RLAIF-V (Yu et al. 2024, arXiv 2405.17220) and iterative RPO (Pang et al. 
 
 ``round.json`` marks a finished round. ``--resume`` skips finished rounds and continues inside the
 current one: its pair file is read back (not sampled again) and its training resumes from its
-latest checkpoint. The run's final model is the last round's ``train/final``.
+latest checkpoint. The run's final model is the last round's ``train/final``; ``RUN/config.yaml``
+holds the whole run's config, each ``rounds/r<r>/train/config.yaml`` its round's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from vlmrl.config import Config, validate_config
+from vlmrl.config import Config, config_yaml, validate_config
 from vlmrl.data.records import PreferenceRecord
 from vlmrl.errors import VlmrlError
 from vlmrl.train.online import GroupSampler, build_judge, form_pairs
@@ -52,6 +53,8 @@ def train_rounds(config: Config, resume: bool = False, trust_remote_code: bool =
     if (out / "rounds").is_dir() and not resume:
         raise VlmrlError(f"{out} already holds rounds ({out / 'rounds'}); pass --resume to continue that run, "
                          "or choose another train.output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_yaml(config))
     for r in range(config.online.rounds):
         folder = round_dir(out, r)
         if (folder / "round.json").is_file():
@@ -75,8 +78,7 @@ def run_round(config: Config, r: int, trust_remote_code: bool) -> None:
     base = round_base(config, r, trust_remote_code)
     pairs = folder / "pairs.jsonl"
     if not pairs.is_file():
-        labels = label_round(config, r, pairs, trust_remote_code)
-        (folder / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+        label_round(config, r, folder, trust_remote_code)
     trainer = Trainer(round_config(config, r, base, pairs), resume=True, trust_remote_code=trust_remote_code)
     if trainer.resume_from is None and r > 0 and config.online.reference == "initial":
         continue_adapter(trainer, round_dir(out, r - 1) / "train" / "final")
@@ -118,8 +120,8 @@ def round_config(config: Config, r: int, base: str, pairs: Path) -> Config:
 # ----------------------------------------------------------------------------------- labelling
 
 
-def label_round(config: Config, r: int, path: Path, trust_remote_code: bool) -> dict:
-    """Write round ``r``'s pair file (atomically) and return what labelling measured."""
+def label_round(config: Config, r: int, folder: Path, trust_remote_code: bool) -> None:
+    """Write round ``r``'s ``labels.json`` (what labelling measured), then its ``pairs.jsonl`` (atomically)."""
     from vlmrl.data.load import load_records
     from vlmrl.data.writers import write_records
 
@@ -134,11 +136,11 @@ def label_round(config: Config, r: int, path: Path, trust_remote_code: bool) -> 
         if not records:
             raise VlmrlError(f"round {r}: every prompt's answers tied ({stats['dropped_ties']} ties): no pair to "
                              "train on; raise online.group_size or online.temperature, or lower online.margin")
-    partial = path.with_name("pairs.partial.jsonl")
+    (folder / "labels.json").write_text(json.dumps(stats, indent=2) + "\n")
+    partial, path = folder / "pairs.partial.jsonl", folder / "pairs.jsonl"
     write_records(records, partial, "vlmrl")
-    os.replace(partial, path)
+    os.replace(partial, path)  # the pair file exists only whole: a crash before this labels the round again
     log.info("round %d: %d pairs written to %s", r, len(records), path)
-    return stats
 
 
 def judged_pairs(config: Config, r: int, trust_remote_code: bool) -> tuple[list[PreferenceRecord], dict]:
