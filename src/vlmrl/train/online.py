@@ -154,6 +154,7 @@ class GroupSampler:
         self.judge = judge
 
     def draw(self, records) -> Drawn:
+        """k answers per record from the current policy, judged; seeded from torch's global generator."""
         if not records:
             raise VlmrlError("no records to encode: the batch is empty")
         c, k = self.config, self.config.group_size
