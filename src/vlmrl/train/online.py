@@ -62,7 +62,7 @@ from vlmrl.judges import HttpVlmJudge, LocalVlmJudge, RewardJudge
 from vlmrl.losses.preference import SHIFTED, RewardShift, nll
 from vlmrl.models.load import reference_forward
 from vlmrl.sampling.sampler import sample_groups
-from vlmrl.train.steps import loss_needs_reference, pair_loss
+from vlmrl.train.steps import bco_delta, loss_needs_reference, pair_loss
 
 # ----------------------------------------------------------------------------------- pairs
 
@@ -290,7 +290,7 @@ class OnlineDpoStep:
         policy = PairLogps(logps[batch.chosen], logps[batch.rejected], tokens[batch.chosen], tokens[batch.rejected])
         ref_chosen = ref_logps[batch.chosen] if ref_logps is not None else None
         ref_rejected = ref_logps[batch.rejected] if ref_logps is not None else None
-        delta = self._bco_delta(policy, ref_chosen, ref_rejected, model)
+        delta = bco_delta(self.reward_shift, self.loss.beta, policy, ref_chosen, ref_rejected, model.training)
         loss, metrics = pair_loss(self.loss, policy, ref_chosen, ref_rejected, delta)
         metrics.update(batch.metrics)
         metrics["beta"] = self.loss.beta
@@ -309,15 +309,6 @@ class OnlineDpoStep:
                  "pairs/chosen_reward", "pairs/rejected_reward"]
         names += ["objective/kl"] * with_kl + ["delta"] * (self.loss.name in SHIFTED)
         return {**dict.fromkeys(names, 0.0), "beta": self.loss.beta}
-
-    def _bco_delta(self, policy, ref_chosen, ref_rejected, model) -> float:
-        """BCO's reward shift (bco, mpo): 0, or the running mean over training batches (as ``PreferenceStep``)."""
-        if self.reward_shift is None:
-            return 0.0
-        if not model.training:
-            return self.reward_shift.mean
-        beta = self.loss.beta
-        return self.reward_shift.update(beta * (policy.chosen - ref_chosen), beta * (policy.rejected - ref_rejected))
 
     def _reference_logps(self, group: GroupBatch) -> torch.Tensor:
         with torch.no_grad(), reference_forward(self.reference, self.unwrapped) as model:
