@@ -101,11 +101,12 @@ def _plain_logp(model, processor, record, completion: list[int]) -> torch.Tensor
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).sum()
 
 
-@pytest.mark.parametrize("loss_name", ["dpop", "dpo"])
+@pytest.mark.parametrize("loss_name, shared_prompt", [("dpop", True), ("dpo", False), ("mpo", True)])
 def test_online_loss_equals_preference_loss_on_plain_per_answer_forwards(
-    tiny_model_dir, synth_pairs_file, tmp_path, loss_name
+    tiny_model_dir, synth_pairs_file, tmp_path, loss_name, shared_prompt
 ):
-    raw = _raw(tiny_model_dir, synth_pairs_file, tmp_path / "run", pairs="all")
+    raw = _raw(tiny_model_dir, synth_pairs_file, tmp_path / "run", pairs="all", shared_prompt=shared_prompt,
+               temperature=0.7)  # sampled at 0.7, scored under the model's own distribution
     raw["loss"]["name"] = loss_name
     trainer = Trainer(validate_config(raw))
     step = trainer.step_fn
@@ -137,8 +138,11 @@ def test_online_loss_equals_preference_loss_on_plain_per_answer_forwards(
         with model.disable_adapter():
             rc, rr = logps(model, batch.chosen), logps(model, batch.rejected)
     assert not torch.allclose(pc, rc)  # the adapter matters: the reference is really the adapter off
-    params = {"dpop_lambda": 5.0} if loss_name == "dpop" else {"label_smoothing": 0.0}
-    expected, chosen_rewards, rejected_rewards = preference_loss(loss_name, pc, pr, rc, rr, beta=0.1, **params)
+    params = {"dpop": {"dpop_lambda": 5.0}, "dpo": {"label_smoothing": 0.0},
+              "mpo": {"weights": (0.8, 0.2, 1.0), "delta": 0.0}}[loss_name]
+    expected, chosen_rewards, rejected_rewards = preference_loss(
+        loss_name, pc, pr, rc, rr, chosen_lengths=lengths[batch.chosen], rejected_lengths=lengths[batch.rejected],
+        beta=0.1, **params)
     torch.testing.assert_close(loss.detach(), expected.mean(), rtol=1e-4, atol=1e-5)
     assert math.isclose(metrics["rewards/margins"], (chosen_rewards - rejected_rewards).mean().item(),
                         rel_tol=1e-3, abs_tol=1e-5)
