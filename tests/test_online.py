@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotations here
 from safetensors.torch import load_file
 
 from vlmrl.cli import main
@@ -297,3 +298,59 @@ def test_a_pairwise_judge_ranks_by_wins_and_a_position_biased_one_forms_no_pair(
     # "[[A]]" whatever the order: the two orders disagree on every pair, so every pair is a tie.
     assert drawn["biased"].metrics["judge/inconsistent"] == 6 and drawn["biased"].metrics["judge/failures"] == 0
     assert all(form_pairs(r) == ([], 1) for r in drawn["biased"].rewards)
+
+
+# ----------------------------------------------------------------------------------- an HTTP judge
+
+
+@pytest.fixture(scope="module")
+def length_judge_server():
+    """A real OpenAI-compatible judge on 127.0.0.1 that rates an answer by its length (1 to 10)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    app = FastAPI()
+    seen: list[str] = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        text = " ".join(p["text"] for p in (await request.json())["messages"][-1]["content"] if p["type"] == "text")
+        answer = text.split("[The Start of Assistant's Answer]\n", 1)[1].split("\n[The End of Assistant's Answer]")[0]
+        seen.append(answer)
+        rating = min(10, 1 + len(answer))
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"Rating: [[{rating}]]"}}]}
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
+    server.should_exit = True
+    thread.join(timeout=5)
+    sock.close()
+
+
+def test_online_dpo_with_an_http_judge_trains_on_its_ratings(
+    tiny_model_dir, synth_pairs_file, tmp_path, length_judge_server
+):
+    url, seen = length_judge_server
+    seen.clear()
+    raw = _raw(tiny_model_dir, synth_pairs_file, tmp_path / "run", max_steps=2, judge="http", judge_url=url,
+               judge_model="length-judge", judge_cache=str(tmp_path / "judge"))
+    trainer = Trainer(validate_config(raw))
+    trainer.train()
+    train_rows = [r for r in rows(tmp_path / "run") if "loss" in r]
+    assert len(seen) == 2 * 2 * 3  # steps x prompts x answers, each rated once
+    assert all(r["judge/failures"] == 0 for r in train_rows)
+    assert sum(r["pairs/formed"] for r in train_rows) > 0 and all(math.isfinite(r["loss"]) for r in train_rows)
+    for r in train_rows:  # chosen answers are the longer ones: their ratings are higher
+        assert r["pairs/formed"] == 0 or r["pairs/chosen_reward"] > r["pairs/rejected_reward"]
+    assert len((tmp_path / "judge" / "judge_replies.jsonl").read_text().splitlines()) == len(set(seen))
