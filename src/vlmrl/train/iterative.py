@@ -112,7 +112,7 @@ def round_config(config: Config, r: int, base: str, pairs: Path) -> Config:
     raw["model"]["name_or_path"] = base
     raw["data"].update(train=str(pairs), eval=None, format="vlmrl")
     raw["train"].update(algo="dpo", max_steps=config.online.steps_per_round, early_stopping_patience=None,
-                        output_dir=str(round_dir(Path(config.train.output_dir), r) / "train"), resume="no")
+                        output_dir=str(round_dir(Path(config.train.output_dir), r) / "train"))
     raw["online"]["round_labels"] = {}
     return validate_config(raw, source=f"round {r}")
 
