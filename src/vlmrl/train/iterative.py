@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 def train_rounds(config: Config, resume: bool = False, trust_remote_code: bool = False) -> Path:
-    """Run (or, with ``resume`` or ``train.resume=auto``, finish) every round; return the last round's ``train/final``."""
+    """Run (or, with ``resume`` or ``train.resume=auto``, finish) every round; return the last round's final model."""
     out = Path(config.train.output_dir)
     if (out / "rounds").is_dir() and not (resume or config.train.resume == "auto"):
         raise VlmrlError(f"{out} already holds rounds ({out / 'rounds'}); pass --resume to continue that run, "
