@@ -207,17 +207,18 @@ class GrpoConfig(BaseModel):
 
 
 class OnlineConfig(_Section):
-    """The ``online:`` section (``--algo online_dpo`` and ``--algo rft``; see ``vlmrl.train.online``)."""
+    """The ``online:`` section: ``--algo online_dpo`` and ``rft`` (``vlmrl.train.online``), ``iterative_dpo``
+    (``vlmrl.train.iterative``)."""
 
     group_size: int = Field(default=4, ge=2, description="answers sampled per prompt (k)")
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
     top_p: float = Field(default=1.0, gt=0, le=1, description="sampling nucleus (1: no truncation)")
     max_new_tokens: int = Field(default=48, gt=0, description="longest sampled answer, in tokens")
     pairs: Literal["best_worst", "all"] = Field(
-        default="best_worst", description="online_dpo: best_worst, one pair per prompt (its best against its worst "
+        default="best_worst", description="online_dpo, iterative_dpo: best_worst, one pair per prompt (its best against its worst "
         "answer); all, every two answers whose rewards differ by more than online.margin, the better one chosen")
     margin: float = Field(
-        default=0.0, ge=0.0, description="online_dpo: two answers whose rewards differ by at most this are a tie, "
+        default=0.0, ge=0.0, description="online_dpo, iterative_dpo: two answers whose rewards differ by at most this are a tie, "
         "dropped and counted in pairs/dropped_ties")
     rft_threshold: float | None = Field(
         default=None, description="rft: keep a prompt's best answer only if its reward is at least this; "
