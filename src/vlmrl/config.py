@@ -147,7 +147,10 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    algo: Literal["sft", "dpo", "grpo", "kto"] = "dpo"
+    algo: Literal["sft", "dpo", "grpo", "kto", "online_dpo", "rft", "iterative_dpo"] = Field(
+        default="dpo", description="sft; dpo (offline pairs, the loss: section); kto (unpaired records, loss.beta and loss.kto_*); grpo; online_dpo (pairs from the "
+        "policy's own samples, the online: and loss: sections); rft (SFT on the best of the policy's samples); "
+        "iterative_dpo (online.rounds rounds of: label the policy's samples, train online.steps_per_round steps)")
     # dpo: the fast pair forward (image once, shared prompt; exact, falls back where unsupported)
     fast_path: bool = True
     # dpo: reference log-probs computed once before training and cached (keyed by model + data)
@@ -212,6 +215,68 @@ class GrpoConfig(BaseModel):
         return value
 
 
+class OnlineConfig(_Section):
+    """The ``online:`` section: ``--algo online_dpo`` and ``rft`` (``vlmrl.train.online``), ``iterative_dpo``
+    (``vlmrl.train.iterative``)."""
+
+    group_size: int = Field(default=4, ge=2, description="answers sampled per prompt (k)")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="sampling nucleus (1: no truncation)")
+    max_new_tokens: int = Field(default=48, gt=0, description="longest sampled answer, in tokens")
+    pairs: Literal["best_worst", "all"] = Field(
+        default="best_worst", description="online_dpo, iterative_dpo: best_worst, one pair per prompt (its best against its worst "
+        "answer); all, every two answers whose rewards differ by more than online.margin, the better one chosen")
+    margin: float = Field(
+        default=0.0, ge=0.0, description="online_dpo, iterative_dpo: two answers whose rewards differ by at most this are a tie, "
+        "dropped and counted in pairs/dropped_ties")
+    rft_threshold: float | None = Field(
+        default=None, description="rft: keep a prompt's best answer only if its reward is at least this; "
+        "None: always keep it (top-1)")
+    judge: Literal["reward", "http", "local"] = Field(
+        default="reward", description="who scores the answers: reward (online.rewards, the record's task reward by "
+        "default); http (an OpenAI-compatible VLM at online.judge_url); local (the model at online.judge_model)")
+    judge_mode: Literal["score", "pairwise"] = Field(
+        default="score", description="http and local judges: score (a rating per answer) or pairwise (every two "
+        "answers of a prompt compared in both orders; an answer's reward is its wins minus its losses)")
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="vlmrl.tasks.rewards:task_accuracy_reward"),
+                                 RewardSpec(name="vlmrl.tasks.rewards:task_format_reward")],
+        min_length=1, description="judge=reward: the reward functions summed (names as in grpo.rewards)")
+    judge_url: str | None = Field(default=None, description="judge=http: the endpoint's base URL (…/v1)")
+    judge_model: str | None = Field(
+        default=None, description="judge=http: the model name the endpoint serves; judge=local: the model folder")
+    judge_key_env: str | None = Field(
+        default=None, description="judge=http: the environment variable holding the API key (none: no key sent)")
+    judge_cache: Path | None = Field(
+        default=None, description="http and local judges: a folder where replies are kept by content hash")
+    shared_prompt: bool = Field(
+        default=True, description="score a prompt's k answers in one prompt | a1 | ... | ak row (eager or sdpa "
+        "attention); false: one row per answer, the image still encoded once")
+    rounds: int = Field(default=2, ge=1, description="iterative_dpo: how many rounds of label-then-train")
+    steps_per_round: int = Field(default=10, gt=0, description="iterative_dpo: optimizer steps in each round")
+    reference: Literal["initial", "previous"] = Field(
+        default="initial", description="iterative_dpo: the reference of every round is the initial model (the "
+        "previous round's adapter continues on it), or the previous round's policy (merged; a new adapter on it)")
+    round_labels: dict[int, Path] = Field(
+        default_factory=dict, description="iterative_dpo: {round: pair file} (e.g. what `vlmrl study export` "
+        "writes): that round trains on the file's pairs instead of judging its own samples")
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _names_as_specs(cls, value: Any) -> Any:
+        return GrpoConfig._names_as_specs(value)
+
+    @model_validator(mode="after")
+    def _judge_settings(self) -> OnlineConfig:
+        if self.judge == "http" and not (self.judge_url and self.judge_model):
+            raise ValueError("online.judge=http needs online.judge_url and online.judge_model")
+        if self.judge == "local" and not self.judge_model:
+            raise ValueError("online.judge=local needs online.judge_model (the judge model's folder)")
+        if self.judge == "reward" and self.judge_mode == "pairwise":
+            raise ValueError("online.judge_mode=pairwise needs an http or local judge; a reward scores each answer")
+        return self
+
+
 class Config(_Section):
     model: ModelConfig
     lora: LoraConfig = LoraConfig()
@@ -219,9 +284,20 @@ class Config(_Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     grpo: GrpoConfig = GrpoConfig()
+    online: OnlineConfig = OnlineConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.train.algo in ("online_dpo", "iterative_dpo") and "name" not in self.loss.model_fields_set:
+            self.loss.name = "dpop"  # the online methods' default loss, as issue 13 asks; an explicit loss.name wins
+        iterative = self.train.algo == "iterative_dpo"
+        if iterative and self.online.reference == "initial" and not self.lora.enabled and self.online.rounds > 1:
+            raise ValueError("online.reference=initial continues the LoRA adapter from round to round on the initial "
+                             "model: set lora.enabled=true, or online.reference=previous for full fine-tuning")
+        late = [r for r in self.online.round_labels if not 0 <= r < self.online.rounds]
+        if late:
+            raise ValueError(f"online.round_labels names round(s) {late}, outside 0..{self.online.rounds - 1} "
+                             "(rounds count from 0)")
         if self.train.early_stopping_patience and self.data.eval is None:
             raise ValueError("train.early_stopping_patience needs held-out data: set data.eval")
         if self.loss.reference_free and self.loss.name in ("dpop", "bco", "mpo"):

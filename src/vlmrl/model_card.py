@@ -166,6 +166,10 @@ def _method_name(config: dict) -> str:
         return "supervised fine-tuning (SFT)"
     if algo == "grpo":
         return "GRPO (group relative policy optimisation)"
+    if algo == "rft":
+        return "rejection-sampling fine-tuning (SFT on the best of the policy's own judged samples)"
+    if algo == "online_dpo":
+        return f"online DPO on the policy's own judged samples, loss `{(config.get('loss') or {}).get('name')}`"
     return f"preference optimisation, loss `{(config.get('loss') or {}).get('name', 'dpo')}`"
 
 
@@ -188,8 +192,9 @@ def _method_parameters(config: dict) -> list[list[str]]:
     algo = config.get("train", {}).get("algo", "dpo")
     if algo == "sft":
         return [["loss", "mean next-token negative log-likelihood of the chosen answers"]]
-    section = "grpo" if algo == "grpo" else "loss"
-    return [[f"{section}.{key}", _value(value)] for key, value in (config.get(section) or {}).items()]
+    sections = {"grpo": ("grpo",), "rft": ("online",), "online_dpo": ("online", "loss")}.get(algo, ("loss",))
+    return [[f"{section}.{key}", _value(value)] for section in sections
+            for key, value in (config.get(section) or {}).items()]
 
 
 def _data_section(fingerprints: dict[str, str | None]) -> str:

@@ -12,13 +12,14 @@ OVERRIDES_HELP = "dotted overrides of the config, e.g. train.lr=1e-5 loss.name=d
 def add_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="SFT, preference training (DPO, DPOP, IPO, hinge, robust, SimPO, RPO, BCO, MPO), KTO on unpaired data "
-        "or GRPO of a vision-language model",
+        help="SFT, preference training (DPO, DPOP, IPO, hinge, robust, SimPO, RPO, BCO, MPO), KTO on unpaired data, "
+        "GRPO, online or iterative DPO, or rejection-sampling fine-tuning of a vision-language model",
         description="Train as the YAML config says, with overrides from the command line. Writes metrics.jsonl, "
         "TensorBoard logs, checkpoints, config.yaml and final/ (adapter + processor) to train.output_dir. "
         "Example: vlmrl train --algo dpo --config configs/demo-cpu.yaml train.lr=1e-4 loss.name=dpop",
     )
-    train.add_argument("--algo", choices=("sft", "dpo", "grpo", "kto"), default=None, help="overrides train.algo of the config")
+        help="SFT, preference training (DPO, DPOP, IPO, hinge, robust, SimPO, RPO, BCO, MPO), KTO on unpaired data, "
+        "GRPO, online or iterative DPO, or rejection-sampling fine-tuning of a vision-language model",
     train.add_argument("--config", required=True, help="YAML config file (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)

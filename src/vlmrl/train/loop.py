@@ -55,9 +55,12 @@ from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.train.fast_step import FastPreferenceStep
 from vlmrl.train.grpo import GrpoStep
 from vlmrl.train.kto_step import KtoStep
+from vlmrl.train.online import OnlineDpoStep, RftStep, build_judge
 from vlmrl.train.steps import PreferenceStep, SftStep, needs_reference
 
 log = logging.getLogger(__name__)
+
+SAMPLING_ALGOS = ("grpo", "online_dpo", "rft")  # they train on their own samples and evaluate by exact match
 
 
 class TrainingDiverged(VlmrlError):
@@ -168,7 +171,7 @@ class Trainer:
         else:
             optimizer = build_optimizer(model, t.lr, t.weight_decay)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if checkpoint.is_sharded(self.model) and (t.algo == "grpo" or self.eval_records):
+        if checkpoint.is_sharded(self.model) and (t.algo in SAMPLING_ALGOS or self.eval_records):
             raise VlmrlError("a sharded model (FSDP) trains with sft and dpo, without data.eval: GRPO's sampling "
                              "and the held-out evaluation run on whole models; use DDP (configs/accelerate/ddp.yaml)")
         # The scheduler is stepped here, once per optimizer step: accelerate's prepared scheduler
@@ -180,7 +183,7 @@ class Trainer:
         self.step_fn = self._make_step(reference, unwrapped)
 
     def _make_step(self, reference, unwrapped):
-        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), or GRPO."""
+        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), GRPO, online DPO, RFT."""
         c, t = self.config, self.config.train
         max_length = c.data.max_length
         if t.algo == "sft":
@@ -189,6 +192,14 @@ class Trainer:
             return KtoStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
         if t.algo == "grpo":
             return GrpoStep(self.model, self.processor, c.grpo, reference, unwrapped)
+        if t.algo == "online_dpo":
+            judge = build_judge(c.online, self.trust_remote_code)
+            return OnlineDpoStep(self.model, self.processor, c.online, c.loss, judge, reference, unwrapped)
+        if t.algo == "iterative_dpo":
+            raise VlmrlError("iterative_dpo trains in rounds, each a dpo run: start it with vlmrl.train.loop.train")
+        if t.algo == "rft":
+            return RftStep(self.model, self.processor, c.online, build_judge(c.online, self.trust_remote_code),
+                           unwrapped)
         if not t.fast_path and not c.data.cache_vision and not t.precompute_ref:
             return PreferenceStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
         caches = self.out.parent
@@ -332,7 +343,7 @@ class Trainer:
         model = acc.unwrap_model(self.model)  # no distributed wrapper: shards may differ in size
         model.eval()
         mine = self.eval_records[acc.process_index :: self.world]
-        if t.algo == "grpo":
+        if t.algo in SAMPLING_ALGOS:
             return self._evaluate_exact_match(model, mine)
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, accuracy, pairs
         for start in range(0, len(mine), t.batch_size):
@@ -351,7 +362,8 @@ class Trainer:
         return result
 
     def _evaluate_exact_match(self, model, records) -> dict[str, float]:
-        """GRPO's held-out check: greedy answers scored by the counting task.
+        """The held-out check of the algorithms that sample (grpo, online_dpo, rft): greedy answers scored by
+        the counting task.
 
         ``eval/loss`` is ``1 - eval/exact_match`` so that early stopping reads it like a loss.
         """
@@ -360,7 +372,7 @@ class Trainer:
 
         acc = self.accelerator
         answers = generate(model, self.processor, [(r.images, r.prompt) for r in records],
-                           self.config.grpo.max_new_tokens, batch_size=max(8, self.config.train.batch_size))
+                           self._answer_length(), batch_size=max(8, self.config.train.batch_size))
         hits = 0.0
         for record, answer in zip(records, answers):
             gold = record.metadata["counts"]
@@ -370,6 +382,11 @@ class Trainer:
         model.train()
         em = (sums[0] / sums[1]).item()
         return {"eval/exact_match": em, "eval/loss": 1.0 - em}
+
+    def _answer_length(self) -> int:
+        """The longest held-out answer: the one the run samples with (``grpo`` or ``online`` section)."""
+        c = self.config
+        return c.grpo.max_new_tokens if c.train.algo == "grpo" else c.online.max_new_tokens
 
     def _early_stop(self, eval_loss: float) -> bool:
         best = self.state["best_eval_loss"]
@@ -428,7 +445,12 @@ class Trainer:
 
 
 def train(config: Config, resume: bool = False, trust_remote_code: bool = False) -> Path:
-    """Train as ``config`` says; returns ``RUN/final``. Raises TrainingInterrupted on Ctrl-C.
-    ``trust_remote_code`` (the ``--trust-remote-code`` flag) lets the model folder's own code run."""
+    """Train as ``config`` says; returns ``RUN/final`` (iterative DPO: the last round's). Raises
+    TrainingInterrupted on Ctrl-C. ``trust_remote_code`` (the ``--trust-remote-code`` flag) lets the
+    model folder's own code run."""
+    if config.train.algo == "iterative_dpo":  # rounds of this loop, each on its own pairs (train/iterative.py)
+        from vlmrl.train.iterative import train_rounds
+
+        return train_rounds(config, resume=resume, trust_remote_code=trust_remote_code)
     return Trainer(config, resume=resume, trust_remote_code=trust_remote_code).train()
 

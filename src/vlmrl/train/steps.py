@@ -76,17 +76,21 @@ class PreferenceStep:
         return pair_loss(self.loss, policy, ref_chosen, ref_rejected, delta)
 
     def _bco_delta(self, policy, ref_chosen, ref_rejected, model) -> float:
-        """BCO's reward shift for this batch: 0, or the running mean, which only training batches move."""
-        if self.reward_shift is None:
-            return 0.0
-        if not model.training:
-            return self.reward_shift.mean
-        beta = self.loss.beta
-        return self.reward_shift.update(beta * (policy.chosen - ref_chosen), beta * (policy.rejected - ref_rejected))
+        return bco_delta(self.reward_shift, self.loss.beta, policy, ref_chosen, ref_rejected, model.training)
 
     def _reference_logps(self, batch):
         with reference_forward(self.reference, self.unwrapped) as model:
             return plain_pair_logps(model, batch)
+
+
+def bco_delta(shift: RewardShift | None, beta: float, policy, ref_chosen, ref_rejected, training: bool) -> float:
+    """BCO's reward shift for this batch: 0 without a running ``shift``, else its running mean, which
+    only training batches move (``policy``: the batch's ``PairLogps``)."""
+    if shift is None:
+        return 0.0
+    if not training:
+        return shift.mean
+    return shift.update(beta * (policy.chosen - ref_chosen), beta * (policy.rejected - ref_rejected))
 
 
 def loss_needs_reference(loss: LossConfig) -> bool:
@@ -95,11 +99,11 @@ def loss_needs_reference(loss: LossConfig) -> bool:
 
 
 def needs_reference(config: Config) -> bool:
-    """Whether a run of ``config`` needs a reference model: DPO with a loss that compares with one
-    (``loss_needs_reference``), KTO, or GRPO with a KL penalty (``grpo.beta > 0``); never SFT."""
+    """Whether a run of ``config`` needs a reference model: DPO or online DPO with a loss that compares
+    with one (``loss_needs_reference``), KTO, or GRPO with a KL penalty (``grpo.beta > 0``); never SFT or RFT."""
     if config.train.algo == "kto":
         return True
-    if config.train.algo == "dpo":
+    if config.train.algo in ("dpo", "online_dpo"):
         return loss_needs_reference(config.loss)
     if config.train.algo == "grpo":
         return config.grpo.beta > 0
