@@ -18,8 +18,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "TensorBoard logs, checkpoints, config.yaml and final/ (adapter + processor) to train.output_dir. "
         "Example: vlmrl train --algo dpo --config configs/demo-cpu.yaml train.lr=1e-4 loss.name=dpop",
     )
-        help="SFT, preference training (DPO, DPOP, IPO, hinge, robust, SimPO, RPO, BCO, MPO), KTO on unpaired data, "
-        "GRPO, online or iterative DPO, or rejection-sampling fine-tuning of a vision-language model",
+    train.add_argument("--algo", choices=("sft", "dpo", "grpo", "kto", "online_dpo", "rft", "iterative_dpo"),
+                       default=None, help="overrides train.algo of the config (online_dpo, rft, iterative_dpo: see "
+                       "the online: section)")
     train.add_argument("--config", required=True, help="YAML config file (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of output_dir")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
