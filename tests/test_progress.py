@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import contextlib
 import fcntl
 import os
 import pty
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vlmrl.cli import main
+from vlmrl.judges import HttpVlmJudge
 from vlmrl.logs import setup_logging
 from vlmrl.progress import bars_shown, progress_bar
 
@@ -133,3 +135,66 @@ def test_infer_on_a_terminal_shows_the_bar_and_quiet_hides_it(tiny_model_dir, sy
     assert "infer:" in shown and f"{n}/{n}" in shown and "record/s" in shown and "left" in shown
     quiet = _run_on_a_terminal(["--quiet", *_infer_argv(tiny_model_dir, synth_pairs_file, tmp_path / "b.jsonl")])
     assert "infer:" not in quiet and "record/s" not in quiet and "wrote" not in quiet
+
+
+# ------------------------------------------------------------------ the call sites, on a terminal
+
+
+def on_terminal() -> contextlib.AbstractContextManager[Terminal]:
+    """stderr as a terminal (bars shown) for code that writes to ``sys.stderr`` as it is then.
+    Entered in the test body: pytest's own capture replaces ``sys.stderr`` after fixtures run."""
+    return contextlib.redirect_stderr(Terminal())
+
+
+def _final(text: str, label: str) -> str:
+    """The last drawing of the bar labelled ``label``."""
+    drawings = [d for d in text.replace("\r", "\n").splitlines() if d.startswith(f"{label}:") and "elapsed" in d]
+    assert drawings, f"no {label!r} bar in {text!r}"
+    return drawings[-1]
+
+
+def test_eval_shows_answer_and_log_prob_bars_to_the_total(tiny_model_dir, synth_pairs_file, tmp_path,
+                                                          info_logging):
+    n = sum(1 for line in synth_pairs_file.read_text().splitlines() if line.strip())
+    with on_terminal() as terminal:
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", str(synth_pairs_file), "--out",
+                     str(tmp_path / "eval"), "--max-new-tokens", "2", "--batch-size", "8"]) == 0
+    for label in ("answer", "log-probs"):
+        assert f"{n}/{n}" in _final(terminal.getvalue(), label)
+
+
+def test_data_builders_count_the_images_and_scenes(synth_pairs_file, tmp_path, info_logging):
+    scenes = synth_pairs_file.parent / "scenes"
+    n = len(list((scenes / "images").iterdir()))
+    with on_terminal() as terminal:
+        assert main(["data", "from-detections", str(scenes), "--out", str(tmp_path / "pairs")]) == 0
+    assert f"{n} image" in _final(terminal.getvalue(), "read yolo labels")
+    with on_terminal() as terminal:
+        assert main(["data", "tasks", "--scenes", str(scenes), "--out", str(tmp_path / "tasks")]) == 0
+    assert f"{n}/{n}" in _final(terminal.getvalue(), "pose questions")
+    assert "make records" in terminal.getvalue()
+
+
+def test_reference_precompute_bar(tiny_model_dir, synth_pairs_file, info_logging):
+    from vlmrl.data.load import load_records
+    from vlmrl.forward.ref_cache import precompute_reference
+    from vlmrl.models.load import load_model
+
+    model, processor = load_model(tiny_model_dir)
+    records = load_records(synth_pairs_file)[:5]
+    with on_terminal() as terminal:
+        precompute_reference(model, processor, records, 512, batch_size=2, reference=model)
+    assert "5/5" in _final(terminal.getvalue(), "reference log-probs")
+
+
+from test_judges import FAST, _record, judge_server, server  # noqa: E402,F401  (the real local judge server)
+
+
+def test_http_judge_calls_bar(server, tmp_path, info_logging):
+    url, seen, _ = server
+    record = _record(tmp_path)
+    judge = HttpVlmJudge(f"{url}/good/v1", "judge-x", **FAST)
+    with on_terminal() as terminal:
+        judge.score([record] * 3, ["good: 2 cars", "bad: 5 cars", "good: 2 cars"])
+    bar = _final(terminal.getvalue(), "judge judge-x")
+    assert len(seen) == 3 and "3/3" in bar and "request/s" in bar

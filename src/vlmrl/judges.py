@@ -246,7 +246,7 @@ class HttpVlmJudge(PromptJudge):
 
             with ThreadPoolExecutor(self.workers) as pool:
                 replies = list(progress_bar(pool.map(one, conversations), total=len(conversations),
-                                            desc=f"judge {self.http.model}"))
+                                            desc=f"judge {self.http.model}", unit="request"))
         if unavailable:
             log.warning("judge %s: %d of %d requests got no answer (counted as failures); first: %s",
                         self.http.model, len(unavailable), len(conversations), unavailable[0])

@@ -130,7 +130,7 @@ class HttpJudge:
         from vlmrl.progress import progress_bar
 
         with self.client() as client:
-            return [self.ask(client, messages) for messages in progress_bar(conversations, desc="judge")]
+            return [self.ask(client, messages) for messages in progress_bar(conversations, desc="judge", unit="request")]
 
     def client(self):
         """An ``httpx.Client`` with the timeout and the Bearer key; use it as a context manager."""
