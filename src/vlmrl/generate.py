@@ -60,14 +60,16 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     num_return_sequences: int = 1,
+    progress: str | None = None,
 ) -> list[str]:
     """Answer every item; returns ``len(items) * num_return_sequences`` texts, an item's together.
 
     Greedy by default (then batched and one-at-a-time outputs are the same). With
     ``do_sample``, ``seed`` seeds torch's global generator once, before the first batch.
+    ``progress`` labels a progress bar over the items (None: no bar).
     """
     ids = generate_ids(model, processor, items, max_new_tokens, batch_size, do_sample, temperature,
-                       top_p, seed, num_return_sequences)
+                       top_p, seed, num_return_sequences, progress)
     return answer_texts(processor, ids)
 
 
@@ -87,9 +89,15 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int = 0,
     num_return_sequences: int = 1,
+    progress: str | None = None,
 ) -> list[list[int]]:
-    """Like :func:`generate` but the new token ids of each answer (stop and pad tokens removed)."""
+    """Like :func:`generate` but the new token ids of each answer (stop and pad tokens removed).
+
+    ``progress``: the label of a progress bar over the prompts (:mod:`vlmrl.progress`); None: no bar.
+    """
     import torch
+
+    from vlmrl.progress import progress_bar
 
     if batch_size < 1 or max_new_tokens < 1 or num_return_sequences < 1:
         raise VlmrlError("batch size, max new tokens and number of samples must all be at least 1")
@@ -112,12 +120,14 @@ def generate_ids(
         options.update(temperature=None, top_p=None, top_k=None)
     out: list[list[int]] = []
     device = next(model.parameters()).device
-    with eval_mode(model), torch.inference_mode():
+    bar = progress_bar(total=len(items), desc=progress or "", enabled=None if progress else False)
+    with bar, eval_mode(model), torch.inference_mode():
         for start in range(0, len(items), batch_size):
             inputs = encode_prompts(items[start : start + batch_size], processor, first=start).to(device)
             generated = model.generate(**inputs, **options)
             new = generated[:, inputs["input_ids"].shape[1] :].tolist()
             out.extend(before_stop(row, stop) for row in new)
+            bar.update(len(new) // num_return_sequences)
     return out
 
 

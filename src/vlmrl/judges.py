@@ -65,6 +65,7 @@ from vlmrl.errors import VlmrlError
 from vlmrl.eval.judge import HttpJudge, JudgeUnavailable, LocalJudge, api_key_from_env
 from vlmrl.judge_prompts import combine_orders, pairwise_messages, parse_rating, parse_verdict, scoring_messages
 from vlmrl.jsonl import read_jsonl
+from vlmrl.progress import progress_bar
 from vlmrl.rewards import completion_text
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ class HttpVlmJudge(PromptJudge):
                     return None
 
             with ThreadPoolExecutor(self.workers) as pool:
-                replies = list(pool.map(one, conversations))
+                replies = list(progress_bar(pool.map(one, conversations), total=len(conversations),
+                                            desc=f"judge {self.http.model}", unit="request"))
         if unavailable:
             log.warning("judge %s: %d of %d requests got no answer (counted as failures); first: %s",
                         self.http.model, len(unavailable), len(conversations), unavailable[0])

@@ -2,7 +2,8 @@
 
 Each area adds its own sub-commands from its module in this package (``data``, ``model``,
 ``train``, ``evaluate``, ``study``, ``demo``); every command sets ``func`` to the function
-that runs it. ``--version`` prints the versions of the package and of the libraries it trains
+that runs it. ``--quiet`` (before or after the command's name) shows warnings and errors only: no
+progress bars (:mod:`vlmrl.progress`) and no info messages. ``--version`` prints the versions of the package and of the libraries it trains
 with. A command that needs a package of an optional extra that is not installed stops with
 ``error:`` and the ``pip install`` line that adds it.
 """
@@ -10,6 +11,7 @@ with. A command that needs a package of an optional extra that is not installed 
 from __future__ import annotations
 
 import argparse
+import logging
 from importlib import metadata
 import os
 import sys
@@ -39,7 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for area in (data, model, train, evaluate, compare, study, demo, tasks):
         area.add_commands(commands)
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    _add_quiet(commands)
     return parser
+
+
+QUIET_HELP = "no progress bars and no info messages on stderr, only warnings and errors"
+
+
+def _add_quiet(commands: argparse._SubParsersAction) -> None:
+    """``--quiet`` after every command's name too; SUPPRESS keeps a given top-level one when absent here."""
+    for command in set(commands.choices.values()):
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_quiet(nested[0])
+        else:
+            command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except VlmrlError as e:

@@ -134,7 +134,8 @@ def run_infer(args: argparse.Namespace) -> int:
         items = [(r.images, r.prompt) for r in records]
     answers = generate(model, processor, items, args.max_new_tokens, args.batch_size,
                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                       top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_samples)
+                       top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_samples,
+                       progress="infer" if records else None)
     if records is None:
         for answer in answers:
             print(answer)

@@ -47,6 +47,7 @@ from vlmrl.data.label_values import (Box, box_fractions, box_problem, header_siz
                                      whole_number)
 from vlmrl.data.text_files import path_problem, read_json, read_text, read_yaml, require_path
 from vlmrl.errors import VlmrlError
+from vlmrl.progress import progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SPLIT_DIRS = ("train", "valid", "val", "test")
@@ -152,18 +153,22 @@ def detect_format(root: Path) -> str:
 def read_boxes(root: str | Path, fmt: str = "auto", classes: list[str] | None = None, skip_bad: bool = False,
                skipped: list[str] | None = None, sizes: bool = False) -> Iterator[ImageBoxes]:
     """Yield each image's boxes. ``skipped`` collects what ``skip_bad`` skipped (file:line why);
-    ``sizes`` gives every image its size, read from the image file where the label has none."""
+    ``sizes`` gives every image its size, read from the image file where the label has none.
+    A progress bar counts the images read (:mod:`vlmrl.progress`)."""
     root = _root(root)
     fmt = detect_format(root) if fmt == "auto" else fmt
     reading = _Reading(root, skip_bad, [] if skipped is None else skipped, sizes)
     if fmt == "yolo":
         names = [c.strip().lower() for c in classes] if classes else _yaml_names(root)
-        return _read_yolo(reading, names)
-    if fmt == "coco":
-        return _read_coco(reading)
-    if fmt == "voc":
-        return _read_voc(reading)
-    raise VlmrlError(f"unknown detection format {fmt!r}; use auto, yolo, coco or voc")
+        images = _read_yolo(reading, names)
+    elif fmt == "coco":
+        images = _read_coco(reading)
+    elif fmt == "voc":
+        images = _read_voc(reading)
+    else:
+        raise VlmrlError(f"unknown detection format {fmt!r}; use auto, yolo, coco or voc")
+    # The total is not known before the folder is walked: the bar shows the count and images/s.
+    return iter(progress_bar(images, desc=f"read {fmt} labels", unit="image"))
 
 
 def read_detections(root: str | Path, fmt: str = "auto", classes: list[str] | None = None, skip_bad: bool = False,

@@ -38,6 +38,7 @@ import yaml
 
 from vlmrl.data.records import PreferenceRecord, user_prompt
 from vlmrl.errors import VlmrlError
+from vlmrl.progress import progress_bar
 from vlmrl.tasks import answers
 from vlmrl.tasks.base import mix_distances
 from vlmrl.tasks.core import THINK_INSTRUCTION, Obj, Question, Scene, load_task, render_completion
@@ -156,7 +157,7 @@ class Posed:
 def pose(scenes: list[Scene], opts: BuildOptions, stats: TaskStats) -> list[Posed]:
     """Up to ``per_scene`` questions per family per scene; scenes without any are recorded."""
     posed = []
-    for scene in scenes:
+    for scene in progress_bar(scenes, desc="pose questions", unit="scene"):
         stats.scenes += 1
         found = 0
         for name, task in opts.families.items():
@@ -240,7 +241,7 @@ def make_records(posed: list[Posed], opts: BuildOptions, split_of, stats: TaskSt
     """Records for every posed question, each checked: gold scores 1.0, rejected below 1.0."""
     records: list[PreferenceRecord] = []
     per_scene: Counter = Counter()
-    for p in posed:
+    for p in progress_bar(posed, desc="make records", unit="question"):
         split = f"ood_{p.axis}" if p.axis else split_of(p.scene)
         n = per_scene[p.scene.image, p.question.family]  # numbered per family: ids do not depend on others
         per_scene[p.scene.image, p.question.family] += 1

@@ -127,8 +127,10 @@ class HttpJudge:
         self.backoff = backoff
 
     def __call__(self, conversations: list[list[dict[str, Any]]]) -> list[str]:
+        from vlmrl.progress import progress_bar
+
         with self.client() as client:
-            return [self.ask(client, messages) for messages in conversations]
+            return [self.ask(client, messages) for messages in progress_bar(conversations, desc="judge", unit="request")]
 
     def client(self):
         """An ``httpx.Client`` with the timeout and the Bearer key; use it as a context manager."""
@@ -248,7 +250,7 @@ class LocalJudge:
         from vlmrl.generate import generate
 
         items = [_as_item(messages) for messages in conversations]
-        return generate(self.model, self.processor, items, self.max_new_tokens, self.batch_size)
+        return generate(self.model, self.processor, items, self.max_new_tokens, self.batch_size, progress="judge")
 
 
 def _as_item(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:

@@ -109,7 +109,7 @@ def evaluate(
     if not records:
         raise VlmrlError("no records to evaluate")
     answers, lengths = answer_all(model, processor, [(r.images, r.prompt) for r in records], max_new_tokens,
-                                  batch_size)
+                                  batch_size, "answer")
     samples = [base_sample(r, a) for r, a in zip(records, answers)]
     metrics: dict[str, dict] = {}
     metrics.update(score_tasks(records, answers, samples, seed, lengths, max_new_tokens))
@@ -124,11 +124,12 @@ def evaluate(
     return metrics
 
 
-def answer_all(model, processor, items, max_new_tokens: int, batch_size: int) -> tuple[list[str], list[int]]:
-    """Greedy answers and their lengths in new tokens (before the stop token)."""
+def answer_all(model, processor, items, max_new_tokens: int, batch_size: int, progress: str
+               ) -> tuple[list[str], list[int]]:
+    """Greedy answers and their lengths in new tokens (before the stop token); ``progress`` labels the bar."""
     from vlmrl.generate import answer_texts, generate_ids
 
-    ids = generate_ids(model, processor, items, max_new_tokens, batch_size)
+    ids = generate_ids(model, processor, items, max_new_tokens, batch_size, progress=progress)
     return answer_texts(processor, ids), [len(row) for row in ids]
 
 
@@ -201,7 +202,8 @@ def score_baselines(model, processor, records, samples, train_records, blank: bo
     metrics = baseline_metrics("majority", _summary(records, guesses, samples, "majority", seed),
                                MAJORITY_NOTES[train_records is not None])
     if blank:
-        blind, _ = answer_all(model, processor, blank_items(records), max_new_tokens, batch_size)
+        blind, _ = answer_all(model, processor, blank_items(records), max_new_tokens, batch_size,
+                              "blank baseline")
         metrics.update(baseline_metrics("blank", _summary(records, blind, samples, "blank", seed)))
     return metrics
 
@@ -219,12 +221,14 @@ def _summary(records, answers, samples, name: str, seed: int) -> dict[str, dict]
 def score_preferences(model, processor, records, samples, reference, batch_size: int, max_length: int,
                       beta: float, seed: int) -> dict[str, dict]:
     """Log-prob accuracy, and implicit-reward accuracy and margin against the reference."""
-    policy_c, policy_r = plain_pair_logps_per_record(model, processor, records, batch_size, max_length, None)
+    policy_c, policy_r = plain_pair_logps_per_record(model, processor, records, batch_size, max_length, None,
+                                                     "log-probs")
     context = reference_context(model, reference)
     ref_c = ref_r = None
     if context is not None:
         ref_model = reference if _is_module(reference) else model
-        ref_c, ref_r = plain_pair_logps_per_record(ref_model, processor, records, batch_size, max_length, context)
+        ref_c, ref_r = plain_pair_logps_per_record(ref_model, processor, records, batch_size, max_length, context,
+                                                   "log-probs (reference)")
     for i, sample in enumerate(samples):
         sample.update(
             chosen_logp=policy_c[i], rejected_logp=policy_r[i],
@@ -260,23 +264,27 @@ def reference_context(model, reference: Any) -> Callable[[], Any] | None:
 
 
 def plain_pair_logps_per_record(
-    model, processor, records, batch_size: int, max_length: int, context
+    model, processor, records, batch_size: int, max_length: int, context, progress: str = "log-probs"
 ) -> tuple[list[float], list[float]]:
-    """Summed answer log-probs of chosen and rejected for every record (the plain forward, in batches, no grad)."""
+    """Summed answer log-probs of chosen and rejected for every record (the plain forward, in batches,
+    no grad), under a progress bar labelled ``progress``."""
     import torch
 
     from vlmrl.batch import encode_pairs
     from vlmrl.forward.plain import plain_pair_logps
+    from vlmrl.progress import progress_bar
 
     device = next(model.parameters()).device
     chosen: list[float] = []
     rejected: list[float] = []
-    with torch.inference_mode(), (context() if context else contextlib.nullcontext()):
+    bar = progress_bar(total=len(records), desc=progress)
+    with bar, torch.inference_mode(), (context() if context else contextlib.nullcontext()):
         for start in range(0, len(records), batch_size):
             batch = encode_pairs(records[start : start + batch_size], processor, max_length).to(device)
             out = plain_pair_logps(model, batch)
             chosen.extend(out.chosen.tolist())
             rejected.extend(out.rejected.tolist())
+            bar.update(len(out.chosen))
     return chosen, rejected
 
 

@@ -139,12 +139,14 @@ def _compute(net, processor, records, max_length, batch_size, encode_cache, sepa
     import torch
 
     from vlmrl.models.load import reference_forward
+    from vlmrl.progress import progress_bar
 
     fast = unsupported_reason(net) is None
     pad_id = processor.tokenizer.pad_token_id
     device = next(net.parameters()).device
     parts = []
-    with reference_forward(net if separate else None, net) as net:
+    bar = progress_bar(total=len(records), desc="reference log-probs")
+    with bar, reference_forward(net if separate else None, net) as net:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             pairs = encode_pairs(chunk, processor, max_length, encode_cache)
@@ -153,6 +155,7 @@ def _compute(net, processor, records, max_length, batch_size, encode_cache, sepa
             else:
                 out = plain_pair_logps(net, pairs.to(device), stats)
             parts.append(out)
+            bar.update(len(chunk))
     columns = [torch.cat([getattr(p, name).detach().cpu() for p in parts]) for name in _COLUMNS]
     return ReferenceLogps([r.id for r in records], *columns)
 
