@@ -85,13 +85,14 @@ def test_shown_only_on_a_terminal_and_not_when_quiet(info_logging):
 
 
 def test_quiet_is_accepted_before_and_after_the_command():
-    from vlmrl.cli import build_parser
+    from vlmrl.cli import build_parser, split_quiet
 
-    parser = build_parser()
-    assert parser.parse_args(["--quiet", "infer", "--data", "d.jsonl"]).quiet
-    assert parser.parse_args(["infer", "--data", "d.jsonl", "-q"]).quiet
-    assert parser.parse_args(["data", "from-detections", "ROOT", "--out", "o", "--quiet"]).quiet
-    assert not parser.parse_args(["infer", "--data", "d.jsonl"]).quiet
+    for argv in (["--quiet", "infer", "--data", "d.jsonl"], ["infer", "--data", "d.jsonl", "-q"],
+                 ["data", "from-detections", "ROOT", "--out", "o", "--quiet"]):
+        quiet, rest = split_quiet(argv)
+        assert quiet and "-q" not in rest and "--quiet" not in rest
+        build_parser().parse_args(rest)  # what is left parses
+    assert split_quiet(["infer", "--data", "d.jsonl"]) == (False, ["infer", "--data", "d.jsonl"])
 
 
 def _infer_argv(model: Path, data: Path, out: Path) -> list[str]:

@@ -41,31 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for area in (data, model, train, evaluate, compare, study, demo, tasks):
         area.add_commands(commands)
-    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
-    _add_quiet(commands)
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP + " (before or after the command)")
     return parser
 
 
 QUIET_HELP = "no progress bars and no info messages on stderr, only warnings and errors"
 
 
-def _add_quiet(commands: argparse._SubParsersAction) -> None:
-    """``--quiet`` after every command's name too; SUPPRESS keeps a given top-level one when absent here."""
-    for command in set(commands.choices.values()):
-        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
-        if nested:
-            _add_quiet(nested[0])
-        else:
-            command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+def split_quiet(argv: list[str]) -> tuple[bool, list[str]]:
+    """``-q`` / ``--quiet`` may stand anywhere on the line: taken out before the commands parse the rest."""
+    flag = argparse.ArgumentParser(add_help=False)
+    flag.add_argument("-q", "--quiet", action="store_true")
+    known, rest = flag.parse_known_args(argv)
+    return known.quiet, rest
 
 
 def main(argv: list[str] | None = None) -> int:
     # Quiet the noisy but harmless warnings of the libraries below before they are imported.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    quiet, argv = split_quiet(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING if quiet else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except VlmrlError as e:
