@@ -288,13 +288,13 @@ def test_config_section():
         {"rewards": ["count_exact", {"name": "count_format", "weight": 0.1}], "scale_rewards": "none"}
     )
     assert [(r.name, r.weight) for r in config.rewards] == [("count_exact", 1.0), ("count_format", 0.1)]
-    for bad in ({"group_size": 1}, {"num_iterations": 2}, {"normalize": "tokens"}, {"temprature": 1.0},
+    for bad in ({"group_size": 1}, {"num_iterations": 0}, {"normalize": "tokens"}, {"temprature": 1.0},
                 {"rewards": []}, {"backend": "vllm"}):
         with pytest.raises(ValueError):
             GrpoConfig.model_validate(bad)
 
 
-def test_records_without_counts_are_refused(tiny_model_dir, image_records):
+def test_records_without_a_task_are_refused(tiny_model_dir, image_records):
     model, processor = load_model(tiny_model_dir)
     step = GrpoStep(model, processor, GrpoConfig(group_size=2, max_new_tokens=2))
     with pytest.raises(VlmrlError, match="record a: .*metadata.counts"):

@@ -1,4 +1,4 @@
-"""Rewards in TRL's shape, over the counting grammar; strings and message-list completions."""
+"""The old reward names (now the task rewards) on counting records; strings and message-list completions."""
 
 import doctest
 
@@ -11,8 +11,9 @@ PHRASINGS = [
     ("There are 2 cars, 3 motorcycles, 0 buss, 0 bicycles in the image.", 1.0, 1.0, 1.0),
     ("two cars, three motorbikes, no buses and zero bicycles", 1.0, 1.0, 1.0),
     ("There are 2 cars, 3 motorcycles, 1 bus, 0 bicycles in the image.", 0.0, 0.75, 1.0),
-    ("There are 5 vehicles in the image.", 0.0, 0.0, 0.0),
-    ("2 cars and 3 motorcycles", 0.0, 0.5, 0.0),
+    # count_format is task_format now: the answer block parses (a total, some classes), not "names every class".
+    ("There are 5 vehicles in the image.", 0.0, 0.0, 1.0),
+    ("2 cars and 3 motorcycles", 0.0, 0.5, 1.0),
     ("I don't know.", 0.0, 0.0, 0.0),
 ]
 
@@ -44,7 +45,7 @@ def test_classes_follow_the_gold_counts():
     gold = [{"bus": 1, "truck": 2}]
     assert count_exact_reward(["1 bus and 2 trucks"], counts=gold) == [1.0]
     assert count_format_reward(["There are 1 bus, 2 trucks."], counts=gold) == [1.0]
-    assert count_format_reward(["There are 1 bus."], counts=gold) == [0.0]
+    assert count_format_reward(["I see a bus or a truck."], counts=gold) == [0.0]
 
 
 def test_extra_trl_columns_are_accepted():
