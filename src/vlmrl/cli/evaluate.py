@@ -43,7 +43,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--skip-bad", action="store_true", help="skip bad records (and say which) instead of stopping")
     infer.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
-    infer.add_argument("--num-samples", type=int, default=1, help="answers per prompt (needs --temperature > 0)")
+    infer.add_argument("--num-samples", type=int, default=1,
+                       help="answers per prompt, drawn by GRPO's sampler (needs --temperature > 0)")
     infer.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _generation_options(infer, max_new_tokens=64)
     infer.set_defaults(func=run_infer)
@@ -123,9 +124,12 @@ def run_infer(args: argparse.Namespace) -> int:
         items = [(args.image, user_prompt(args.prompt, n_images=len(args.image)))]
     else:
         items = [(r.images, r.prompt) for r in records]
-    answers = generate(model, processor, items, args.max_new_tokens, args.batch_size,
-                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                       top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_samples)
+    if args.num_samples > 1:
+        answers = _sampled_answers(model, processor, items, args)
+    else:
+        answers = generate(model, processor, items, args.max_new_tokens, args.batch_size,
+                           do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                           top_p=args.top_p, seed=args.seed)
     if records is None:
         for answer in answers:
             print(answer)
@@ -137,6 +141,23 @@ def run_infer(args: argparse.Namespace) -> int:
     else:
         sys.stdout.writelines(answer_line(row) for row in rows)
     return 0
+
+
+def _sampled_answers(model, processor, items, args: argparse.Namespace) -> list[str]:
+    """``--num-samples`` answers per item from GRPO's sampler (each image encoded and each prompt
+    prefilled once, the cache copied per answer), ``--batch-size`` items at a time; an item's together."""
+    from vlmrl.sampling.sampler import sample_groups
+
+    if not args.temperature > 0:
+        raise VlmrlError(f"--num-samples {args.num_samples} needs sampling: give --temperature > 0 (e.g. 1.0)")
+    if args.batch_size < 1:
+        raise VlmrlError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    answers = []
+    for start in range(0, len(items), args.batch_size):
+        samples = sample_groups(model, processor, items[start : start + args.batch_size], args.num_samples,
+                                args.max_new_tokens, args.temperature, args.top_p, seed=args.seed + start)
+        answers += [processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in samples.answers()]
+    return answers
 
 
 def run_eval(args: argparse.Namespace) -> int:
