@@ -4,16 +4,16 @@ completion, and the reward names of configs written before tasks existed.
 The built-in rewards are the task rewards of :mod:`vlmrl.tasks.rewards` (``task_accuracy``,
 ``task_accuracy_iou2``, ``task_format``): each asks the record's task (``metadata`` column) and
 reads only the completion's single answer block. The older names stay valid in configs and are
-the same task rewards, on counting records and on any other:
+the same task rewards, on count-family records and on any other:
 
-- ``count_exact``: ``task_accuracy`` (on a counting record, 1.0 when every class's count is right);
+- ``count_exact``: ``task_accuracy`` (on a count record, 1.0 when every class's count is right);
 - ``count_partial``: the task's partial credit, ``class_accuracy`` where the task has one (the share
   of classes counted right), else its accuracy;
 - ``count_format``: 1.0 where ``task_format`` pays (its 0.1 scaled to 1, the scale the old
   ``count_format`` had, so that old configs' weights keep their meaning), else 0.0.
 
 Each reads the ``metadata`` column; called as before with only ``counts`` (one dict of gold counts
-per completion), the records are the counting records those counts describe. ``completions`` are
+per completion), the records are the count records those counts describe. ``completions`` are
 strings or TRL conversational completions (a list of messages whose last one is the assistant's).
 """
 
@@ -48,7 +48,7 @@ def _metadata(completions: Sequence[Any], counts, metadata) -> list[Mapping[str,
 
 
 def count_exact_reward(completions, counts=None, metadata=None, **kwargs) -> list[float]:
-    """``task_accuracy`` under its old name; on counting records, 1.0 when every class's count is right.
+    """``task_accuracy`` under its old name; on count records, 1.0 when every class's count is right.
 
     >>> count_exact_reward(
     ...     ["There are 2 cars, 0 buses in the image.", "There are 2 cars, 1 bus."],
@@ -61,7 +61,7 @@ def count_exact_reward(completions, counts=None, metadata=None, **kwargs) -> lis
 
 
 def count_partial_reward(completions, counts=None, metadata=None, **kwargs) -> list[float]:
-    """The task's partial credit: on counting records, the fraction of classes counted right.
+    """The task's partial credit: on count records, the fraction of classes counted right.
 
     >>> count_partial_reward(
     ...     [[{"role": "assistant", "content": "3 cars and no buses"}], "two buses"],

@@ -17,7 +17,7 @@ What one optimizer step does (``Trainer`` calls ``generate``, ``micro_batches``,
    completion, the columns ``prompts``, ``images``, ``metadata`` (where the record's task lives)
    and ``counts`` (``metadata.counts`` or None), TRL's ``fn(completions, **kwargs)``; the reward is
    their weighted sum. Every record needs a task (``metadata.task``, or ``metadata.counts`` for
-   counting records).
+   records of the count family written before tasks existed).
 3. **Advantages**: group-normalised, ``(r − mean_group) / (std_group + 1e-4)`` (GRPO, Shao et al.
    2024, arXiv 2402.03300, Sec. 4.1.2), or ``scale_rewards: none`` for Dr. GRPO's unscaled
    ``r − mean_group`` (Liu et al. 2025, arXiv 2503.20783). A group whose rewards are all equal
