@@ -51,3 +51,24 @@ def test_classes_follow_the_gold_counts():
 def test_extra_trl_columns_are_accepted():
     out = count_exact_reward(["2 cars"], counts=[{"car": 2}], prompts=["p"], completion_ids=[[1]])
     assert out == [1.0]
+
+
+def test_old_names_pass_the_rewards_check():
+    """count_exact, count_partial and count_format are the task rewards: no adversarial completion pays,
+    on count records or any other family's (the check's probes cover every family)."""
+    from vlmrl.cli import main
+    from vlmrl.tasks.rewards_check import check_reward
+    from vlmrl.train.grpo import BUILTIN_REWARDS
+
+    for name in ("count_exact", "count_partial", "count_format"):
+        row = check_reward(name, BUILTIN_REWARDS[name])
+        assert row.ok, (name, row.paid, row.gold)
+    args = ["rewards", "check", "--reward", "count_exact", "--reward", "count_partial", "--reward", "count_format"]
+    assert main(args) == 0
+
+
+def test_old_names_work_on_records_of_other_families():
+    meta = {"task": {"family": "compare", "kind": "verdict", "answer": "more", "think": False}}
+    assert count_exact_reward(["more", "fewer"], metadata=[meta, meta]) == [1.0, 0.0]
+    assert count_partial_reward(["more", "more or fewer"], metadata=[meta, meta]) == [1.0, 0.0]
+    assert count_format_reward(["fewer", "I think more or fewer"], metadata=[meta, meta]) == [1.0, 0.0]
