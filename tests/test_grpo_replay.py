@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from test_train import wait_for
 from vlmrl.cli import main
 from vlmrl.config import validate_config
+from vlmrl.train import checkpoint
 from vlmrl.train.loop import Trainer
 
 TESTS = Path(__file__).resolve().parent
@@ -101,8 +102,12 @@ def test_grpo_killed_mid_replay_resumes_on_the_identical_curve(tiny_model_dir, s
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL and not (run / "final").exists()
-    state = json.loads((run / "checkpoints" / "step-000002" / "state.json").read_text())
-    assert state["process_state"] and (run / "checkpoints" / "step-000002" / "process-0.pt").is_file()
+    kept = run / "checkpoints" / "step-000002"
+    assert json.loads((kept / "state.json").read_text())["process_state"] and (kept / "process-0.pt").is_file()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(kept, damaged)
+    (damaged / "process-0.pt").write_bytes((damaged / "process-0.pt").read_bytes()[:100])
+    assert "process-0.pt: not a complete torch.save file" in checkpoint.damage(damaged, 1)
 
     assert main(["train", "--config", str(path), "--resume"]) == 0
     a, b = train_rows(whole), train_rows(run)
@@ -112,4 +117,5 @@ def test_grpo_killed_mid_replay_resumes_on_the_identical_curve(tiny_model_dir, s
         for name in ra.keys() - {"pairs_per_s"}:
             assert close(ra[name], rb[name], 1e-6), (ra["step"], name, ra[name], rb[name])
     last = json.loads((run / "checkpoints" / "step-000006" / "state.json").read_text())
-    assert not last["process_state"]  # all 3 updates of the second batch done: nothing to keep
+    assert "process_state" not in last  # all 3 updates of the second batch done: nothing to keep
+    assert not (run / "checkpoints" / "step-000006" / "process-0.pt").exists()

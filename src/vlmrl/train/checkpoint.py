@@ -87,7 +87,9 @@ def save_checkpoint(run_dir, state: dict, accelerator, model, optimizer, schedul
     ``optimizer`` is the torch optimizer itself (not accelerate's wrapper); ``process_state`` (tensors,
     lists, numbers, strings) is this process's own, read back by ``load_process_state``.
     """
-    state = {**state, "process_state": process_state is not None}
+    state = {k: v for k, v in state.items() if k != "process_state"}  # a resumed run's state.json had it
+    if process_state is not None:
+        state["process_state"] = True
     final = checkpoints_dir(run_dir) / f"{PREFIX}{state['step']:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
     with naming_unwritable(tmp, run_dir, remove=tmp):
