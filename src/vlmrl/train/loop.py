@@ -279,7 +279,7 @@ class Trainer:
         self.model.train()
         totals: dict[str, float] = {}
         if t.algo == "grpo":
-            micro_batches = iter(self._grpo_micro_batches())
+            micro_batches = self._grpo_micro_batches()
         else:
             micro_batches = (self.step_fn.encode(self._next_records(), acc.device) for _ in range(t.grad_accum))
         for batch in micro_batches:
