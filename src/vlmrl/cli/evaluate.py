@@ -41,7 +41,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--format", dest="fmt", help="format of --data (default: detected)")
     infer.add_argument("--out", help="with --data: the JSONL file of answers (default: stdout)")
     infer.add_argument("--skip-bad", action="store_true", help="skip bad records (and say which) instead of stopping")
-    infer.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    infer.add_argument("--temperature", type=float, default=0.0,
+                       help="0 = greedy (default); > 0 samples with GRPO's sampler")
     infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     infer.add_argument("--num-samples", type=int, default=1,
                        help="answers per prompt, drawn by GRPO's sampler (needs --temperature > 0)")
@@ -118,18 +119,20 @@ def run_infer(args: argparse.Namespace) -> int:
         raise VlmrlError("give either --prompt (with --image) or --data")
     if args.out and not args.data:
         raise VlmrlError("--out goes with --data; a single --prompt prints its answer")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise VlmrlError(f"--num-samples and --batch-size must be at least 1 (got {args.num_samples}, {args.batch_size})")
+    if args.num_samples > 1 and not args.temperature > 0:
+        raise VlmrlError(f"--num-samples {args.num_samples} needs sampling: give --temperature > 0 (e.g. 1.0)")
     records = _read(args) if args.data else None
     model, processor = _load(args)
     if records is None:
         items = [(args.image, user_prompt(args.prompt, n_images=len(args.image)))]
     else:
         items = [(r.images, r.prompt) for r in records]
-    if args.num_samples > 1:
+    if args.temperature > 0:
         answers = _sampled_answers(model, processor, items, args)
     else:
-        answers = generate(model, processor, items, args.max_new_tokens, args.batch_size,
-                           do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                           top_p=args.top_p, seed=args.seed)
+        answers = generate(model, processor, items, args.max_new_tokens, args.batch_size)
     if records is None:
         for answer in answers:
             print(answer)
@@ -144,14 +147,11 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def _sampled_answers(model, processor, items, args: argparse.Namespace) -> list[str]:
-    """``--num-samples`` answers per item from GRPO's sampler (each image encoded and each prompt
-    prefilled once, the cache copied per answer), ``--batch-size`` items at a time; an item's together."""
+    """``--num-samples`` sampled answers per item from GRPO's sampler (each image encoded and each
+    prompt prefilled once, the cache copied per answer), ``--batch-size`` items at a time, each batch
+    seeded ``--seed`` + the position of its first item; an item's answers together."""
     from vlmrl.sampling.sampler import sample_groups
 
-    if not args.temperature > 0:
-        raise VlmrlError(f"--num-samples {args.num_samples} needs sampling: give --temperature > 0 (e.g. 1.0)")
-    if args.batch_size < 1:
-        raise VlmrlError(f"--batch-size must be at least 1 (got {args.batch_size})")
     answers = []
     for start in range(0, len(items), args.batch_size):
         samples = sample_groups(model, processor, items[start : start + args.batch_size], args.num_samples,
