@@ -15,9 +15,11 @@ Guarantees, each with a test:
 - SFT and the DPO family give the same loss curve whether a global batch is one micro-batch,
   ``grad_accum`` micro-batches or split across processes (their losses are per-pair means; see
   ``steps``): ``test_train`` (batch 8 = batch 1 x 8 accumulation), ``test_multiprocess`` (DDP) and
-  ``test_fsdp`` (FSDP 2). GRPO too (``test_grpo_replay``: accumulation 2 = accumulation 1): it
-  samples the whole global batch of a process at once, seeded by run seed, step and process, and
-  normalises its loss by the global batch's token count, gathered across processes;
+  ``test_fsdp`` (FSDP 2). GRPO gives the same curve with ``grad_accum`` micro-batches as with one
+  (``test_grpo_replay``: accumulation 2 = accumulation 1): each process samples its whole share of
+  the global batch at once, seeded by run seed, step and process, and the loss is normalised by the
+  global batch's token count, gathered across processes. Across processes the normalisation is
+  the same, but the samples are not those of one process (each process draws its own);
 - GRPO with ``grpo.num_iterations`` μ > 1 keeps each generation batch for μ optimizer steps (data
   is drawn only when a new one is sampled, so an epoch is μ times as many steps);
 - a resumed run (``--resume``, also after ``kill -9``) continues the identical curve: weights,
