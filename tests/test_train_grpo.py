@@ -125,3 +125,20 @@ def test_grpo_resume_continues_the_identical_curve(tiny_model_dir, synth_pairs_f
     for a, b in zip(whole, parts):
         for name in ("loss", "reward", "completion_length", "entropy", "kl", "grad_norm"):
             assert math.isclose(a[name], b[name], rel_tol=1e-6, abs_tol=1e-6), (a["step"], name, a[name], b[name])
+
+
+def test_grpo_names_a_record_without_a_task_before_training(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
+    rows_in = [json.loads(line) for line in synth_pairs_file.read_text().splitlines()[:4]]
+    for row in rows_in:
+        row["images"] = [str((synth_pairs_file.parent / image).resolve()) for image in row["images"]]
+    rows_in[2]["metadata"] = {}
+    data = tmp_path / "no-task.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows_in))
+    args = ["train", "--algo", "grpo", "--config", str(CONFIGS / "demo-cpu.yaml"), f"model.name_or_path={tiny_model_dir}",
+            f"data.train={data}", "data.eval=null", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+            "train.progress=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {data}: record {rows_in[2]['id']}: GRPO scores answers by the record's task" in err
+    assert "build the data with `vlmrl data tasks`" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -166,6 +166,18 @@ class Trainer:
             steps_per_epoch *= self.config.grpo.num_iterations
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * steps_per_epoch))
         self.micro_batches_per_epoch = per_epoch
+        if t.algo == "grpo":
+            self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        """GRPO scores answers by each record's task: a record without one is named before training starts."""
+        data = self.config.data
+        for path, records in ((data.train, self.train_records), (data.eval, self.eval_records)):
+            for record in records:
+                try:
+                    record_task(record)
+                except VlmrlError as e:
+                    raise VlmrlError(f"{path}: {e}") from e
 
     def _setup_model(self) -> None:
         t = self.config.train
