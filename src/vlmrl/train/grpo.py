@@ -36,11 +36,13 @@ detached: the ratio is exactly 1 and the gradient is the plain policy gradient `
 sampler's (or, for a ``sampler`` hook that returns token ids only, those of one no-grad pass right
 after sampling), so the ratio moves and PPO's clip with ``clip_eps`` / ``clip_eps_high`` acts
 (``clip_fraction``, ``clip_ratio/*``). The sampler's log-probs are those of the sampling forward in
-eval mode; with LoRA dropout the update pass (train mode) differs by its dropout noise. Log-probs use
+eval mode, equal to the update pass's within 1e-5 in fp32; with LoRA dropout the update pass (train
+mode) differs by its dropout noise, and under bf16 autocast by its rounding. Log-probs use
 the logits divided by the sampling temperature (TRL does the same); top-p's truncation is not
 applied to them. The token-level loss is normalised by the token count of the whole global batch
-(every micro-batch of the optimizer step, every process; DAPO, TRL), so gradient accumulation and
-processes do not change the loss; ``sequence`` and ``constant`` normalisation count completions.
+(every micro-batch of the optimizer step, every process; DAPO, TRL): the loss is that batch's token
+mean however it is split into micro-batches and processes; ``sequence`` and ``constant``
+normalisation count its completions instead.
 
 Run it with ``vlmrl train --algo grpo``: the ``grpo:`` section of the config (``GrpoConfig``
 in ``vlmrl.config``) holds its settings; ``Trainer`` builds this step for ``train.algo: grpo``
