@@ -1,5 +1,6 @@
 """GRPO on tiny real-architecture models: the group forward against a plain one, no-signal groups,
-suppressed vision tokens, rewards by name or path, and a short run in which the reward rises."""
+suppressed vision tokens, rewards by name or path, task-generic rewards, the clipped ratio over
+several updates of one generation, and a short run in which the reward rises."""
 
 from __future__ import annotations
 
@@ -18,6 +19,21 @@ from vlmrl.generate import encode_prompts, stop_token_ids, vision_token_ids
 from vlmrl.models.load import add_lora, load_model
 from vlmrl.tasks.counting import CountingTask
 from vlmrl.train.grpo import GrpoConfig, GrpoStep, resolve_reward, score
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """Varies in an untrained model's samples, so every group has a gradient."""
+    return [float(len(c)) for c in completions]
+
+
+def live_lora(model, seed=0):
+    """A LoRA adapter whose B is not zero, so its gradients reach A too."""
+    model = add_lora(random_weights(model, seed), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
 
 
 def random_weights(model, seed=0):
@@ -288,13 +304,13 @@ def test_config_section():
         {"rewards": ["count_exact", {"name": "count_format", "weight": 0.1}], "scale_rewards": "none"}
     )
     assert [(r.name, r.weight) for r in config.rewards] == [("count_exact", 1.0), ("count_format", 0.1)]
-    for bad in ({"group_size": 1}, {"num_iterations": 2}, {"normalize": "tokens"}, {"temprature": 1.0},
+    for bad in ({"group_size": 1}, {"num_iterations": 0}, {"normalize": "tokens"}, {"temprature": 1.0},
                 {"rewards": []}, {"backend": "vllm"}):
         with pytest.raises(ValueError):
             GrpoConfig.model_validate(bad)
 
 
-def test_records_without_counts_are_refused(tiny_model_dir, image_records):
+def test_records_without_a_task_are_refused(tiny_model_dir, image_records):
     model, processor = load_model(tiny_model_dir)
     step = GrpoStep(model, processor, GrpoConfig(group_size=2, max_new_tokens=2))
     with pytest.raises(VlmrlError, match="record a: .*metadata.counts"):
@@ -326,11 +342,97 @@ def test_reward_rises_in_a_short_run(tiny_model_dir, synth_pairs_file):
     step = GrpoStep(model, processor, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     rewards = []
-    for _ in range(12):
-        batch = step.encode(records)
+    for i in range(12):
+        batch = step.encode(records, seed=i)
         loss, metrics = step.loss_and_metrics(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         rewards.append(metrics["reward"])
+        # em_rate is the count task's accuracy: today's exact match, computed here the old way
+        gold = [r.metadata["counts"] for r in records for _ in range(config.group_size)]
+        old_way = [task.score(task.parse(text), counts).exact for text, counts in zip(batch.texts, gold)]
+        assert metrics["em_rate"] == pytest.approx(sum(old_way) / len(old_way))
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05, rewards
+
+
+def test_first_update_has_ratio_1_and_later_updates_clip(tiny_model_dir, image_records):
+    """num_iterations 3: update 1 uses the current log-probs detached (ratio exactly 1); update 2 uses
+    the sampler's, and its loss and clip shares equal PPO's formula computed plainly here."""
+    model, processor = load_model(tiny_model_dir)
+    model = live_lora(model)
+    config = GrpoConfig(group_size=4, max_new_tokens=5, num_iterations=3, clip_eps=0.2, clip_eps_high=0.3,
+                        rewards=["test_grpo:length_reward"])
+    step = GrpoStep(model, processor, config)
+    generation = step.generate(image_records[:2], seed=0)
+    assert generation.advantages.abs().max() > 0
+    (first,) = step.micro_batches(generation, 1)
+    assert first.old_logps is None
+    with torch.no_grad():  # the sampler's log-probs are the update pass's at the sampling weights
+        now, _ = group_logps(model, first.group)
+    mask = first.group.completion_mask.bool()
+    assert torch.allclose(generation.old_logps[:, : now.shape[1]][mask], now[mask], atol=1e-5)
+
+    loss, metrics = step.loss_and_metrics(first)
+    assert metrics["ratio_mean"] == 1.0 and metrics["clip_fraction"] == 0.0
+    loss.backward()
+    with torch.no_grad():  # one large plain step: the ratio leaves [0.8, 1.3] on some tokens
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 20.0 * p.grad
+                p.grad = None
+
+    generation.updates = 1
+    (second,) = step.micro_batches(generation, 1)
+    assert torch.equal(second.old_logps, generation.old_logps[:, : second.group.completion_ids.shape[1]])
+    loss, metrics = step.loss_and_metrics(second)
+    with torch.no_grad():
+        logps, _ = group_logps(model, second.group)
+    ratio = torch.exp(logps - second.old_logps)[mask]
+    adv = second.advantages[:, None].expand_as(logps)[mask]
+    low = (ratio < 0.8) & (adv < 0)
+    high = (ratio > 1.3) & (adv > 0)
+    expected = -torch.min(ratio * adv, ratio.clamp(0.8, 1.3) * adv).sum() / mask.sum()
+    assert low.any() or high.any()
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(low.float().mean().item())
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(high.float().mean().item())
+    assert metrics["clip_fraction"] == metrics["clip_ratio/region_mean"] == pytest.approx((low | high).float().mean().item())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_sampler_hook_without_logps_gets_them_from_one_pass(tiny_model_dir, image_records):
+    model, processor = load_model(tiny_model_dir)
+    model = random_weights(model)
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = GrpoConfig(group_size=2, max_new_tokens=3, num_iterations=2, rewards=["test_grpo:length_reward"])
+    step = GrpoStep(model, processor, config, sampler=lambda records, prompts: [[30, 31, im_end], [32]] * len(records))
+    generation = step.generate(image_records[:2])
+    (batch,) = step.micro_batches(generation, 1)
+    with torch.no_grad():
+        logps, _ = group_logps(model, batch.group)
+    assert torch.allclose(generation.old_logps, logps, atol=1e-6)
+
+
+def test_rewards_ask_the_records_task_and_get_images(tiny_model_dir, image_records):
+    """A compare record (no counts): task_accuracy pays the right verdict, em_rate is its mean, and
+    reward functions get the images column (what a judge needs)."""
+    model, processor = load_model(tiny_model_dir)
+    tokenizer = processor.tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    meta = {"task": {"family": "compare", "kind": "verdict", "answer": "more", "think": False}}
+    record = replace(image_records[0], metadata=meta)
+    answers = [tokenizer.encode("more") + [im_end], tokenizer.encode("fewer") + [im_end]]
+    seen = {}
+
+    def spy(completions, **columns):
+        seen.update(columns)
+        return [0.0] * len(completions)
+
+    step = GrpoStep(model, processor, GrpoConfig(group_size=2, max_new_tokens=4, rewards=["task_accuracy"]),
+                    sampler=lambda records, prompts: answers)
+    step.rewards.append(("spy", 1.0, spy))
+    batch = step.encode([record])
+    assert batch.rewards.tolist() == [1.0, 0.0]
+    assert batch.metrics["em_rate"] == 0.5 and batch.metrics["rewards/task_accuracy/mean"] == 0.5
+    assert seen["images"] == [record.images] * 2 and seen["metadata"] == [meta] * 2
+    assert seen["counts"] == [None, None]

@@ -81,6 +81,17 @@ def test_reward_judge_scores_and_prefers(tmp_path):
     assert judge.prefer(record, answers[1], "There are 3 cars, 0 buses.") == 0
 
 
+def test_reward_judge_scores_a_task_record_without_counts(tmp_path):
+    """The built-in rewards score by the record's task: a compare record (no metadata.counts) is judged."""
+    from vlmrl.tasks.rewards import task_accuracy_reward
+
+    record = _record(tmp_path)
+    record.metadata = {"task": {"family": "compare", "kind": "verdict", "answer": "more", "think": False}}
+    answers = ["more", "fewer"]
+    scores = RewardJudge(["task_accuracy"]).score([record, record], answers).scores
+    assert scores == task_accuracy_reward(answers, metadata=[record.metadata] * 2) and scores[0] != scores[1]
+
+
 def test_reward_judge_errors(tmp_path):
     with pytest.raises(VlmrlError, match="unknown reward"):
         RewardJudge(["nope"])
@@ -88,7 +99,7 @@ def test_reward_judge_errors(tmp_path):
         RewardJudge([])
     record = _record(tmp_path)
     record.metadata = {}
-    with pytest.raises(VlmrlError, match="record r0: the counting rewards need metadata.counts"):
+    with pytest.raises(VlmrlError, match="record r0: GRPO scores answers by the record's task"):
         RewardJudge(["count_exact"]).score([record], ["2 cars"])
     with pytest.raises(VlmrlError, match="2 completions for 1 records"):
         RewardJudge(["vlmrl.rewards:count_exact_reward"]).score([_record(tmp_path)], ["a", "b"])

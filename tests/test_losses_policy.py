@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vlmrl.errors import VlmrlError
-from vlmrl.losses.policy import group_advantages, grpo_objective, k3_kl
+from vlmrl.losses.policy import group_advantages, grpo_objective, k3_kl, loss_units
 
 D = torch.float64
 
@@ -202,3 +202,39 @@ def test_equal_to_trl_grpo_trainer(trl_type, normalize, beta, eps_high):
     assert metrics["clip_fraction"] > 0  # the random ratios really cross the bounds
     if beta > 0:
         assert metrics["kl"] == pytest.approx(trl_metrics["kl"], abs=1e-9)
+
+
+def test_loss_units_hand_worked():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert loss_units(mask, "token") == 4.0
+    assert loss_units(mask, "sequence") == 2.0
+    assert loss_units(mask, "constant", max_tokens=5) == 10.0
+    assert loss_units(mask, "constant") == 6.0  # default length: T
+    with pytest.raises(VlmrlError, match="normalize must be"):
+        loss_units(mask, "tokens")
+
+
+@pytest.mark.parametrize("normalize", ["token", "sequence", "constant"])
+def test_micro_batches_with_the_global_denominator_add_up_to_the_whole_batch(normalize):
+    """Split a batch of 3 completions (4 + 1 + 2 tokens) into micro-batches of 2 and 1: each divided by
+    the whole batch's units over 2 (the number of micro-batches), their mean loss and summed gradient
+    are those of the whole batch. Token case by hand: ratio 1, loss -sum(A per token) / 7 = -(4·1 + 1·(-2) + 2·1)/7."""
+    logps = torch.tensor([[-1.0, -2.0, -0.5, -1.5], [-0.7, 0.0, 0.0, 0.0], [-0.2, -0.9, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    advantages = torch.tensor([1.0, -2.0, 1.0])
+    whole, _ = grpo_objective(logps, logps.detach(), advantages, mask, normalize=normalize, max_tokens=4)
+    (whole_grad,) = torch.autograd.grad(whole, logps)
+    units = loss_units(mask, normalize, max_tokens=4)
+    parts = [slice(0, 2), slice(2, 3)]
+    losses = [grpo_objective(logps[p], logps[p].detach(), advantages[p], mask[p], normalize=normalize, max_tokens=4,
+                             denominator=units / len(parts))[0] for p in parts]
+    mean = sum(losses) / len(parts)
+    (split_grad,) = torch.autograd.grad(mean, logps)
+    torch.testing.assert_close(mean, whole)
+    torch.testing.assert_close(split_grad, whole_grad)
+    if normalize == "token":
+        assert whole.item() == pytest.approx(-(4 * 1.0 + 1 * -2.0 + 2 * 1.0) / 7)
+    own = [grpo_objective(logps[p], logps[p].detach(), advantages[p], mask[p], normalize=normalize,
+                          max_tokens=4)[0] for p in parts]
+    if normalize == "token":  # each micro-batch by its own count: not the whole batch's loss
+        assert not torch.isclose(sum(own) / 2, whole)

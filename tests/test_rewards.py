@@ -1,4 +1,4 @@
-"""Rewards in TRL's shape, over the counting grammar; strings and message-list completions."""
+"""The old reward names (now the task rewards) on counting records; strings and message-list completions."""
 
 import doctest
 
@@ -11,8 +11,9 @@ PHRASINGS = [
     ("There are 2 cars, 3 motorcycles, 0 buss, 0 bicycles in the image.", 1.0, 1.0, 1.0),
     ("two cars, three motorbikes, no buses and zero bicycles", 1.0, 1.0, 1.0),
     ("There are 2 cars, 3 motorcycles, 1 bus, 0 bicycles in the image.", 0.0, 0.75, 1.0),
-    ("There are 5 vehicles in the image.", 0.0, 0.0, 0.0),
-    ("2 cars and 3 motorcycles", 0.0, 0.5, 0.0),
+    # count_format is task_format now: the answer block parses (a total, some classes), not "names every class".
+    ("There are 5 vehicles in the image.", 0.0, 0.0, 1.0),
+    ("2 cars and 3 motorcycles", 0.0, 0.5, 1.0),
     ("I don't know.", 0.0, 0.0, 0.0),
 ]
 
@@ -44,9 +45,30 @@ def test_classes_follow_the_gold_counts():
     gold = [{"bus": 1, "truck": 2}]
     assert count_exact_reward(["1 bus and 2 trucks"], counts=gold) == [1.0]
     assert count_format_reward(["There are 1 bus, 2 trucks."], counts=gold) == [1.0]
-    assert count_format_reward(["There are 1 bus."], counts=gold) == [0.0]
+    assert count_format_reward(["I see a bus or a truck."], counts=gold) == [0.0]
 
 
 def test_extra_trl_columns_are_accepted():
     out = count_exact_reward(["2 cars"], counts=[{"car": 2}], prompts=["p"], completion_ids=[[1]])
     assert out == [1.0]
+
+
+def test_old_names_pass_the_rewards_check():
+    """count_exact, count_partial and count_format are the task rewards: no adversarial completion pays,
+    on count records or any other family's (the check's probes cover every family)."""
+    from vlmrl.cli import main
+    from vlmrl.tasks.rewards_check import check_reward
+    from vlmrl.train.grpo import BUILTIN_REWARDS
+
+    for name in ("count_exact", "count_partial", "count_format"):
+        row = check_reward(name, BUILTIN_REWARDS[name])
+        assert row.ok, (name, row.paid, row.gold)
+    args = ["rewards", "check", "--reward", "count_exact", "--reward", "count_partial", "--reward", "count_format"]
+    assert main(args) == 0
+
+
+def test_old_names_work_on_records_of_other_families():
+    meta = {"task": {"family": "compare", "kind": "verdict", "answer": "more", "think": False}}
+    assert count_exact_reward(["more", "fewer"], metadata=[meta, meta]) == [1.0, 0.0]
+    assert count_partial_reward(["more", "more or fewer"], metadata=[meta, meta]) == [1.0, 0.0]
+    assert count_format_reward(["fewer", "I think more or fewer"], metadata=[meta, meta]) == [1.0, 0.0]

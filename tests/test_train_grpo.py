@@ -31,13 +31,19 @@ def test_grpo_from_the_cli_logs_rewards_and_held_out_exact_match(tiny_model_dir,
     logged = rows(run)
     train = [r for r in logged if "loss" in r]
     assert [r["step"] for r in train] == [1, 2]
-    for name in ("reward", "em_rate", "kl", "clip_fraction", "completion_length", "entropy",
-                 "frac_zero_std_groups", "rewards/count_exact/mean", "rewards/count_format/mean"):
+    trl_names = ("completions/mean_length", "completions/min_length", "completions/max_length",
+                 "completions/clipped_ratio", "reward", "reward_std", "frac_reward_zero_std",
+                 "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy",
+                 "rewards/task_accuracy/mean", "rewards/task_accuracy/std", "rewards/task_format/mean")
+    ours = ("em_rate", "clip_fraction", "completion_length", "frac_zero_std_groups")
+    for name in trl_names + ours:
         assert name in train[0], name
         assert math.isfinite(train[-1][name]), name
-    evals = [r for r in logged if "eval/exact_match" in r]
-    assert len(evals) == 1 and 0.0 <= evals[0]["eval/exact_match"] <= 1.0
-    assert math.isclose(evals[0]["eval/loss"], 1.0 - evals[0]["eval/exact_match"])
+    assert train[0]["completions/min_length"] <= train[0]["completions/mean_length"] <= train[0]["completions/max_length"]
+    assert train[0]["frac_reward_zero_std"] == train[0]["frac_zero_std_groups"]
+    evals = [r for r in logged if "eval/accuracy" in r]
+    assert len(evals) == 1 and 0.0 <= evals[0]["eval/exact_match"] <= evals[0]["eval/accuracy"] <= 1.0
+    assert math.isclose(evals[0]["eval/loss"], 1.0 - evals[0]["eval/accuracy"])
     assert (run / "final" / "adapter_config.json").is_file()
 
 
@@ -119,3 +125,20 @@ def test_grpo_resume_continues_the_identical_curve(tiny_model_dir, synth_pairs_f
     for a, b in zip(whole, parts):
         for name in ("loss", "reward", "completion_length", "entropy", "kl", "grad_norm"):
             assert math.isclose(a[name], b[name], rel_tol=1e-6, abs_tol=1e-6), (a["step"], name, a[name], b[name])
+
+
+def test_grpo_names_a_record_without_a_task_before_training(tiny_model_dir, synth_pairs_file, tmp_path, capsys):
+    rows_in = [json.loads(line) for line in synth_pairs_file.read_text().splitlines()[:4]]
+    for row in rows_in:
+        row["images"] = [str((synth_pairs_file.parent / image).resolve()) for image in row["images"]]
+    rows_in[2]["metadata"] = {}
+    data = tmp_path / "no-task.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows_in))
+    args = ["train", "--algo", "grpo", "--config", str(CONFIGS / "demo-cpu.yaml"), f"model.name_or_path={tiny_model_dir}",
+            f"data.train={data}", "data.eval=null", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+            "train.progress=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {data}: record {rows_in[2]['id']}: GRPO scores answers by the record's task" in err
+    assert "build the data with `vlmrl data tasks`" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

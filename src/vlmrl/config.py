@@ -199,17 +199,17 @@ class GrpoConfig(BaseModel):
     scale_rewards: Literal["std", "none"] = "std"  # none: Dr. GRPO
     normalize: Literal["token", "sequence", "constant"] = "token"
     rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="count_exact"), RewardSpec(name="count_format", weight=0.1)],
+        default_factory=lambda: [RewardSpec(name="task_accuracy"), RewardSpec(name="task_format")],
         min_length=1,
     )
-    # One update per batch of samples; several would need the loop to replay a generation batch.
-    num_iterations: int = Field(default=1, ge=1, le=1)
+    # Updates (optimizer steps) per batch of samples (GRPO's mu, TRL's num_iterations): > 1 makes the clip act.
+    num_iterations: int = Field(default=1, ge=1)
     shared_prompt: bool = True  # one prompt | c1 | ... | cG row per group (eager/sdpa attention)
 
     @field_validator("rewards", mode="before")
     @classmethod
     def _names_as_specs(cls, value: Any) -> Any:
-        """``rewards: [count_exact, {name: count_format, weight: 0.1}]``: a bare name has weight 1."""
+        """``rewards: [task_accuracy, {name: task_format, weight: 0.5}]``: a bare name has weight 1."""
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value

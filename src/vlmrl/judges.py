@@ -13,7 +13,7 @@ The judges:
 
 (a) :class:`RewardJudge`: the weighted sum of reward functions (built-in names or
     ``package.module:function``, resolved by :func:`vlmrl.train.grpo.resolve_reward`), called in
-    TRL's shape with the columns GRPO passes (``prompts``, ``metadata``, ``counts``). It never
+    TRL's shape with the columns GRPO passes (``prompts``, ``images``, ``metadata``, ``counts``). It never
     fails; a function that does not return one finite number per completion raises.
 (b) :class:`HttpVlmJudge`: any OpenAI-compatible chat endpoint, through
     :class:`vlmrl.eval.judge.HttpJudge` (timeouts, retries with exponential back-off on transport
@@ -296,17 +296,13 @@ class RewardJudge:
             self.rewards.append((label, float(weight), function))
 
     def score(self, records: Sequence[PreferenceRecord], completions: Sequence[Any]) -> JudgeScores:
-        from vlmrl.train.grpo import BUILTIN_REWARDS, score
+        from vlmrl.train.grpo import BUILTIN_REWARDS, record_task, reward_columns, score
 
         _check_aligned(records, completions)
-        counts = [r.metadata.get("counts") for r in records]
         if any(label in BUILTIN_REWARDS for label, _, _ in self.rewards):
-            for record, c in zip(records, counts):
-                if not isinstance(c, dict) or not c:
-                    raise VlmrlError(f"record {record.id}: the counting rewards need metadata.counts, which it lacks")
-        columns = {"prompts": [r.prompt for r in records], "metadata": [r.metadata for r in records],
-                   "counts": counts}
-        total, _ = score(self.rewards, [completion_text(c) for c in completions], columns)
+            for record in records:  # the built-in rewards score by the record's task: name one that has none
+                record_task(record)
+        total, _ = score(self.rewards, [completion_text(c) for c in completions], reward_columns(records))
         log.debug("reward judge: %d answers scored", len(completions))
         return JudgeScores([float(v) for v in total.tolist()])
 

@@ -1,18 +1,27 @@
-"""Reward functions for GRPO, in TRL's shape: ``fn(completions, **kwargs) -> list[float]``.
+"""Reward functions for GRPO in TRL's shape, ``fn(completions, **kwargs) -> list[float]``: reading a
+completion, and the reward names of configs written before tasks existed.
 
-Thin wrappers over :mod:`vlmrl.tasks.counting`, so a reward reads an answer exactly as the
-evaluator does. ``completions`` are strings or TRL conversational completions (a list of
-messages whose last one is the assistant's). Gold counts arrive as the ``counts`` column: one
-dict per completion, ``{"car": 2, "bus": 0, ...}``; the task's classes are the dict's keys in
-order, so a data set with other classes needs no extra argument.
+The built-in rewards are the task rewards of :mod:`vlmrl.tasks.rewards` (``task_accuracy``,
+``task_accuracy_iou2``, ``task_format``): each asks the record's task (``metadata`` column) and
+reads only the completion's single answer block. The older names stay valid in configs and are
+the same task rewards, on count-family records and on any other:
+
+- ``count_exact``: ``task_accuracy`` (on a count record, 1.0 when every class's count is right);
+- ``count_partial``: the task's partial credit, ``class_accuracy`` where the task has one (the share
+  of classes counted right), else its accuracy;
+- ``count_format``: 1.0 where ``task_format`` pays (its 0.1 scaled to 1, the scale the old
+  ``count_format`` had, so that old configs' weights keep their meaning), else 0.0.
+
+Each reads the ``metadata`` column; called as before with only ``counts`` (one dict of gold counts
+per completion), the records are the count records those counts describe. ``completions`` are
+strings or TRL conversational completions (a list of messages whose last one is the assistant's).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
-from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
+from vlmrl.tasks.core import task_meta, task_of
 
 
 def completion_text(completion: Any) -> str:
@@ -30,53 +39,49 @@ def completion_text(completion: Any) -> str:
     return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
-@lru_cache(maxsize=64)
-def _task(classes: tuple[str, ...]) -> CountingTask:
-    return CountingTask(classes)
+def _metadata(completions: Sequence[Any], counts, metadata) -> list[Mapping[str, Any]]:
+    """Each completion's record metadata: the ``metadata`` column, or records made of ``counts``."""
+    found = metadata if metadata is not None else [{"counts": c} for c in counts or []]
+    if len(found) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(found)} metadata entries (or gold counts)")
+    return list(found)
 
 
-def _scores(completions: Sequence[Any], counts: Sequence[Mapping[str, int]]):
-    if len(completions) != len(counts):
-        raise ValueError(f"{len(completions)} completions but {len(counts)} gold counts")
-    for completion, gold in zip(completions, counts):
-        task = _task(tuple(gold))
-        yield task.score(task.parse(completion_text(completion)), gold)
-
-
-def count_exact_reward(completions, counts, **kwargs) -> list[float]:
-    """1.0 when every class's count is right, else 0.0.
+def count_exact_reward(completions, counts=None, metadata=None, **kwargs) -> list[float]:
+    """``task_accuracy`` under its old name; on count records, 1.0 when every class's count is right.
 
     >>> count_exact_reward(
     ...     ["There are 2 cars, 0 buses in the image.", "There are 2 cars, 1 bus."],
     ...     counts=[{"car": 2, "bus": 0}, {"car": 2, "bus": 0}])
     [1.0, 0.0]
     """
-    return [1.0 if s.exact else 0.0 for s in _scores(completions, counts)]
+    from vlmrl.tasks.rewards import task_accuracy_reward
+
+    return task_accuracy_reward(completions, _metadata(completions, counts, metadata))
 
 
-def count_partial_reward(completions, counts, **kwargs) -> list[float]:
-    """Fraction of classes counted right: partial credit that still rewards a near miss.
+def count_partial_reward(completions, counts=None, metadata=None, **kwargs) -> list[float]:
+    """The task's partial credit: on count records, the fraction of classes counted right.
 
     >>> count_partial_reward(
     ...     [[{"role": "assistant", "content": "3 cars and no buses"}], "two buses"],
     ...     counts=[{"car": 2, "bus": 0}, {"car": 2, "bus": 2}])
     [0.5, 0.5]
     """
-    return [s.class_accuracy for s in _scores(completions, counts)]
+    rewards = []
+    for completion, meta in zip(completions, _metadata(completions, counts, metadata)):
+        metrics = task_of(meta).metrics(completion_text(completion), task_meta(meta))
+        rewards.append(metrics.get("class_accuracy", metrics["accuracy"]))
+    return rewards
 
 
-def count_format_reward(completions, counts=None, **kwargs) -> list[float]:
-    """1.0 when the answer parses and names every class (zeros included), else 0.0.
+def count_format_reward(completions, counts=None, metadata=None, **kwargs) -> list[float]:
+    """1.0 where ``task_format`` pays (the expected shape, an answer block that parses), else 0.0.
 
-    The classes come from the gold ``counts`` when given, else the default task's.
-
-    >>> count_format_reward(["There are 1 car, 0 motorcycles, 2 buses, 0 bicycles in the image.",
-    ...                      "There are 3 vehicles."])
+    >>> count_format_reward(["There are 1 car, 0 motorcycles, 2 buses, 0 bicycles in the image.", "I see cars."],
+    ...                     counts=[{"car": 1, "motorcycle": 0, "bus": 2, "bicycle": 0}] * 2)
     [1.0, 0.0]
     """
-    classes = [tuple(gold) for gold in counts] if counts else [DEFAULT_CLASSES] * len(completions)
-    rewards = []
-    for completion, cls in zip(completions, classes):
-        parsed = _task(cls).parse(completion_text(completion))
-        rewards.append(1.0 if parsed.mentions_every_class else 0.0)
-    return rewards
+    from vlmrl.tasks.rewards import task_format_reward
+
+    return [1.0 if r > 0 else 0.0 for r in task_format_reward(completions, _metadata(completions, counts, metadata))]

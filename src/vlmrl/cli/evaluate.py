@@ -41,9 +41,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--format", dest="fmt", help="format of --data (default: detected)")
     infer.add_argument("--out", help="with --data: the JSONL file of answers (default: stdout)")
     infer.add_argument("--skip-bad", action="store_true", help="skip bad records (and say which) instead of stopping")
-    infer.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    infer.add_argument("--temperature", type=float, default=0.0,
+                       help="0 = greedy (default); > 0 samples with GRPO's sampler")
     infer.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
-    infer.add_argument("--num-samples", type=int, default=1, help="answers per prompt (needs --temperature > 0)")
+    infer.add_argument("--num-samples", type=int, default=1,
+                       help="answers per prompt, drawn by GRPO's sampler (needs --temperature > 0)")
     infer.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _generation_options(infer, max_new_tokens=64)
     infer.set_defaults(func=run_infer)
@@ -126,16 +128,24 @@ def run_infer(args: argparse.Namespace) -> int:
         raise VlmrlError("give either --prompt (with --image) or --data")
     if args.out and not args.data:
         raise VlmrlError("--out goes with --data; a single --prompt prints its answer")
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise VlmrlError(f"--num-samples and --batch-size must be at least 1 (got {args.num_samples}, {args.batch_size})")
+    if args.num_samples > 1 and not args.temperature > 0:
+        raise VlmrlError(f"--num-samples {args.num_samples} needs sampling: give --temperature > 0 (e.g. 1.0)")
     records = _read(args) if args.data else None
     model, processor = _load(args)
     if records is None:
         items = [(args.image, user_prompt(args.prompt, n_images=len(args.image)))]
     else:
         items = [(r.images, r.prompt) for r in records]
-    answers = generate(model, processor, items, args.max_new_tokens, args.batch_size,
-                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                       top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_samples,
-                       progress="infer" if records else None)
+    progress = "infer" if records else None
+    if args.temperature > 0:
+        from vlmrl.sampling.sampler import sample_answers
+
+        answers = sample_answers(model, processor, items, args.num_samples, args.max_new_tokens, args.temperature,
+                                 args.top_p, seed=args.seed, batch_size=args.batch_size, progress=progress)
+    else:
+        answers = generate(model, processor, items, args.max_new_tokens, args.batch_size, progress=progress)
     if records is None:
         for answer in answers:
             print(answer)

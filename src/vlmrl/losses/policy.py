@@ -15,7 +15,9 @@ arXiv 2402.03300, Eq. 3 with the outcome-supervision advantages of Sec. 4.1.2):
   over completions (``normalize="sequence"``), which gives a short answer's tokens more weight
   than a long one's. The default here is ``"token"``: the sum over all tokens of the batch divided
   by their number (DAPO, Sec. 3.3). ``"constant"`` divides by ``B · max_tokens`` instead
-  (Dr. GRPO), which removes the length bias altogether.
+  (Dr. GRPO), which removes the length bias altogether. "The batch" may be a whole global batch
+  of which only a micro-batch is passed (``denominator``): micro-batches and processes then add up
+  to the global batch's loss.
 - KL: optional, to the reference policy with Schulman's k3 estimator per token,
   ``π_ref/πθ − log(π_ref/πθ) − 1`` (unbiased and always ≥ 0), weighted by ``beta``, added to the
   loss inside the normalisation as in GRPO's Eq. 3. ``beta = 0`` (DAPO, Dr. GRPO and TRL's
@@ -60,14 +62,31 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def _normalise(per_token: Tensor, mask: Tensor, normalize: str, max_tokens: int | None) -> Tensor:
+def loss_units(mask: Tensor, normalize: str, max_tokens: int | None = None) -> float:
+    """What ``normalize`` divides the summed loss by, counted on one batch.
+
+    ``"token"``: its completion tokens; ``"sequence"``: its completions; ``"constant"``: its
+    completions times ``max_tokens`` (default: ``T``). Summed over every micro-batch of an optimizer
+    step and every process, it is the denominator of the global batch (see :func:`grpo_objective`).
+    """
     if normalize == "token":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        return float(mask.sum())
     if normalize == "sequence":
-        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+        return float(mask.shape[0])
     if normalize == "constant":
-        return (per_token * mask).sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
+        return float(mask.shape[0] * (max_tokens or mask.shape[1]))
     raise VlmrlError(f"normalize must be 'token', 'sequence' or 'constant', got {normalize!r}")
+
+
+def _normalise(per_token: Tensor, mask: Tensor, normalize: str, max_tokens: int | None,
+               denominator: float | None) -> Tensor:
+    if denominator is None:
+        denominator = max(loss_units(mask, normalize, max_tokens), 1.0)
+    if normalize == "sequence":  # each completion's token mean, then summed over completions
+        total = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).sum()
+    else:
+        total = (per_token * mask).sum()
+    return total / denominator if denominator > 0 else total  # no tokens at all: the sum is 0
 
 
 def grpo_objective(
@@ -81,6 +100,7 @@ def grpo_objective(
     clip_eps_high: float | None = None,
     normalize: str = "token",
     max_tokens: int | None = None,
+    denominator: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped GRPO loss (see the module docstring for the exact variant).
 
@@ -89,13 +109,17 @@ def grpo_objective(
     are those of the policy that sampled the completions; pass ``logps.detach()`` when there is
     one update per batch (the ratio is then 1 and only its gradient matters).
 
-    ``max_tokens`` is the constant length of ``normalize="constant"`` (default: ``T``). Token
-    normalisation divides by this batch's own token count: with gradient accumulation each
-    micro-batch is normalised on its own.
+    ``max_tokens`` is the constant length of ``normalize="constant"`` (default: ``T``). The summed
+    loss is divided by ``denominator``, by default this batch's own :func:`loss_units`. To normalise
+    by a whole global batch split into ``k`` micro-batches over ``w`` processes whose gradients are
+    averaged (DAPO, Sec. 3.3; TRL), pass the global batch's units divided by ``k · w``: the
+    micro-batches' mean loss is then the global sum over the global units.
 
-    Returns ``(loss, metrics)``; metrics (floats): ``kl`` (mean k3 over tokens, when ``ref_logps``
-    is given), ``clip_fraction`` (share of tokens whose gradient the clip removed),
-    ``clip_ratio/low``, ``clip_ratio/high``, ``ratio_mean``.
+    Returns ``(loss, metrics)``; metrics (floats, means over this batch's tokens): ``kl`` (k3, when
+    ``ref_logps`` is given), ``clip_fraction`` (share of tokens whose gradient the clip removed; TRL's
+    ``clip_ratio/region_mean``), ``clip_ratio/low`` and ``clip_ratio/high`` (the ratio below
+    ``1 − ε`` with a negative advantage, above ``1 + ε_high`` with a positive one; TRL's
+    ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, logged under both names), ``ratio_mean``.
     """
     if beta > 0 and ref_logps is None:
         raise VlmrlError("a KL penalty (beta > 0) needs reference log-probs: pass ref_logps or set beta=0")
@@ -111,16 +135,22 @@ def grpo_objective(
     kl = k3_kl(logps, ref_logps) if ref_logps is not None else None
     if beta > 0:
         per_token = per_token + beta * kl
-    loss = _normalise(per_token, mask, normalize, max_tokens)
+    loss = _normalise(per_token, mask, normalize, max_tokens, denominator)
 
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1.0)
         low_clipped = ((ratio < 1 - clip_eps) & (adv < 0)).to(mask.dtype)
         high_clipped = ((ratio > 1 + high) & (adv > 0)).to(mask.dtype)
+        region = ((low_clipped + high_clipped) * mask).sum().div(n_tokens).item()
+        low = (low_clipped * mask).sum().div(n_tokens).item()
+        high_share = (high_clipped * mask).sum().div(n_tokens).item()
         metrics = {
-            "clip_fraction": ((low_clipped + high_clipped) * mask).sum().div(n_tokens).item(),
-            "clip_ratio/low": (low_clipped * mask).sum().div(n_tokens).item(),
-            "clip_ratio/high": (high_clipped * mask).sum().div(n_tokens).item(),
+            "clip_fraction": region,
+            "clip_ratio/region_mean": region,
+            "clip_ratio/low": low,
+            "clip_ratio/low_mean": low,
+            "clip_ratio/high": high_share,
+            "clip_ratio/high_mean": high_share,
             "ratio_mean": (ratio * mask).sum().div(n_tokens).item(),
         }
         if kl is not None:

@@ -133,6 +133,24 @@ def sample_groups(
     return GroupSamples(prompts, ids, mask, logps, stopped, texts, group_size, decoding.pad_id)
 
 
+
+def sample_answers(model, processor, items: Sequence[Item], num_samples: int, max_new_tokens: int,
+                   temperature: float, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                   progress: str | None = None) -> list[str]:
+    """``num_samples`` sampled answer texts per item (an item's together), ``batch_size`` items per
+    ``sample_groups`` call, each call seeded ``seed`` + the position of its first item."""
+    from vlmrl.progress import progress_bar
+
+    answers: list[str] = []
+    with progress_bar(total=len(items), desc=progress or "", enabled=None if progress else False) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            samples = sample_groups(model, processor, batch, num_samples, max_new_tokens, temperature, top_p,
+                                    seed=seed + start)
+            answers += [processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in samples.answers()]
+            bar.update(len(batch))
+    return answers
+
 def _check(items, group_size: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
     if not items:
         raise VlmrlError("no prompts to sample from: the batch is empty")

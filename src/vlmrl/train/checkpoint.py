@@ -10,6 +10,8 @@ A checkpoint is a folder ``RUN/checkpoints/step-000040`` holding
   each process writing its own shards;
 - ``scheduler.pt`` (and ``scaler.pt`` under fp16): their ``state_dict``;
 - ``rng-<rank>.pt``: each process's python, numpy and torch random states;
+- ``process-<rank>.pt`` (when the loop passes one): each process's own training state, e.g. GRPO's
+  generation batch being replayed;
 - ``state.json``: the optimizer step, the data position (micro-batches consumed) and the
   early-stopping record, plus the batch geometry the position is only valid for.
 
@@ -79,11 +81,15 @@ def set_aside(path: Path) -> Path:
 
 
 def save_checkpoint(run_dir, state: dict, accelerator, model, optimizer, scheduler, scaler_state: dict | None,
-                    keep_last: int) -> Path:
+                    keep_last: int, process_state: dict | None = None) -> Path:
     """Write a checkpoint of optimizer step ``state["step"]``; every process must call this.
 
-    ``optimizer`` is the torch optimizer itself (not accelerate's wrapper).
+    ``optimizer`` is the torch optimizer itself (not accelerate's wrapper); ``process_state`` (tensors,
+    lists, numbers, strings) is this process's own, read back by ``load_process_state``.
     """
+    state = {k: v for k, v in state.items() if k != "process_state"}  # a resumed run's state.json had it
+    if process_state is not None:
+        state["process_state"] = True
     final = checkpoints_dir(run_dir) / f"{PREFIX}{state['step']:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
     with naming_unwritable(tmp, run_dir, remove=tmp):
@@ -92,6 +98,8 @@ def save_checkpoint(run_dir, state: dict, accelerator, model, optimizer, schedul
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if process_state is not None:
+            torch.save(process_state, tmp / f"process-{accelerator.process_index}.pt")
         if is_sharded(model):
             _save_sharded(tmp / SHARDED, model, optimizer)
         if accelerator.is_main_process:
@@ -159,6 +167,8 @@ def damage(path: Path, num_processes: int) -> str | None:
     saved_world = json.loads(state_file.read_text()).get("num_processes", num_processes)
     weights = [SHARDED] if (path / SHARDED).exists() else ["trainable.safetensors", "optimizer.pt"]
     names = weights + ["scheduler.pt"] + [f"rng-{rank}.pt" for rank in range(saved_world)]
+    if json.loads(state_file.read_text()).get("process_state"):
+        names += [f"process-{rank}.pt" for rank in range(saved_world)]
     if (path / "scaler.pt").exists():
         names.append("scaler.pt")
     for name in names:
@@ -244,6 +254,12 @@ def load_checkpoint(path: str | Path, accelerator, model, optimizer, scheduler, 
         precision.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+def load_process_state(path: str | Path, process_index: int) -> dict | None:
+    """This process's own state saved with the checkpoint (``save_checkpoint``'s ``process_state``), or None."""
+    file = Path(path) / f"process-{process_index}.pt"
+    return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
 
 
 def _load_sharded(folder: Path, model, optimizer) -> None:

@@ -15,9 +15,16 @@ Guarantees, each with a test:
 - SFT and the DPO family give the same loss curve whether a global batch is one micro-batch,
   ``grad_accum`` micro-batches or split across processes (their losses are per-pair means; see
   ``steps``): ``test_train`` (batch 8 = batch 1 x 8 accumulation), ``test_multiprocess`` (DDP) and
-  ``test_fsdp`` (FSDP 2). GRPO is not claimed to: it samples and normalises per micro-batch;
+  ``test_fsdp`` (FSDP 2). GRPO gives the same curve with ``grad_accum`` micro-batches as with one
+  (``test_grpo_replay``: accumulation 2 = accumulation 1): each process samples its whole share of
+  the global batch at once, seeded by run seed, step and process, and the loss is normalised by the
+  global batch's token count, gathered across processes. Across processes the normalisation is
+  the same, but the samples are not those of one process (each process draws its own);
+- GRPO with ``grpo.num_iterations`` μ > 1 keeps each generation batch for μ optimizer steps (data
+  is drawn only when a new one is sampled, so an epoch is μ times as many steps);
 - a resumed run (``--resume``, also after ``kill -9``) continues the identical curve: weights,
-  optimizer, schedule, fp16 scale, random states and the data position are all in the checkpoint;
+  optimizer, schedule, fp16 scale, random states and the data position are all in the checkpoint,
+  and mid-way through a GRPO generation batch's μ updates, that batch and its position too;
   a damaged checkpoint is named before anything is loaded, and ``train.resume=auto`` falls back to
   the newest intact one; resuming with another batch geometry (batch size, accumulation, number of
   processes, seed) is refused;
@@ -53,14 +60,14 @@ from vlmrl.train.precision import Precision
 from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
 from vlmrl.forward.ref_cache import precompute_reference
 from vlmrl.train.fast_step import FastPreferenceStep
-from vlmrl.train.grpo import GrpoStep
+from vlmrl.train.grpo import Generation, GrpoStep, record_task, sampling_seed
 from vlmrl.train.kto_step import KtoStep
 from vlmrl.train.online import OnlineDpoStep, RftStep, build_judge
 from vlmrl.train.steps import PreferenceStep, SftStep, needs_reference
 
 log = logging.getLogger(__name__)
 
-SAMPLING_ALGOS = ("grpo", "online_dpo", "rft")  # they train on their own samples and evaluate by exact match
+SAMPLING_ALGOS = ("grpo", "online_dpo", "rft")  # they train on their own samples; held out: scored by the task
 
 
 class TrainingDiverged(VlmrlError):
@@ -92,12 +99,15 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self.state = {"step": 0, "micro_batch": 0, "best_eval_loss": None, "evals_without_improvement": 0}
+        self.generation: Generation | None = None  # GRPO: the batch of samples being replayed
+        self.generation_indices: list[int] = []  # its records' positions in train_records
         if self.resume_from is not None:
             self.state = checkpoint.load_checkpoint(
                 self.resume_from, self.accelerator, self.model, self.optimizer.optimizer, self.scheduler,
                 self.precision,
             )
             self._check_geometry()
+            self._restore_generation()
         self.interrupted = False
 
     # ----- setup, in the order it happens -----
@@ -157,8 +167,22 @@ class Trainer:
                 f"{data.train}: {len(self.train_records)} records make {per_epoch} micro-batch(es) per epoch, "
                 f"fewer than train.grad_accum={t.grad_accum}; set train.max_steps or lower grad_accum"
             )
+        if t.algo == "grpo":  # each generation batch serves num_iterations optimizer steps
+            steps_per_epoch *= self.config.grpo.num_iterations
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * steps_per_epoch))
         self.micro_batches_per_epoch = per_epoch
+        if t.algo == "grpo":
+            self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        """GRPO scores answers by each record's task: a record without one is named before training starts."""
+        data = self.config.data
+        for path, records in ((data.train, self.train_records), (data.eval, self.eval_records)):
+            for record in records:
+                try:
+                    record_task(record)
+                except VlmrlError as e:
+                    raise VlmrlError(f"{path}: {e}") from e
 
     def _setup_model(self) -> None:
         t = self.config.train
@@ -283,8 +307,11 @@ class Trainer:
         acc, t = self.accelerator, self.config.train
         self.model.train()
         totals: dict[str, float] = {}
-        for _ in range(t.grad_accum):
-            batch = self.step_fn.encode(self._next_records(), acc.device)
+        if t.algo == "grpo":
+            micro_batches = self._grpo_micro_batches()
+        else:
+            micro_batches = (self.step_fn.encode(self._next_records(), acc.device) for _ in range(t.grad_accum))
+        for batch in micro_batches:
             with acc.accumulate(self.model):  # DDP syncs gradients on the last micro-batch only
                 with self.precision.autocast():
                     loss, metrics = self.step_fn.loss_and_metrics(batch)
@@ -305,13 +332,49 @@ class Trainer:
         return row, stepped
 
     def _next_records(self) -> list:
+        return [self.train_records[i] for i in self._next_indices()]
+
+    def _next_indices(self) -> list[int]:
         t = self.config.train
         k = self.state["micro_batch"]
         indices = micro_batch_indices(
             k, len(self.train_records), t.batch_size, t.seed, self.accelerator.process_index, self.world
         )
         self.state["micro_batch"] = k + 1
-        return [self.train_records[i] for i in indices]
+        return indices
+
+    def _grpo_micro_batches(self) -> list:
+        """This optimizer step's GRPO micro-batches: from the kept generation batch, or from a new one.
+
+        A new one samples the ``grad_accum`` micro-batches' records of this process together, so the
+        samples do not depend on the split. The loss of each micro-batch is divided by the global
+        batch's units (tokens, by default) over ``grad_accum × processes``: the loop's mean over
+        micro-batches and processes is then the global batch's normalised loss.
+        """
+        acc, t = self.accelerator, self.config.train
+        if self.generation is None or self.generation.updates >= self.config.grpo.num_iterations:
+            self.generation_indices = [i for _ in range(t.grad_accum) for i in self._next_indices()]
+            seed = sampling_seed(t.seed, self.state["step"], acc.process_index, self.world)
+            self.generation = self.step_fn.generate([self.train_records[i] for i in self.generation_indices], seed)
+        units = torch.tensor(self.step_fn.loss_units(self.generation), dtype=torch.float64, device=acc.device)
+        total = acc.reduce(units, reduction="sum").item()
+        batches = self.step_fn.micro_batches(self.generation, t.grad_accum, total / (t.grad_accum * self.world),
+                                             acc.device)
+        self.generation.updates += 1
+        return batches
+
+    def _kept_generation(self) -> dict | None:
+        """What a checkpoint must hold of the GRPO generation batch: None unless updates on it remain."""
+        g = self.generation
+        if g is None or g.updates >= self.config.grpo.num_iterations:
+            return None
+        return {"indices": self.generation_indices, **g.state_dict()}
+
+    def _restore_generation(self) -> None:
+        kept = checkpoint.load_process_state(self.resume_from, self.accelerator.process_index)
+        if kept is not None:
+            self.generation_indices = kept.pop("indices")
+            self.generation = Generation.from_state(kept, [self.train_records[i] for i in self.generation_indices])
 
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         names = sorted(metrics)
@@ -344,7 +407,7 @@ class Trainer:
         model.eval()
         mine = self.eval_records[acc.process_index :: self.world]
         if t.algo in SAMPLING_ALGOS:
-            return self._evaluate_exact_match(model, mine)
+            return self._evaluate_task_accuracy(model, mine)
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, accuracy, pairs
         for start in range(0, len(mine), t.batch_size):
             records = mine[start : start + t.batch_size]
@@ -361,27 +424,28 @@ class Trainer:
             result["eval/rewards/accuracies"] = (sums[1] / sums[2]).item()
         return result
 
-    def _evaluate_exact_match(self, model, records) -> dict[str, float]:
+    def _evaluate_task_accuracy(self, model, records) -> dict[str, float]:
         """The held-out check of the algorithms that sample (grpo, online_dpo, rft): greedy answers scored by
-        the counting task.
+        each record's task.
 
-        ``eval/loss`` is ``1 - eval/exact_match`` so that early stopping reads it like a loss.
+        ``eval/accuracy`` is the mean task score (exact match for counts and numbers, IoU for a box),
+        ``eval/exact_match`` the share of answers with full marks; ``eval/loss`` is
+        ``1 - eval/accuracy`` so that early stopping reads it like a loss.
         """
         from vlmrl.generate import generate
-        from vlmrl.tasks.counting import CountingTask
+        from vlmrl.tasks.core import task_meta
 
         acc = self.accelerator
+        tasks = [record_task(r) for r in records]
         answers = generate(model, self.processor, [(r.images, r.prompt) for r in records],
                            self._answer_length(), batch_size=max(8, self.config.train.batch_size))
-        hits = 0.0
-        for record, answer in zip(records, answers):
-            gold = record.metadata["counts"]
-            task = CountingTask(tuple(gold))
-            hits += task.score(task.parse(answer), gold).exact
-        sums = acc.reduce(torch.tensor([hits, len(records)], dtype=torch.float64, device=acc.device), reduction="sum")
+        scores = [task.score(answer, task_meta(r.metadata)) for task, r, answer in zip(tasks, records, answers)]
+        sums = torch.tensor([sum(scores), sum(s >= 1.0 for s in scores), len(records)], dtype=torch.float64,
+                            device=acc.device)
+        sums = acc.reduce(sums, reduction="sum")
         model.train()
-        em = (sums[0] / sums[1]).item()
-        return {"eval/exact_match": em, "eval/loss": 1.0 - em}
+        accuracy = (sums[0] / sums[2]).item()
+        return {"eval/accuracy": accuracy, "eval/exact_match": (sums[1] / sums[2]).item(), "eval/loss": 1.0 - accuracy}
 
     def _answer_length(self) -> int:
         """The longest held-out answer: the one the run samples with (``grpo`` or ``online`` section)."""
@@ -411,7 +475,7 @@ class Trainer:
         }
         return checkpoint.save_checkpoint(
             self.out, state, self.accelerator, self.model, self.optimizer.optimizer, self.scheduler,
-            self.precision.state_dict(), t.keep_last,
+            self.precision.state_dict(), t.keep_last, process_state=self._kept_generation(),
         )
 
     def _save_final(self) -> Path:

@@ -3,10 +3,15 @@
 Each row holds the step objects' metrics plus the loop's ``step``, ``epoch``, ``lr``, ``grad_norm``
 and ``pairs_per_s``; held-out ones are prefixed with ``eval/``. SFT and the DPO family use TRL's
 DPOTrainer names (``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``, ``logps/chosen``, ``logps/rejected``). GRPO's names are those of
-``vlmrl.train.grpo``; of them ``loss``, ``reward``, ``reward_std``, ``entropy``,
-``completions/clipped_ratio`` and ``rewards/<function>/mean|std`` are TRL GRPOTrainer's, the others
-(``em_rate``, ``completion_length``, ``frac_zero_std_groups``, ...) are vlmrl's own.
+``rewards/margins``, ``logps/chosen``, ``logps/rejected``). GRPO logs TRL GRPOTrainer's names
+(``loss``, ``reward``, ``reward_std``, ``frac_reward_zero_std``, ``rewards/<function>/mean|std``,
+``completions/mean_length``, ``completions/min_length``, ``completions/max_length``,
+``completions/clipped_ratio``, ``kl``, ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+``clip_ratio/region_mean``) and vlmrl's own: ``em_rate`` (mean task accuracy of the samples),
+``completion_length`` and ``frac_zero_std_groups`` (the same numbers as TRL's mean length and
+``frac_reward_zero_std``), ``clip_fraction``, ``clip_ratio/low``, ``clip_ratio/high`` (the same as
+TRL's ``clip_ratio/*_mean``), ``ratio_mean`` and ``vision_tokens_masked``. Its held-out check
+writes ``eval/accuracy``, ``eval/exact_match`` and ``eval/loss``.
 
 A non-finite value (the ``grad_norm`` of an fp16 step the scaler skipped) is written as JSON ``null``
 and left out of TensorBoard. Only the main process writes; a write that fails raises a ``VlmrlError``
