@@ -97,8 +97,15 @@ class MetricsLog:
         if accelerator is not None and accelerator.log_with:
             self.accelerator = accelerator
             name = Path(run_dir).resolve().name
-            accelerator.init_trackers(NAME, config=flat_config(config or {}),
-                                      init_kwargs={"wandb": {"name": name}, "mlflow": {"run_name": name}})
+            try:
+                accelerator.init_trackers(NAME, config=flat_config(config or {}),
+                                          init_kwargs={"wandb": {"name": name}, "mlflow": {"run_name": name}})
+            except Exception as e:  # each tracker raises its own kind; all mean the user's settings for it
+                raise VlmrlError(
+                    f"train.report_to: starting {', '.join(map(str, accelerator.log_with))} failed: "
+                    f"{type(e).__name__}: {e}. Check that tracker's settings (wandb: WANDB_MODE, WANDB_API_KEY; "
+                    "mlflow: MLFLOW_TRACKING_URI), or take it out of train.report_to"
+                ) from e
             self.trackers = list(accelerator.trackers)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress)
 

@@ -20,7 +20,6 @@ from typing import Any
 
 from vlmrl.errors import VlmrlError
 from vlmrl.jsonl import read_jsonl
-from vlmrl.train.checkpoint import naming_unwritable
 
 ROWS_FILE = "training_samples.jsonl"
 PAGE_FILE = "samples.html"
@@ -73,6 +72,12 @@ def _cell(text: Any) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
 
 
+def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the last sampling step."""
+    last = max((row["step"] for row in rows), default=None)
+    return [row for row in rows if row["step"] == last]
+
+
 def read_sample_rows(path: Path) -> list[dict[str, Any]]:
     """``training_samples.jsonl``'s rows in file order; a row without step, id or answer is an error."""
     rows = []
@@ -103,6 +108,7 @@ class SampleLog:
 
     def add(self, rows: list[dict[str, Any]], title: str) -> None:
         """Keep one step's rows and rewrite the page, newest step first."""
+        from vlmrl.train.checkpoint import naming_unwritable
         from vlmrl.train.samples_html import samples_page
 
         self.rows += rows
@@ -112,6 +118,8 @@ class SampleLog:
 
     def _write_rows(self) -> None:
         import json
+
+        from vlmrl.train.checkpoint import naming_unwritable  # torch: not for the report, which only reads
 
         text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in self.rows)
         with naming_unwritable(self.rows_path, self.rows_path.parent):
