@@ -175,6 +175,21 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(default=None, gt=0)  # evaluations without improvement
     resume: Literal["no", "auto"] = "no"
     progress: bool = True
+    sample_every: int | None = Field(
+        default=None, ge=0, description="every this many steps (and once at the end), write the model's greedy "
+        "answers to train.sample_count held-out items to OUTPUT/samples.html and TensorBoard; 0 or null: off")
+    sample_count: int = Field(
+        default=8, gt=0, description="how many items train.sample_every shows: the first of data.eval, else of "
+        "data.train, the same ones for the whole run")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default=["tensorboard"], description="where metrics go besides OUTPUT/metrics.jsonl: tensorboard "
+        "(OUTPUT/tensorboard), wandb, mlflow (through accelerate's trackers; pip install 'vlmrl[trackers]'); "
+        "[] for none")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # train.report_to=wandb on the command line
 
 
 class RewardSpec(BaseModel):

@@ -68,7 +68,8 @@ def write_report(
         raise VlmrlError(f"run names must differ, got {names}; pass distinct --names")
     results = [load_run(r) for r in runs]
     deltas = [metric_deltas(results[0], r, seed=seed) for r in results[1:]]
-    page = render_page(results, deltas, title=title, max_gallery=max_gallery)
+    page = render_page(results, deltas, title=title, max_gallery=max_gallery,
+                       training_samples=training_samples_html(runs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(comparison(results, deltas), indent=2) + "\n")
@@ -99,6 +100,7 @@ def render_page(
     deltas: list[list[MetricDelta]],
     title: str,
     max_gallery: int | None = None,
+    training_samples: str = "",
 ) -> str:
     ids = gallery.select_ids(results, max_gallery)
     n_records = len(results[0].samples)
@@ -121,11 +123,33 @@ def render_page(
         table=metrics_table(results, deltas),
         groups=group_tables(results, deltas),
         plots=plot_html or '<p class="muted">Nothing to plot.</p>',
+        training_samples=training_samples,
         controls=_gallery_controls(results),
         cards=gallery.gallery_html(results, ids),
         gallery_note=escape(f"{len(ids)} records{shown}"),
         n=n_records,
     )
+
+
+def training_samples_html(runs: list[RunResult]) -> str:
+    """The training section's samples: for each run whose folder holds ``training_samples.jsonl``
+    (``train.sample_every``), the cards of its latest sampling step; "" when no run has any."""
+    from vlmrl.train.samples import ROWS_FILE, latest_rows, read_sample_rows
+    from vlmrl.train.samples_html import step_cards, step_summary  # it imports report.assets: not at the top
+
+    blocks = []
+    for run in runs:
+        path = run.train_log.parent / ROWS_FILE if run.train_log else None
+        if path is None or not path.is_file():
+            continue
+        rows = latest_rows(read_sample_rows(path))
+        if rows:
+            blocks.append(f'<h4>{escape(run.name)} <span class="muted">step {rows[0]["step"]} · '
+                          f'{escape(step_summary(rows))}</span></h4><div class="gallery">{step_cards(rows)}</div>')
+    if not blocks:
+        return ""
+    return ('<div class="training-samples"><h3>Training samples</h3><p class="muted">Greedy answers to the same held-out items during '
+            "training (the run's samples.html has every step).</p>" + "\n".join(blocks) + "</div>")
 
 
 def summary_line(name: str, base_name: str, metric: str, d: MetricDelta, rate: bool) -> str:
@@ -364,6 +388,7 @@ over records, and are marked significant when their interval excludes 0.</p>
 <div class="plots">
 {plots}
 </div>
+{training_samples}
 </section>
 <section id="gallery-section">
 <h2>Gallery <span class="muted">{gallery_note}</span></h2>

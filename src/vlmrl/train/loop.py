@@ -9,7 +9,7 @@ What it does, in order: load the policy (LoRA adapter, or the weights for full f
 its reference (the same model with the adapter off, or a frozen copy); read and check the data;
 then for each optimizer step accumulate ``grad_accum`` micro-batches, clip, step AdamW and the
 warm-up + cosine/linear schedule; log metrics (see ``metrics_log``); evaluate held-out data;
-checkpoint. Messages go to the ``vlmrl`` logger (the CLI shows the main process's).
+write the training samples (``train.sample_every``, see ``samples``); checkpoint. Messages go to the ``vlmrl`` logger (the CLI shows the main process's).
 
 Guarantees, each with a test:
 - SFT and the DPO family give the same loss curve whether a global batch is one micro-batch,
@@ -54,8 +54,9 @@ from vlmrl.errors import VlmrlError
 from vlmrl.model_card import write_model_card
 from vlmrl.models.adapters import record_base
 from vlmrl.train import checkpoint, sharding
-from vlmrl.train.metrics_log import MetricsLog
+from vlmrl.train.metrics_log import MetricsLog, accelerate_trackers
 from vlmrl.train.order import batches_per_epoch, micro_batch_indices
+from vlmrl.train.samples import SampleLog, fixed_items, sample_rows
 from vlmrl.train.precision import Precision
 from vlmrl.train.setup import build_model, build_optimizer, build_scheduler
 from vlmrl.forward.ref_cache import precompute_reference
@@ -88,7 +89,8 @@ class Trainer:
         self.out = Path(config.train.output_dir)
         # accelerate fixes its mixed precision once per process; the run keeps its own (see precision.py),
         # so runs of different precision can follow each other in one process.
-        self.accelerator = Accelerator(gradient_accumulation_steps=config.train.grad_accum, mixed_precision="no")
+        self.accelerator = Accelerator(gradient_accumulation_steps=config.train.grad_accum, mixed_precision="no",
+                                       log_with=accelerate_trackers(config.train.report_to) or None)
         if self.accelerator.distributed_type == "DEEPSPEED" and config.train.mixed_precision == "fp16":
             raise VlmrlError("train.mixed_precision=fp16 is not supported under DeepSpeed (its engine steps inside "
                              "backward, past the fp16 loss scaler): use bf16")
@@ -171,6 +173,8 @@ class Trainer:
             steps_per_epoch *= self.config.grpo.num_iterations
         self.total_steps = t.max_steps or max(1, math.floor(t.epochs * steps_per_epoch))
         self.micro_batches_per_epoch = per_epoch
+        # train.sample_every: the same held-out items answered at every sampling step (see samples.py)
+        self.sample_items = fixed_items(self.eval_records, self.train_records, t.sample_count) if t.sample_every else []
         if t.algo == "grpo":
             self._check_tasks()
 
@@ -195,9 +199,10 @@ class Trainer:
         else:
             optimizer = build_optimizer(model, t.lr, t.weight_decay)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if checkpoint.is_sharded(self.model) and (t.algo in SAMPLING_ALGOS or self.eval_records):
-            raise VlmrlError("a sharded model (FSDP) trains with sft and dpo, without data.eval: GRPO's sampling "
-                             "and the held-out evaluation run on whole models; use DDP (configs/accelerate/ddp.yaml)")
+        if checkpoint.is_sharded(self.model) and (t.algo in SAMPLING_ALGOS or self.eval_records or t.sample_every):
+            raise VlmrlError("a sharded model (FSDP) trains with sft and dpo, without data.eval or train.sample_every: "
+                             "GRPO's sampling, the held-out evaluation and the training samples run on whole models; "
+                             "use DDP (configs/accelerate/ddp.yaml)")
         # The scheduler is stepped here, once per optimizer step: accelerate's prepared scheduler
         # would step once per process, which makes the schedule depend on the number of processes.
         self.scheduler = build_scheduler(optimizer, t.schedule, t.warmup_ratio, self.total_steps)
@@ -264,7 +269,10 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 (self.out / "config.yaml").write_text(config_yaml(self.config))
         t = self.config.train
-        metrics_log = MetricsLog(self.out, acc.is_main_process, self.total_steps, self.state["step"], t.progress)
+        metrics_log = MetricsLog(self.out, acc.is_main_process, self.total_steps, self.state["step"], t.progress,
+                                 tensorboard="tensorboard" in t.report_to, accelerator=acc,
+                                 config=self.config.model_dump(mode="json"))
+        self.sample_log = SampleLog(self.out, self.state["step"]) if self.sample_items and acc.is_main_process else None
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             self._train_steps(metrics_log)
@@ -291,6 +299,8 @@ class Trainer:
                 evaluation = self.evaluate()
                 metrics_log.write({"step": step, **evaluation})
                 stop = self._early_stop(evaluation["eval/loss"])
+            if self.sample_items and (step % t.sample_every == 0 or step == self.total_steps or stop):
+                self._write_samples(step, metrics_log)
             if self._interrupt_requested():
                 path = self.save_checkpoint()
                 raise TrainingInterrupted(path)
@@ -432,13 +442,11 @@ class Trainer:
         ``eval/exact_match`` the share of answers with full marks; ``eval/loss`` is
         ``1 - eval/accuracy`` so that early stopping reads it like a loss.
         """
-        from vlmrl.generate import generate
         from vlmrl.tasks.core import task_meta
 
         acc = self.accelerator
         tasks = [record_task(r) for r in records]
-        answers = generate(model, self.processor, [(r.images, r.prompt) for r in records],
-                           self._answer_length(), batch_size=max(8, self.config.train.batch_size))
+        answers = self._greedy_answers(model, records)
         scores = [task.score(answer, task_meta(r.metadata)) for task, r, answer in zip(tasks, records, answers)]
         sums = torch.tensor([sum(scores), sum(s >= 1.0 for s in scores), len(records)], dtype=torch.float64,
                             device=acc.device)
@@ -447,8 +455,28 @@ class Trainer:
         accuracy = (sums[0] / sums[2]).item()
         return {"eval/accuracy": accuracy, "eval/exact_match": (sums[1] / sums[2]).item(), "eval/loss": 1.0 - accuracy}
 
+    def _greedy_answers(self, model, records) -> list[str]:
+        from vlmrl.generate import generate
+
+        return generate(model, self.processor, [(r.images, r.prompt) for r in records], self._answer_length(),
+                        batch_size=max(8, self.config.train.batch_size))
+
+    @torch.no_grad()
+    def _write_samples(self, step: int, metrics_log: MetricsLog) -> None:
+        """``train.sample_every``: the fixed items' greedy answers, scored, to samples.html and the trackers
+        (main process only; the others go on to the next step and wait for it there)."""
+        if self.sample_log is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        rows = sample_rows(step, self.sample_items, self._greedy_answers(model, self.sample_items))
+        model.train()
+        metrics_log.write_samples(step, rows, images=not self.sample_log.images_logged)
+        self.sample_log.add(rows, title=f"{self.out.name}: samples while training")
+
     def _answer_length(self) -> int:
-        """The longest held-out answer: the one the run samples with (``grpo`` or ``online`` section)."""
+        """The longest greedy answer (held-out check, training samples): ``grpo.max_new_tokens`` under grpo,
+        else ``online.max_new_tokens``."""
         c = self.config
         return c.grpo.max_new_tokens if c.train.algo == "grpo" else c.online.max_new_tokens
 
