@@ -162,7 +162,6 @@ def rft_file(s: ReasoningSettings, warm: Made, pool: Made, think: bool) -> tuple
     from vlmrl.data.writers import write_records
     from vlmrl.eval.run import load_for_eval
     from vlmrl.generate import generate
-    from vlmrl.tasks.rewards import task_accuracy_reward
 
     stats_path = pool.path.with_name("rft.stats.json")
 
@@ -173,12 +172,7 @@ def rft_file(s: ReasoningSettings, warm: Made, pool: Made, think: bool) -> tuple
         answers = generate(model, processor, [(r.images, r.prompt) for r in records], _max_new(s, think),
                            batch_size=64, do_sample=True, temperature=s.temperature, seed=s.seed,
                            num_return_sequences=g)
-        kept = []
-        for i, r in enumerate(records):
-            group = answers[i * g:(i + 1) * g]
-            paid = task_accuracy_reward(group, [r.metadata] * g)
-            for j, answer in enumerate(dict.fromkeys(a for a, v in zip(group, paid) if v >= 1.0)):
-                kept.append(replace(r, id=f"{r.id}#rft{j}", chosen=answer))
+        kept = keep_correct(records, answers, g)
         write_records(kept, path, "vlmrl")
         solved = len({r.id.rsplit("#rft", 1)[0] for r in kept})
         stats_path.write_text(json.dumps({"prompts": len(records), "samples": len(answers), "kept": len(kept),
@@ -188,6 +182,21 @@ def rft_file(s: ReasoningSettings, warm: Made, pool: Made, think: bool) -> tuple
               "seed": s.seed, "max_new_tokens": _max_new(s, think)}
     made = derived_file(pool.path.with_name("rft.jsonl"), inputs, build)
     return made, json.loads(stats_path.read_text())
+
+
+def keep_correct(records: list, answers: list[str], g: int) -> list:
+    """RFT's filter: for record ``i`` (answers ``i*g .. i*g+g-1``), one record per distinct answer
+    that :func:`task_accuracy_reward` pays in full, as its chosen answer, in sampling order."""
+    from vlmrl.tasks.rewards import task_accuracy_reward
+
+    require(len(answers) == g * len(records), f"{len(answers)} answers for {len(records)} records x {g}")
+    kept = []
+    for i, r in enumerate(records):
+        group = answers[i * g:(i + 1) * g]
+        paid = task_accuracy_reward(group, [r.metadata] * g)
+        for j, answer in enumerate(dict.fromkeys(a for a, v in zip(group, paid) if v >= 1.0)):
+            kept.append(replace(r, id=f"{r.id}#rft{j}", chosen=answer))
+    return kept
 
 
 def _max_new(s: ReasoningSettings, think: bool) -> int:
