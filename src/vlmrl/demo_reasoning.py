@@ -248,6 +248,33 @@ def correct_by_id(eval_dir: Path, records_path: Path) -> dict[str, float]:
             for _, row in read_jsonl(eval_dir / "samples.jsonl")}
 
 
+def majority_answers(records: list) -> dict[str, str]:
+    """Per family, the gold answer text seen most often in ``records`` (first seen on a tie)."""
+    from vlmrl.tasks.answers import render
+
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        task = r.metadata["task"]
+        seen[task["family"]][render(task["kind"], task["answer"], task.get("extra") or {})] += 1
+    return {family: counter.most_common(1)[0][0] for family, counter in seen.items()}
+
+
+def majority_baseline(s: ReasoningSettings, tasks: tuple[Path, str], splits: list[str]) -> dict[str, dict]:
+    """The blind baseline: every question answered with its family's majority train answer,
+    written as ``eval/majority/SPLIT/samples.jsonl`` and scored like a model's answers."""
+    from vlmrl.data.formats import read_records
+
+    majority = majority_answers(read_records(tasks[0] / "train.jsonl"))
+    out = {}
+    for split in splits:
+        path, eval_dir = tasks[0] / f"{split}.jsonl", s.out / "eval" / "majority" / split
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": r.id, "answer": majority.get(family_of(r), "")} for r in read_records(path)]
+        (eval_dir / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        out[split] = score_split(eval_dir, path, s.seed)
+    return out
+
+
 # ----------------------------------------------------------------------------- the whole job
 def eval_model(s: ReasoningSettings, name: str, model: Made, adapter: Made | None, tasks: tuple[Path, str],
                think: bool) -> dict[str, dict]:
@@ -256,15 +283,20 @@ def eval_model(s: ReasoningSettings, name: str, model: Made, adapter: Made | Non
 
     settings = {**EVAL_SETTINGS, "max_new_tokens": _max_new(s, think)}
     out = {}
-    for split in (s.eval_split, *(f"ood_{a}" for a in OOD_AXES)):
+    for split in eval_splits(s, tasks):
         path = tasks[0] / f"{split}.jsonl"
-        if not path.exists():
-            continue  # a small build may have no question along an axis; stats.json says so
         records = Made(path, f"{tasks[1]}:{split}")
         eval_dir = s.out / "eval" / name / split
         evaluate_run(model, adapter, records, eval_dir, settings)
         out[split] = score_split(eval_dir, path, s.seed)
     return out
+
+
+def eval_splits(s: ReasoningSettings, tasks: tuple[Path, str]) -> list[str]:
+    """The evaluation split and the OOD files the build wrote (a small build may have no question
+    along an axis; its stats.json says so)."""
+    splits = [s.eval_split, *(f"ood_{a}" for a in OOD_AXES)]
+    return [split for split in splits if (tasks[0] / f"{split}.jsonl").exists()]
 
 
 def rl_config(s: ReasoningSettings, warm: Made, data: Made, name: str, algo: str, think: bool):
@@ -287,6 +319,9 @@ def run_variant(s: ReasoningSettings, base: Made, scenes: Made, think: bool, met
     warm, wall = train_run(cfg, {"model": base.key, "data": warm_data.key})
     rows = [{"method": f"warm-up{tag}", "think": think, "wall_s": wall,
              "results": eval_model(s, f"warmup{tag}", warm, None, tasks, think)}]
+    if not think:
+        rows.append({"method": "majority answer", "think": think, "wall_s": 0.0,
+                     "results": majority_baseline(s, tasks, eval_splits(s, tasks))})
     pool = rl_pool(s, tasks, scenes)
     for method in methods:
         name = f"{method}{tag}"
@@ -324,7 +359,8 @@ def _paired_vs_first(s: ReasoningSettings, first: str, name: str, tasks_dir: Pat
 
 
 def _slug(method: str) -> str:
-    return method.replace("warm-up", "warmup")
+    """A row's folder name under ``eval/`` and ``runs/``."""
+    return "majority" if method == "majority answer" else method.replace("warm-up", "warmup")
 
 
 def run_reasoning_demo(s: ReasoningSettings, methods: tuple[str, ...] = ("grpo", "rft", "sft-gold"),
@@ -388,7 +424,7 @@ def verdict(rows: list[dict[str, Any]], split: str = "test") -> str:
     and whether that interval excludes zero."""
     parts = []
     for r in rows:
-        if r["method"].startswith("warm-up"):
+        if r["method"].startswith("warm-up") or r["method"] == "majority answer":
             continue
         d = r["paired"]
         moved = "learned" if d["ci_low"] > 0 else ("got worse" if d["ci_high"] < 0 else "no change told apart")
@@ -409,9 +445,10 @@ def main(out: Path, quick: bool = False, seed: int = 0) -> int:
     start = time.perf_counter()
     result = run_reasoning_demo(s)
     rows = result["rows"]
-    logs = [s.out / "runs" / _slug(r["method"]) / "metrics.jsonl" for r in rows]
+    models = [r for r in rows if r["method"] != "majority answer"]  # the report shows models' answers
+    logs = [s.out / "runs" / _slug(r["method"]) / "metrics.jsonl" for r in models]
     runs = [RunResult(r["method"], s.out / "eval" / _slug(r["method"]) / s.eval_split, log if log.exists() else None)
-            for r, log in zip(rows, logs)]
+            for r, log in zip(models, logs)]
     report = write_report(s.out / "report", runs, title="vlmrl demo: visual reasoning, before / after",
                           max_gallery=60, seed=seed)
     text = tables(rows, s.eval_split)
