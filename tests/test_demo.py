@@ -239,9 +239,12 @@ def test_reasoning_tables_and_verdict_report_the_numbers_given():
     text = tables(rows)
     assert "| grpo | 50.0 [40.0, 60.0] | +30.0 [+25.0, +35.0] | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 2 |" in text
     assert "| method | 1 hops | 3 hops |" in text and "| method | OOD hops (n=10) |" in text
-    assert verdict(rows) == ("grpo: +30.0 [+25.0, +35.0] points on test (learned); "
-                             "rft: +2.0 [-3.0, +7.0] points on test (no change told apart); "
-                             "sft-gold: -10.0 [-15.0, -5.0] points on test (got worse)")
+    assert verdict(rows) == ("grpo: +30.0 [+25.0, +35.0] points on test, better than its warm-up; "
+                             "rft: +2.0 [-3.0, +7.0] points on test, not told apart from its warm-up; "
+                             "sft-gold: -10.0 [-15.0, -5.0] points on test, worse than its warm-up")
+    with_floor = verdict([*rows[:2], _reasoning_row("majority answer", 0.3, 0.1)])
+    assert with_floor == ("grpo: +30.0 [+25.0, +35.0] points on test, better than its warm-up "
+                          "(50.0% against the majority answer's 30.0%)")
 
 
 def test_quick_reasoning_demo_runs_every_method_and_writes_tables_and_report(tmp_path, capsys):

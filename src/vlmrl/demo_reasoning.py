@@ -420,15 +420,20 @@ def _table(head: list[str], body: list[list[str]]) -> str:
 
 
 def verdict(rows: list[dict[str, Any]], split: str = "test") -> str:
-    """One sentence per trained model: its accuracy change against its warm-up, paired 95% CI,
-    and whether that interval excludes zero."""
+    """One clause per trained model: its accuracy change against its warm-up (paired 95% CI),
+    whether that interval excludes zero, and its accuracy beside the blind majority answer's."""
+    floor = next((r["results"][split]["all"]["value"] for r in rows if r["method"] == "majority answer"), None)
     parts = []
     for r in rows:
         if r["method"].startswith("warm-up") or r["method"] == "majority answer":
             continue
         d = r["paired"]
-        moved = "learned" if d["ci_low"] > 0 else ("got worse" if d["ci_high"] < 0 else "no change told apart")
-        parts.append(f"{r['method']}: {signed(d)} points on {split} ({moved})")
+        moved = ("better than" if d["ci_low"] > 0 else "worse than" if d["ci_high"] < 0 else "not told apart from")
+        text = f"{r['method']}: {signed(d)} points on {split}, {moved} its warm-up"
+        if floor is not None:
+            acc = r["results"][split]["all"]["value"]
+            text += f" ({100 * acc:.1f}% against the majority answer's {100 * floor:.1f}%)"
+        parts.append(text)
     return "; ".join(parts)
 
 
