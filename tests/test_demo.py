@@ -253,7 +253,8 @@ def test_quick_reasoning_demo_runs_every_method_and_writes_tables_and_report(tmp
     printed = capsys.readouterr().out
     assert "| method | all (test) |" in printed and "| method | OOD objects" in printed and "report:" in printed
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["warm-up", "grpo", "rft", "sft-gold", "warm-up-think", "grpo-think"]
+    assert [r["method"] for r in rows] == ["warm-up", "majority answer", "grpo", "rft", "sft-gold",
+                                           "warm-up-think", "grpo-think"]
     for path in ("data/tasks/warmup.jsonl", "data/tasks/rl_pool.jsonl", "data/tasks/rft.stats.json",
                  "runs/grpo/final/adapter_config.json", "runs/sft-gold/final/adapter_config.json",
                  "eval/grpo-think/test/tasks.json", "report/report.html", "results.md"):

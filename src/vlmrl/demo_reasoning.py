@@ -21,7 +21,8 @@ The pipeline, in the order ``run_reasoning_demo`` runs it:
 4. Every model answers the evaluation split and each OOD file greedily (``vlmrl.eval.run.evaluate``);
    accuracy per family, per hop count and per OOD axis, with 95% bootstrap CIs, is computed from
    the answers and each record's ``metadata.task`` (``per_group_accuracy``), with the rewards' own
-   scoring (:func:`vlmrl.tasks.answers.completion_metrics`).
+   scoring (:func:`vlmrl.tasks.answers.completion_metrics`). Beside them, the blind baseline:
+   each question answered with its family's most common train answer (``majority_baseline``).
 
 Stages are reused as in the counting demo (``vlmrl.stages.run_stage``).
 """
@@ -47,6 +48,10 @@ FORMAT = "vlmrl.tasks.rewards:task_format_reward"
 
 @dataclass(frozen=True)
 class ReasoningSettings:
+    """Everything that decides the demo's outputs; the defaults are the set-up chosen on
+    validation (``docs/learning.md``). ``lora_*``, ``warmup_vision`` and ``seed`` are read by
+    :func:`vlmrl.demo.train_config` as for the counting demo."""
+
     out: Path = Path("demo-reasoning")
     seed: int = 0
     family: str = "qwen2-vl"
@@ -69,7 +74,7 @@ class ReasoningSettings:
     lora_rank: int = 16
     lora_vision: str = "lora"
     lora_merger: bool = False
-    warmup_vision: bool = False  # read by demo.train_config
+    warmup_vision: bool = False
     max_new_tokens: int = 32
     think_max_new_tokens: int = 96
     think: bool = True  # also warm up and run GRPO on the --think files
@@ -326,24 +331,30 @@ def run_variant(s: ReasoningSettings, base: Made, scenes: Made, think: bool, met
     for method in methods:
         name = f"{method}{tag}"
         say(f"  {name}: {s.rl_steps} steps from the warm-up")
-        extra: dict[str, Any] = {}
-        if method == "grpo":
-            data, algo = pool, "grpo"
-        elif method == "rft":
-            (data, extra), algo = rft_file(s, warm, pool, think), "sft"
-        else:  # sft-gold: the pool's gold answers
-            data, algo = pool, "sft"
-        if extra.get("kept") == 0:
-            # Nothing to imitate: RFT leaves the warm-up as it is (said, not hidden).
-            say(f"  {name}: none of the {extra['samples']} sampled answers was correct; the model stays the warm-up")
-            final, wall = None, 0.0
-        else:
-            final, wall = train_run(rl_config(s, warm, data, name, algo, think), {"model": warm.key, "data": data.key})
+        final, wall, extra = train_method(s, method, name, warm, pool, think, say)
         rows.append({"method": name, "think": think, "wall_s": wall, **({"rft": extra} if extra else {}),
                      "results": eval_model(s, name, warm, final, tasks, think)})
     for row in rows:
         row["paired"] = _paired_vs_first(s, rows[0]["method"], row["method"], tasks[0])
     return rows
+
+
+def train_method(s: ReasoningSettings, method: str, name: str, warm: Made, pool: Made, think: bool,
+                 say=print) -> tuple[Made | None, float, dict[str, Any]]:
+    """One RL-phase stage from the warm-up: (adapter or None, training wall time, RFT's counts)."""
+    extra: dict[str, Any] = {}
+    if method == "grpo":
+        data, algo = pool, "grpo"
+    elif method == "rft":
+        (data, extra), algo = rft_file(s, warm, pool, think), "sft"
+    else:  # sft-gold: the pool's gold answers
+        data, algo = pool, "sft"
+    if extra.get("kept") == 0:
+        # Nothing to imitate: RFT leaves the warm-up as it is (said, not hidden).
+        say(f"  {name}: none of the {extra['samples']} sampled answers was correct; the model stays the warm-up")
+        return None, 0.0, extra
+    final, wall = train_run(rl_config(s, warm, data, name, algo, think), {"model": warm.key, "data": data.key})
+    return final, wall, extra
 
 
 def _paired_vs_first(s: ReasoningSettings, first: str, name: str, tasks_dir: Path) -> dict[str, float]:
