@@ -67,7 +67,7 @@ def main() -> None:
     root = a.root / key(s, WARMUP_KEYS)
     s = replace(s, out=root)
     paths = make_data(s)
-    base = make_model(s)
+    base = make_model(s.out, s.family, s.seed)
     warm_cfg = train_config(s, base.path, paths["sft"].path, root / "runs" / "warmup", "sft", steps=s.warmup_steps,
                             lr=s.warmup_lr, batch_size=s.batch_size, lora=False)
     warm, warm_wall = train_run(warm_cfg, {"model": base.key, "data": paths["sft"].key})

@@ -176,3 +176,97 @@ def test_make_data_reruns_only_the_split_whose_settings_changed(tmp_path):
     assert changed["test"].key != first["test"].key and changed["sft"] == first["sft"] and marker.exists()
     reseeded = make_data(DemoSettings(out=tmp_path, seed=1, **sizes))
     assert all(reseeded[name].key != first[name].key for name in first) and not marker.exists()
+
+
+# ----------------------------------------------------------------------------- the reasoning demo
+def _task_record(record_id: str, family: str, answer, hops: int, think: bool = False):
+    from vlmrl.data.records import PreferenceRecord, user_prompt
+
+    task = {"family": family, "kind": "integer", "answer": answer, "hops": hops, "think": think}
+    return PreferenceRecord(id=record_id, images=[], prompt=user_prompt("How many?"), chosen=str(answer),
+                            rejected=str(answer + 1), metadata={"task": task})
+
+
+def test_per_group_accuracy_by_family_and_hops_by_hand():
+    from vlmrl.demo_reasoning import per_group_accuracy
+
+    records = {r.id: r for r in (_task_record("a", "spatial", 2, 3), _task_record("b", "spatial", 0, 3),
+                                 _task_record("c", "arithmetic", 1, 2), _task_record("d", "arithmetic", 3, 3))}
+    # a right; b wrong; c right; d unreadable (two answers are never read)
+    samples = [{"id": "a", "answer": "2"}, {"id": "b", "answer": "1"}, {"id": "c", "answer": "1"},
+               {"id": "d", "answer": "3 or 4"}]
+    out = per_group_accuracy(samples, records)
+    assert out["all"]["value"] == 0.5 and out["all"]["n"] == 4
+    assert out["family/spatial"]["value"] == 0.5 and out["family/arithmetic"]["value"] == 0.5
+    assert out["hops/3"]["value"] == 1 / 3 and out["hops/2"]["value"] == 1.0  # a, b, d have 3 hops
+    assert out["format"]["value"] == 0.75  # only d fails to parse
+    assert out["hops/2"]["ci_low"] == out["hops/2"]["ci_high"] == 1.0
+    assert 0.0 <= out["all"]["ci_low"] < 0.5 < out["all"]["ci_high"] <= 1.0
+
+
+def test_rft_keeps_each_distinct_answer_the_reward_pays_and_nothing_else():
+    from vlmrl.demo_reasoning import keep_correct
+
+    records = [_task_record("a", "spatial", 2, 3), _task_record("b", "count", 0, 1),
+               _task_record("c", "spatial", 1, 3, think=True)]
+    records[1].metadata["task"]["kind"] = "integer"
+    answers = ["2", "2", "3", "2 or 3",        # a: the right answer twice, kept once
+               "1", "5", "", "0 0",            # b: never right
+               "<think>one</think><answer>1</answer>", "1", "<answer>1</answer>",
+               "<think>a</think><answer>1</answer>"]  # c: a bare "1" has no answer block, so is not paid
+    kept = keep_correct(records, answers, 4)
+    # The accuracy reward reads the answer block; the think part is the format reward's business.
+    assert [(r.id, r.chosen) for r in kept] == [("a#rft0", "2"), ("c#rft0", "<think>one</think><answer>1</answer>"),
+                                              ("c#rft1", "<answer>1</answer>"),
+                                              ("c#rft2", "<think>a</think><answer>1</answer>")]
+    assert kept[0].metadata == records[0].metadata
+    with pytest.raises(VlmrlError, match="3 answers for 3 records x 4"):
+        keep_correct(records, answers[:3], 4)
+
+
+def _reasoning_row(method, value, delta):
+    m = {"value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 10}
+    split = {"all": m, "family/count": m, "hops/1": m, "hops/3": m, "format": m}
+    return {"method": method, "wall_s": 2.0, "paired": {"value": delta, "ci_low": delta - 0.05, "ci_high": delta + 0.05},
+            "results": {"test": split, "ood_hops": {"all": m}}}
+
+
+def test_reasoning_tables_and_verdict_report_the_numbers_given():
+    from vlmrl.demo_reasoning import tables, verdict
+
+    rows = [_reasoning_row("warm-up", 0.2, 0.0), _reasoning_row("grpo", 0.5, 0.3), _reasoning_row("rft", 0.22, 0.02),
+            _reasoning_row("sft-gold", 0.1, -0.1)]
+    text = tables(rows)
+    assert "| grpo | 50.0 [40.0, 60.0] | +30.0 [+25.0, +35.0] | 50.0 [40.0, 60.0] | 50.0 [40.0, 60.0] | 2 |" in text
+    assert "| method | 1 hops | 3 hops |" in text and "| method | OOD hops (n=10) |" in text
+    assert verdict(rows) == ("grpo: +30.0 [+25.0, +35.0] points on test, better than its warm-up; "
+                             "rft: +2.0 [-3.0, +7.0] points on test, not told apart from its warm-up; "
+                             "sft-gold: -10.0 [-15.0, -5.0] points on test, worse than its warm-up")
+    with_floor = verdict([*rows[:2], _reasoning_row("majority answer", 0.3, 0.1)])
+    assert with_floor == ("grpo: +30.0 [+25.0, +35.0] points on test, better than its warm-up "
+                          "(50.0% against the majority answer's 30.0%)")
+
+
+def test_quick_reasoning_demo_runs_every_method_and_writes_tables_and_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "reasoning", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| method | all (test) |" in printed and "| method | OOD objects" in printed and "report:" in printed
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["warm-up", "majority answer", "grpo", "rft", "sft-gold",
+                                           "warm-up-think", "grpo-think"]
+    for path in ("data/tasks/warmup.jsonl", "data/tasks/rl_pool.jsonl", "data/tasks/rft.stats.json",
+                 "runs/grpo/final/adapter_config.json", "runs/sft-gold/final/adapter_config.json",
+                 "eval/grpo-think/test/tasks.json", "report/report.html", "results.md"):
+        assert (out / path).exists(), path
+    warm = [json.loads(line) for line in (out / "data/tasks/warmup.jsonl").read_text().splitlines()]
+    assert {r["metadata"]["task"]["family"] for r in warm} <= {"count", "attribute", "compare"}
+    pool = [json.loads(line) for line in (out / "data/tasks/rl_pool.jsonl").read_text().splitlines()]
+    assert len(pool) == 4 and all(set(r["metadata"]["counts"]) == {"car", "motorcycle", "bus", "bicycle"} for r in pool)
+    think = [json.loads(line) for line in (out / "eval/grpo-think/test/samples.jsonl").read_text().splitlines()]
+    assert think and all(s["chosen"].startswith("<think>") for s in think)
+
+
+def test_full_is_refused_for_the_reasoning_demo(tmp_path, capsys):
+    assert main(["demo", "--task", "reasoning", "--full", "--out", str(tmp_path)]) == 2
+    assert "--task reasoning always runs all its methods" in capsys.readouterr().err

@@ -268,17 +268,19 @@ def train_run(config, inputs: dict[str, str]) -> tuple[Made, float]:
 EVAL_SETTINGS = {"batch_size": 64, "max_new_tokens": 32, "max_length": 256}
 
 
-def evaluate_run(model: Made, adapter: Made | None, records: Made, out: Path) -> dict[str, dict]:
-    """``out/metrics.json`` of the model (with its adapter) on the records, evaluated or reused."""
+def evaluate_run(model: Made, adapter: Made | None, records: Made, out: Path,
+                 settings: dict[str, int] = EVAL_SETTINGS) -> dict[str, dict]:
+    """``out/metrics.json`` of the model (with its adapter) on the records, evaluated or reused;
+    ``settings``: ``evaluate``'s batch size, answer length and sequence length."""
     from vlmrl.data.formats import read_records
     from vlmrl.eval.run import evaluate, load_for_eval
 
     def build() -> None:
         loaded, processor = load_for_eval(model.path, adapter=adapter.path if adapter else None)
-        evaluate(loaded, processor, read_records(records.path), out, **EVAL_SETTINGS)
+        evaluate(loaded, processor, read_records(records.path), out, **settings)
 
     inputs = {"model": model.key, "adapter": adapter.key if adapter else None, "records": records.key}
-    run_stage(out / "stage.json", {"inputs": inputs, **EVAL_SETTINGS}, [out], build)
+    run_stage(out / "stage.json", {"inputs": inputs, **settings}, [out], build)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -315,7 +317,7 @@ def run_demo(s: DemoSettings, methods: tuple[Method, ...], say=print) -> dict[st
     say("1/6 synthetic traffic scenes")
     paths, timings["data"] = timed(make_data, s)
     say("2/6 tiny Qwen2-VL model and processor")
-    base = make_model(s)
+    base = make_model(s.out, s.family, s.seed)
     say(f"3/6 SFT warm-up on gold answers ({s.warmup_steps} steps, stopped partway on purpose)")
     warm_cfg = train_config(s, base.path, paths["sft"].path, s.out / "runs" / "warmup", "sft", steps=s.warmup_steps,
                             lr=s.warmup_lr, batch_size=s.batch_size, lora=False)
@@ -347,13 +349,13 @@ def run_demo(s: DemoSettings, methods: tuple[Method, ...], say=print) -> dict[st
     return {"rows": rows, "pairs": pair_stats, "timings": timings}
 
 
-def make_model(s: DemoSettings) -> Made:
-    """The tiny random model and its processor in ``out/model``."""
+def make_model(out: Path, family: str, seed: int) -> Made:
+    """The tiny random model of ``family`` and its processor in ``out/model``."""
     from vlmrl.models.tiny import build_tiny
 
-    base = s.out / "model"
-    settings = {"family": s.family, "size": "tiny", "seed": s.seed}
-    run_stage(base / "stage.json", settings, [base], lambda: build_tiny(s.family, base, size="tiny", seed=s.seed))
+    base = out / "model"
+    settings = {"family": family, "size": "tiny", "seed": seed}
+    run_stage(base / "stage.json", settings, [base], lambda: build_tiny(family, base, size="tiny", seed=seed))
     return Made(base, stage_key(settings))
 
 
