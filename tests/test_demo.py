@@ -187,48 +187,61 @@ def _task_record(record_id: str, family: str, answer, hops: int, think: bool = F
                             rejected=str(answer + 1), metadata={"task": task})
 
 
-def test_per_group_accuracy_by_family_and_hops_by_hand():
-    from vlmrl.demo_reasoning import per_group_accuracy
+def _write(path, records):
+    from vlmrl.data.writers import write_records
 
-    records = {r.id: r for r in (_task_record("a", "spatial", 2, 3), _task_record("b", "spatial", 0, 3),
-                                 _task_record("c", "arithmetic", 1, 2), _task_record("d", "arithmetic", 3, 3))}
-    # a right; b wrong; c right; d unreadable (two answers are never read)
-    samples = [{"id": "a", "answer": "2"}, {"id": "b", "answer": "1"}, {"id": "c", "answer": "1"},
-               {"id": "d", "answer": "3 or 4"}]
-    out = per_group_accuracy(samples, records)
-    assert out["all"]["value"] == 0.5 and out["all"]["n"] == 4
-    assert out["family/spatial"]["value"] == 0.5 and out["family/arithmetic"]["value"] == 0.5
-    assert out["hops/3"]["value"] == 1 / 3 and out["hops/2"]["value"] == 1.0  # a, b, d have 3 hops
-    assert out["format"]["value"] == 0.75  # only d fails to parse
-    assert out["hops/2"]["ci_low"] == out["hops/2"]["ci_high"] == 1.0
-    assert 0.0 <= out["all"]["ci_low"] < 0.5 < out["all"]["ci_high"] <= 1.0
+    write_records(records, path, "vlmrl")
+    return path
 
 
-def test_rft_keeps_each_distinct_answer_the_reward_pays_and_nothing_else():
-    from vlmrl.demo_reasoning import keep_correct
+def test_majority_baseline_answers_each_question_type_with_its_train_mode_by_hand(tmp_path):
+    from dataclasses import replace
 
-    records = [_task_record("a", "spatial", 2, 3), _task_record("b", "count", 0, 1),
-               _task_record("c", "spatial", 1, 3, think=True)]
-    records[1].metadata["task"]["kind"] = "integer"
-    answers = ["2", "2", "3", "2 or 3",        # a: the right answer twice, kept once
-               "1", "5", "", "0 0",            # b: never right
-               "<think>one</think><answer>1</answer>", "1", "<answer>1</answer>",
-               "<think>a</think><answer>1</answer>"]  # c: a bare "1" has no answer block, so is not paid
-    kept = keep_correct(records, answers, 4)
-    # The accuracy reward reads the answer block; the think part is the format reward's business.
-    assert [(r.id, r.chosen) for r in kept] == [("a#rft0", "2"), ("c#rft0", "<think>one</think><answer>1</answer>"),
-                                              ("c#rft1", "<answer>1</answer>"),
-                                              ("c#rft2", "<think>a</think><answer>1</answer>")]
-    assert kept[0].metadata == records[0].metadata
-    with pytest.raises(VlmrlError, match="3 answers for 3 records x 4"):
-        keep_correct(records, answers[:3], 4)
+    from vlmrl.data.records import user_prompt
+    from vlmrl.demo_reasoning import ReasoningSettings, correct_by_id, majority_baseline
+
+    def rec(i, family, answer, hops=1):  # distinct questions: the baseline counts each question once
+        return replace(_task_record(f"{family}{i}", family, answer, hops), prompt=user_prompt(f"How many {i}?"))
+
+    # train: spatial's mode is 2 (two votes against one), arithmetic's is 0
+    _write(tmp_path / "train.jsonl", [rec(1, "spatial", 2), rec(2, "spatial", 2), rec(3, "spatial", 1),
+                                      rec(4, "arithmetic", 0)])
+    # test: spatial 2 (right), spatial 1 (wrong), arithmetic 0 (right, 2 hops), count 3 (a type train
+    # never saw: empty answer, wrong)
+    _write(tmp_path / "test.jsonl", [rec(5, "spatial", 2), rec(6, "spatial", 1), rec(7, "arithmetic", 0, 2),
+                                     rec(8, "count", 3)])
+    out = majority_baseline(ReasoningSettings(out=tmp_path / "demo"), (tmp_path, "key"), ["test"])["test"]
+    assert out["task/accuracy"]["value"] == 0.5 and out["task/accuracy"]["n"] == 4
+    assert out["family/spatial/accuracy"]["value"] == 0.5 and out["family/arithmetic/accuracy"]["value"] == 1.0
+    assert out["family/count/accuracy"]["value"] == 0.0
+    assert out["hops/1/accuracy"]["value"] == 1 / 3 and out["hops/2/accuracy"]["value"] == 1.0
+    assert out["task/format_rate"]["value"] == 0.75  # the empty answer has no answer
+    assert correct_by_id(tmp_path / "demo" / "eval" / "majority" / "test") == {
+        "spatial5": 1.0, "spatial6": 0.0, "arithmetic7": 1.0, "count8": 0.0}
+
+
+def test_rft_samples_as_grpo_does_and_keeps_only_fully_correct_answers(tmp_path):
+    from vlmrl.demo_reasoning import ACCURACY, ReasoningSettings, rl_config
+    from vlmrl.stages import Made
+
+    s = ReasoningSettings(out=tmp_path)
+    warm, pool = Made(tmp_path / "warm", "w"), Made(tmp_path / "pool.jsonl", "p")
+    for think in (False, True):
+        grpo, rft = (rl_config(s, warm, pool, algo, algo, think) for algo in ("grpo", "rft"))
+        assert rft.train.algo == "rft" and rft.train.batch_size == grpo.train.batch_size == s.rl_prompts
+        assert rft.train.max_steps == grpo.train.max_steps and rft.train.lr == grpo.train.lr
+        for key in ("group_size", "temperature", "max_new_tokens"):
+            assert getattr(rft.online, key) == getattr(grpo.grpo, key), key
+        assert rft.online.rft_threshold == 1.0 and [r.name for r in rft.online.rewards] == [ACCURACY]
+    assert rl_config(s, warm, pool, "sft-gold", "sft", False).train.batch_size == s.sft_batch_size
 
 
 def _reasoning_row(method, value, delta):
     m = {"value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 10}
-    split = {"all": m, "family/count": m, "hops/1": m, "hops/3": m, "format": m}
+    split = {"task/accuracy": m, "family/count/accuracy": m, "family/count/class_accuracy": m,
+             "hops/1/accuracy": m, "hops/3/accuracy": m, "task/format_rate": m}
     return {"method": method, "wall_s": 2.0, "paired": {"value": delta, "ci_low": delta - 0.05, "ci_high": delta + 0.05},
-            "results": {"test": split, "ood_hops": {"all": m}}}
+            "results": {"test": split, "ood_hops": {"task/accuracy": m}}}
 
 
 def test_reasoning_tables_and_verdict_report_the_numbers_given():
@@ -255,14 +268,18 @@ def test_quick_reasoning_demo_runs_every_method_and_writes_tables_and_report(tmp
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["warm-up", "majority answer", "grpo", "rft", "sft-gold",
                                            "warm-up-think", "grpo-think"]
-    for path in ("data/tasks/warmup.jsonl", "data/tasks/rl_pool.jsonl", "data/tasks/rft.stats.json",
-                 "runs/grpo/final/adapter_config.json", "runs/sft-gold/final/adapter_config.json",
-                 "eval/grpo-think/test/tasks.json", "report/report.html", "results.md"):
+    for path in ("data/tasks/warmup.jsonl", "data/tasks/rl_pool.jsonl", "runs/grpo/final/adapter_config.json",
+                 "runs/rft/final/adapter_config.json", "runs/sft-gold/final/adapter_config.json",
+                 "eval/grpo-think/test/metrics.json", "report/report.html", "results.md"):
         assert (out / path).exists(), path
     warm = [json.loads(line) for line in (out / "data/tasks/warmup.jsonl").read_text().splitlines()]
     assert {r["metadata"]["task"]["family"] for r in warm} <= {"count", "attribute", "compare"}
+    # The RL pool is train records as `data tasks` wrote them: GRPO needs no metadata.counts.
+    train = {json.loads(line)["id"]: json.loads(line) for line in (out / "data/tasks/train.jsonl").read_text().splitlines()}
     pool = [json.loads(line) for line in (out / "data/tasks/rl_pool.jsonl").read_text().splitlines()]
-    assert len(pool) == 4 and all(set(r["metadata"]["counts"]) == {"car", "motorcycle", "bus", "bicycle"} for r in pool)
+    assert len(pool) == 4 and all(r == train[r["id"]] and "counts" not in r["metadata"] for r in pool)
+    rft_log = [json.loads(line) for line in (out / "runs/rft/metrics.jsonl").read_text().splitlines()]
+    assert rft_log and all("rft/kept" in row for row in rft_log if "loss" in row)
     think = [json.loads(line) for line in (out / "eval/grpo-think/test/samples.jsonl").read_text().splitlines()]
     assert think and all(s["chosen"].startswith("<think>") for s in think)
 

@@ -9,20 +9,21 @@ The pipeline, in the order ``run_reasoning_demo`` runs it:
 2. The warm-up: full fine-tuning on the gold answers of a SUBSET of the families
    (``warmup_families``) for a few steps, so the model knows the answer forms but has room to
    learn; the other families are new to it.
-3. From the warm-up, three LoRA stages of ``rl_steps`` steps on the same prompt pool (every family):
+3. From the warm-up, three LoRA stages of ``rl_steps`` steps on the same prompt pool (every family,
+   the records as ``vlmrl data tasks`` wrote them):
    - ``grpo``: GRPO scored by ``task_accuracy_reward`` + ``task_format_reward`` (0.1);
-   - ``rft``: rejection-sampling fine-tuning, the control that sees exactly what GRPO's reward
-     sees: the warm-up samples ``group_size`` answers for each of ``rl_steps × rl_prompts``
-     prompts (GRPO's sample count), the ones the same accuracy reward pays 1.0 are kept (distinct
-     answers per prompt) and SFT trains on them. One round, from the warm-up's samples (RFT of
-     Yuan et al. 2023, arXiv 2308.01825), where GRPO samples from the current policy every step;
+   - ``rft``: ``--algo rft``, rejection-sampling fine-tuning, the control that sees exactly what
+     GRPO's reward sees: every step it samples ``group_size`` answers for each of ``rl_prompts``
+     prompts from the current policy with GRPO's sampler and temperature (the same number of
+     scored samples), and trains (SFT) on each prompt's best answer if ``task_accuracy_reward``
+     pays it in full (``online.rft_threshold`` 1.0);
    - ``sft-gold``: SFT on the gold answers of the same prompts (the ceiling when gold is in hand).
    With ``think`` the warm-up and GRPO run again on the ``--think`` files (thinking on vs off).
-4. Every model answers the evaluation split and each OOD file greedily (``vlmrl.eval.run.evaluate``);
-   accuracy per family, per hop count and per OOD axis, with 95% bootstrap CIs, is computed from
-   the answers and each record's ``metadata.task`` (``per_group_accuracy``), with the rewards' own
-   scoring (:func:`vlmrl.tasks.answers.completion_metrics`). Beside them, the blind baseline:
-   each question answered with its family's most common train answer (``majority_baseline``).
+4. Every model answers the evaluation split and each OOD file greedily (``vlmrl.eval.run.evaluate``,
+   whose ``task/accuracy``, ``family/<f>/accuracy``, ``hops/<n>/accuracy`` and
+   ``task/format_rate`` with 95% bootstrap CIs the tables show). Beside them, the blind baseline:
+   each question answered with its question type's most common train answer
+   (:mod:`vlmrl.eval.baselines`), scored the same way (``majority_baseline``).
 
 Stages are reused as in the counting demo (``vlmrl.stages.run_stage``).
 """
@@ -32,8 +33,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class ReasoningSettings:
     warmup_lr: float = 3e-3
     batch_size: int = 32
     rl_steps: int = 60
-    rl_prompts: int = 8  # GRPO: prompts per step; RFT and SFT-gold: the pool is rl_steps x rl_prompts prompts
+    rl_prompts: int = 8  # GRPO and RFT: prompts per step; the pool (SFT-gold's data) is rl_steps x rl_prompts
     group_size: int = 8
     temperature: float = 1.0
     rl_lr: float = 3e-3
@@ -130,78 +130,19 @@ def warmup_file(s: ReasoningSettings, tasks: tuple[Path, str]) -> Made:
     return derived_file(tasks[0] / "warmup.jsonl", {"tasks": tasks[1], "families": s.warmup_families}, build)
 
 
-def scene_counts(scenes_dir: Path) -> dict[str, dict[str, int]]:
-    """Each scene's count of every class, by source name."""
-    from vlmrl.data.questions import read_scenes
-
-    counts = {}
-    for scene in read_scenes(scenes_dir):
-        seen = Counter(o.cls for o in scene.objects)
-        counts[scene.source] = {c: seen[c] for c in scene.classes}
-    return counts
-
-
-def rl_pool(s: ReasoningSettings, tasks: tuple[Path, str], scenes: Made) -> Made:
+def rl_pool(s: ReasoningSettings, tasks: tuple[Path, str]) -> Made:
     """The prompts every RL-phase method trains on: ``rl_steps × rl_prompts`` train records of
-    every family, drawn at random. Each carries its scene's class counts as ``metadata.counts``:
-    GRPO before task-generic rewards reads them (its logged ``em_rate``), the task rewards read
-    ``metadata.task`` only."""
+    every family, drawn at random, as ``vlmrl data tasks`` wrote them."""
     from vlmrl.data.formats import read_records
     from vlmrl.data.writers import write_records
 
     def build(path: Path) -> None:
         records = read_records(tasks[0] / "train.jsonl")
         n = s.rl_steps * s.rl_prompts
-        picked = random.Random(s.seed).sample(records, min(n, len(records)))
-        counts = scene_counts(scenes.path)
-        write_records([replace(r, metadata={**r.metadata, "counts": counts[r.metadata["source_image"]]})
-                       for r in picked], path, "vlmrl")
+        write_records(random.Random(s.seed).sample(records, min(n, len(records))), path, "vlmrl")
 
-    inputs = {"tasks": tasks[1], "scenes": scenes.key, "n": s.rl_steps * s.rl_prompts, "seed": s.seed}
+    inputs = {"tasks": tasks[1], "n": s.rl_steps * s.rl_prompts, "seed": s.seed}
     return derived_file(tasks[0] / "rl_pool.jsonl", inputs, build)
-
-
-def rft_file(s: ReasoningSettings, warm: Made, pool: Made, think: bool) -> tuple[Made, dict[str, Any]]:
-    """RFT's training set: the warm-up's sampled answers that the accuracy reward pays in full."""
-    from vlmrl.data.formats import read_records
-    from vlmrl.data.writers import write_records
-    from vlmrl.eval.run import load_for_eval
-    from vlmrl.generate import generate
-
-    stats_path = pool.path.with_name("rft.stats.json")
-
-    def build(path: Path) -> None:
-        records = read_records(pool.path)
-        model, processor = load_for_eval(warm.path)
-        g = s.group_size
-        answers = generate(model, processor, [(r.images, r.prompt) for r in records], _max_new(s, think),
-                           batch_size=64, do_sample=True, temperature=s.temperature, seed=s.seed,
-                           num_return_sequences=g)
-        kept = keep_correct(records, answers, g)
-        write_records(kept, path, "vlmrl")
-        solved = len({r.id.rsplit("#rft", 1)[0] for r in kept})
-        stats_path.write_text(json.dumps({"prompts": len(records), "samples": len(answers), "kept": len(kept),
-                                          "prompts_solved": solved}))
-
-    inputs = {"model": warm.key, "pool": pool.key, "group_size": s.group_size, "temperature": s.temperature,
-              "seed": s.seed, "max_new_tokens": _max_new(s, think)}
-    made = derived_file(pool.path.with_name("rft.jsonl"), inputs, build)
-    return made, json.loads(stats_path.read_text())
-
-
-def keep_correct(records: list, answers: list[str], g: int) -> list:
-    """RFT's filter: for record ``i`` (answers ``i*g .. i*g+g-1``), one record per distinct answer
-    that :func:`task_accuracy_reward` pays in full, as its chosen answer, in sampling order."""
-    from vlmrl.tasks.rewards import task_accuracy_reward
-
-    require(len(answers) == g * len(records), f"{len(answers)} answers for {len(records)} records x {g}")
-    kept = []
-    for i, r in enumerate(records):
-        group = answers[i * g:(i + 1) * g]
-        paid = task_accuracy_reward(group, [r.metadata] * g)
-        for j, answer in enumerate(dict.fromkeys(a for a, v in zip(group, paid) if v >= 1.0)):
-            kept.append(replace(r, id=f"{r.id}#rft{j}", chosen=answer))
-    return kept
 
 
 def _max_new(s: ReasoningSettings, think: bool) -> int:
@@ -209,81 +150,51 @@ def _max_new(s: ReasoningSettings, think: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- scoring
-def per_group_accuracy(samples: list[dict], records: dict[str, Any], seed: int = 0) -> dict[str, dict]:
-    """Accuracy with a 95% bootstrap CI overall, per ``family/NAME`` and per ``hops/N``, and the
-    format rate (``parsed``: the single answer block reads), from the greedy answers in ``samples``
-    and each record's ``metadata.task``. Accuracy is the reward's score (exact for numbers,
-    verdicts and counts)."""
-    from vlmrl.eval.metrics import with_ci
-    from vlmrl.tasks.answers import completion_metrics
-
-    groups: dict[str, list[float]] = defaultdict(list)
-    parsed = []
-    for sample in samples:
-        task = records[sample["id"]].metadata["task"]
-        m = completion_metrics(sample["answer"], task)
-        for key in ("all", f"family/{task['family']}", f"hops/{task['hops']}"):
-            groups[key].append(m["accuracy"])
-        parsed.append(m["parsed"])
-    out = {key: with_ci(values, seed=seed) for key, values in sorted(groups.items())}
-    out["format"] = with_ci(parsed, seed=seed)
-    return out
+GROUPS = ("task/", "family/", "hops/", "axis/")
 
 
-def score_split(eval_dir: Path, records_path: Path, seed: int) -> dict[str, dict]:
-    """``eval_dir/tasks.json``: :func:`per_group_accuracy` of the answers in ``samples.jsonl``."""
-    from vlmrl.data.formats import read_records
+def task_metrics(metrics: dict[str, dict]) -> dict[str, dict]:
+    """The task metrics of an evaluation (``vlmrl.eval.tasks``: overall, per family, hop count and
+    axis, format rate), without its text and preference metrics."""
+    return {k: v for k, v in metrics.items() if k.startswith(GROUPS)}
+
+
+def correct_by_id(eval_dir: Path) -> dict[str, float]:
+    """Each record's task accuracy, by id, from ``samples.jsonl``: the paired values for
+    before/after differences."""
     from vlmrl.jsonl import read_jsonl
 
-    records = {r.id: r for r in read_records(records_path)}
-    samples = [row for _, row in read_jsonl(eval_dir / "samples.jsonl")]
-    result = per_group_accuracy(samples, records, seed)
-    (eval_dir / "tasks.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def correct_by_id(eval_dir: Path, records_path: Path) -> dict[str, float]:
-    """Each record's accuracy, by id: the paired values for before/after differences."""
-    from vlmrl.data.formats import read_records
-    from vlmrl.jsonl import read_jsonl
-    from vlmrl.tasks.answers import completion_metrics
-
-    records = {r.id: r for r in read_records(records_path)}
-    return {row["id"]: completion_metrics(row["answer"], records[row["id"]].metadata["task"])["accuracy"]
-            for _, row in read_jsonl(eval_dir / "samples.jsonl")}
-
-
-def majority_answers(records: list) -> dict[str, str]:
-    """Per family, the gold answer text seen most often in ``records`` (first seen on a tie)."""
-    from vlmrl.tasks.answers import render
-
-    seen: dict[str, Counter] = defaultdict(Counter)
-    for r in records:
-        task = r.metadata["task"]
-        seen[task["family"]][render(task["kind"], task["answer"], task.get("extra") or {})] += 1
-    return {family: counter.most_common(1)[0][0] for family, counter in seen.items()}
+    return {row["id"]: row["task_accuracy"] for _, row in read_jsonl(eval_dir / "samples.jsonl")}
 
 
 def majority_baseline(s: ReasoningSettings, tasks: tuple[Path, str], splits: list[str]) -> dict[str, dict]:
-    """The blind baseline: every question answered with its family's majority train answer,
-    written as ``eval/majority/SPLIT/samples.jsonl`` and scored like a model's answers."""
+    """The blind baseline: every question answered with its question type's majority train answer
+    (:func:`vlmrl.eval.baselines.majority_answers`), scored like a model's answers; each split's
+    answers go to ``eval/majority/SPLIT/samples.jsonl``."""
     from vlmrl.data.formats import read_records
+    from vlmrl.eval.baselines import majority_answers, majority_completion
+    from vlmrl.eval.metrics import summarise
+    from vlmrl.eval.run import task_rows
 
     majority = majority_answers(read_records(tasks[0] / "train.jsonl"))
     out = {}
     for split in splits:
-        path, eval_dir = tasks[0] / f"{split}.jsonl", s.out / "eval" / "majority" / split
+        records = read_records(tasks[0] / f"{split}.jsonl")
+        answers = [majority_completion(r, majority) for r in records]
+        rows = task_rows(records, answers)
+        eval_dir = s.out / "eval" / "majority" / split
         eval_dir.mkdir(parents=True, exist_ok=True)
-        rows = [{"id": r.id, "answer": majority.get(family_of(r), "")} for r in read_records(path)]
-        (eval_dir / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        out[split] = score_split(eval_dir, path, s.seed)
+        lines = [{"id": r.id, "answer": a, "task_accuracy": row[1]["task_accuracy"]}
+                 for r, a, row in zip(records, answers, rows)]
+        (eval_dir / "samples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        out[split] = summarise([row[0] for row in rows], seed=s.seed)
     return out
 
 
 # ----------------------------------------------------------------------------- the whole job
 def eval_model(s: ReasoningSettings, name: str, model: Made, adapter: Made | None, tasks: tuple[Path, str],
                think: bool) -> dict[str, dict]:
-    """Evaluate on the evaluation split and each OOD file; {split: per_group_accuracy}."""
+    """Evaluate on the evaluation split and each OOD file; {split: its task metrics}."""
     from vlmrl.demo import EVAL_SETTINGS
 
     settings = {**EVAL_SETTINGS, "max_new_tokens": _max_new(s, think)}
@@ -292,8 +203,7 @@ def eval_model(s: ReasoningSettings, name: str, model: Made, adapter: Made | Non
         path = tasks[0] / f"{split}.jsonl"
         records = Made(path, f"{tasks[1]}:{split}")
         eval_dir = s.out / "eval" / name / split
-        evaluate_run(model, adapter, records, eval_dir, settings)
-        out[split] = score_split(eval_dir, path, s.seed)
+        out[split] = task_metrics(evaluate_run(model, adapter, records, eval_dir, settings))
     return out
 
 
@@ -305,11 +215,21 @@ def eval_splits(s: ReasoningSettings, tasks: tuple[Path, str]) -> list[str]:
 
 
 def rl_config(s: ReasoningSettings, warm: Made, data: Made, name: str, algo: str, think: bool):
-    grpo = {"group_size": s.group_size, "temperature": s.temperature, "max_new_tokens": _max_new(s, think),
-            "beta": s.kl_beta, "rewards": [{"name": ACCURACY}, {"name": FORMAT}]}
-    batch = s.rl_prompts if algo == "grpo" else s.sft_batch_size
-    return train_config(s, warm.path, data.path, s.out / "runs" / name, algo, steps=s.rl_steps, lr=s.rl_lr,
-                        batch_size=batch, lora=True, grpo=grpo if algo == "grpo" else None)
+    """The config of one RL-phase stage: ``grpo``, ``rft`` (both ``rl_prompts`` prompts × ``group_size``
+    samples per step, same temperature and answer length) or ``sft`` (gold answers)."""
+    from vlmrl.config import validate_config
+
+    sampling = {"group_size": s.group_size, "temperature": s.temperature, "max_new_tokens": _max_new(s, think)}
+    grpo = {**sampling, "beta": s.kl_beta, "rewards": [{"name": ACCURACY}, {"name": FORMAT}]}
+    batch = s.sft_batch_size if algo == "sft" else s.rl_prompts
+    config = train_config(s, warm.path, data.path, s.out / "runs" / name, algo, steps=s.rl_steps, lr=s.rl_lr,
+                          batch_size=batch, lora=True, grpo=grpo if algo == "grpo" else None)
+    if algo != "rft":
+        return config
+    # The judge is GRPO's accuracy reward alone: a threshold of 1.0 on accuracy + format (0.1)
+    # would also keep a partly right answer that is well formed.
+    online = {**sampling, "rewards": [{"name": ACCURACY}], "rft_threshold": 1.0}
+    return validate_config({**config.model_dump(mode="json"), "online": online}, source="demo")
 
 
 def run_variant(s: ReasoningSettings, base: Made, scenes: Made, think: bool, methods: tuple[str, ...],
@@ -327,43 +247,25 @@ def run_variant(s: ReasoningSettings, base: Made, scenes: Made, think: bool, met
     if not think:
         rows.append({"method": "majority answer", "think": think, "wall_s": 0.0,
                      "results": majority_baseline(s, tasks, eval_splits(s, tasks))})
-    pool = rl_pool(s, tasks, scenes)
+    pool = rl_pool(s, tasks)
     for method in methods:
         name = f"{method}{tag}"
         say(f"  {name}: {s.rl_steps} steps from the warm-up")
-        final, wall, extra = train_method(s, method, name, warm, pool, think, say)
-        rows.append({"method": name, "think": think, "wall_s": wall, **({"rft": extra} if extra else {}),
+        algo = "sft" if method == "sft-gold" else method  # sft-gold: the pool's gold answers
+        final, wall = train_run(rl_config(s, warm, pool, name, algo, think), {"model": warm.key, "data": pool.key})
+        rows.append({"method": name, "think": think, "wall_s": wall,
                      "results": eval_model(s, name, warm, final, tasks, think)})
     for row in rows:
-        row["paired"] = _paired_vs_first(s, rows[0]["method"], row["method"], tasks[0])
+        row["paired"] = _paired_vs_first(s, rows[0]["method"], row["method"])
     return rows
 
 
-def train_method(s: ReasoningSettings, method: str, name: str, warm: Made, pool: Made, think: bool,
-                 say=print) -> tuple[Made | None, float, dict[str, Any]]:
-    """One RL-phase stage from the warm-up: (adapter or None, training wall time, RFT's counts)."""
-    extra: dict[str, Any] = {}
-    if method == "grpo":
-        data, algo = pool, "grpo"
-    elif method == "rft":
-        (data, extra), algo = rft_file(s, warm, pool, think), "sft"
-    else:  # sft-gold: the pool's gold answers
-        data, algo = pool, "sft"
-    if extra.get("kept") == 0:
-        # Nothing to imitate: RFT leaves the warm-up as it is (said, not hidden).
-        say(f"  {name}: none of the {extra['samples']} sampled answers was correct; the model stays the warm-up")
-        return None, 0.0, extra
-    final, wall = train_run(rl_config(s, warm, data, name, algo, think), {"model": warm.key, "data": data.key})
-    return final, wall, extra
-
-
-def _paired_vs_first(s: ReasoningSettings, first: str, name: str, tasks_dir: Path) -> dict[str, float]:
+def _paired_vs_first(s: ReasoningSettings, first: str, name: str) -> dict[str, float]:
     """Overall accuracy change against the warm-up on the evaluation split, paired bootstrap CI."""
     from vlmrl.eval.metrics import paired_bootstrap_diff
 
-    path = tasks_dir / f"{s.eval_split}.jsonl"
-    before = correct_by_id(s.out / "eval" / _slug(first) / s.eval_split, path)
-    after = correct_by_id(s.out / "eval" / _slug(name) / s.eval_split, path)
+    before = correct_by_id(s.out / "eval" / _slug(first) / s.eval_split)
+    after = correct_by_id(s.out / "eval" / _slug(name) / s.eval_split)
     ids = sorted(before)
     delta, low, high = paired_bootstrap_diff([before[i] for i in ids], [after[i] for i in ids], seed=s.seed)
     return {"value": delta, "ci_low": low, "ci_high": high}
@@ -406,23 +308,30 @@ def signed(m: dict[str, float]) -> str:
 
 def tables(rows: list[dict[str, Any]], split: str = "test") -> str:
     """Three Markdown tables (per family, per hop count, per OOD axis), 95% CIs in brackets."""
-    families = sorted({k[7:] for r in rows for k in r["results"][split] if k.startswith("family/")})
-    hops = sorted({k[5:] for r in rows for k in r["results"][split] if k.startswith("hops/")}, key=int)
+    families = sorted(_groups(rows, split, "family"))
+    hops = sorted(_groups(rows, split, "hops"), key=int)
     oods = [a for a in OOD_AXES if any(f"ood_{a}" in r["results"] for r in rows)]
     head = ["method", f"all ({split})", "Δ vs warm-up (paired)", *families, "format", "wall s"]
-    out = [_table(head, [[r["method"], pct(r["results"][split]["all"]), signed(r["paired"]),
-                          *[pct(r["results"][split].get(f"family/{f}")) for f in families],
-                          pct(r["results"][split]["format"]), f"{r['wall_s']:.0f}"] for r in rows])]
+    out = [_table(head, [[r["method"], pct(r["results"][split]["task/accuracy"]), signed(r["paired"]),
+                          *[pct(r["results"][split].get(f"family/{f}/accuracy")) for f in families],
+                          pct(r["results"][split]["task/format_rate"]), f"{r['wall_s']:.0f}"] for r in rows])]
     out.append(_table(["method", *[f"{h} hops" for h in hops]],
-                      [[r["method"], *[pct(r["results"][split].get(f"hops/{h}")) for h in hops]] for r in rows]))
+                      [[r["method"], *[pct(r["results"][split].get(f"hops/{h}/accuracy")) for h in hops]]
+                       for r in rows]))
     out.append(_table(["method", *[f"OOD {a} (n={_n(rows, a)})" for a in oods]],
-                      [[r["method"], *[pct(r["results"].get(f"ood_{a}", {}).get("all")) for a in oods]]
+                      [[r["method"], *[pct(r["results"].get(f"ood_{a}", {}).get("task/accuracy")) for a in oods]]
                        for r in rows]))
     return "\n\n".join(out)
 
 
+def _groups(rows: list[dict[str, Any]], split: str, kind: str) -> set[str]:
+    """The families (``kind`` "family") or hop counts ("hops") with an accuracy in any row."""
+    return {k.split("/")[1] for r in rows for k in r["results"][split]
+            if k.startswith(f"{kind}/") and k.endswith("/accuracy")}
+
+
 def _n(rows: list[dict[str, Any]], axis: str) -> int:
-    return next(r["results"][f"ood_{axis}"]["all"]["n"] for r in rows if f"ood_{axis}" in r["results"])
+    return next(r["results"][f"ood_{axis}"]["task/accuracy"]["n"] for r in rows if f"ood_{axis}" in r["results"])
 
 
 def _table(head: list[str], body: list[list[str]]) -> str:
@@ -433,7 +342,7 @@ def _table(head: list[str], body: list[list[str]]) -> str:
 def verdict(rows: list[dict[str, Any]], split: str = "test") -> str:
     """One clause per trained model: its accuracy change against its warm-up (paired 95% CI),
     whether that interval excludes zero, and its accuracy beside the blind majority answer's."""
-    floor = next((r["results"][split]["all"]["value"] for r in rows if r["method"] == "majority answer"), None)
+    floor = next((r["results"][split]["task/accuracy"]["value"] for r in rows if r["method"] == "majority answer"), None)
     parts = []
     for r in rows:
         if r["method"].startswith("warm-up") or r["method"] == "majority answer":
@@ -442,7 +351,7 @@ def verdict(rows: list[dict[str, Any]], split: str = "test") -> str:
         moved = ("better than" if d["ci_low"] > 0 else "worse than" if d["ci_high"] < 0 else "not told apart from")
         text = f"{r['method']}: {signed(d)} points on {split}, {moved} its warm-up"
         if floor is not None:
-            acc = r["results"][split]["all"]["value"]
+            acc = r["results"][split]["task/accuracy"]["value"]
             text += f" ({100 * acc:.1f}% against the majority answer's {100 * floor:.1f}%)"
         parts.append(text)
     return "; ".join(parts)
