@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full test docs dist install browser clean
+.PHONY: demo demo-full demo-reasoning test docs dist install browser clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo --full
 
+demo-reasoning: $(STAMP)
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo --task reasoning
+
 # The docs site (docs/_build/site): pages staged from README, docs/, the real --help and the
 # docstrings, built with warnings as errors so a broken reference fails `make test` too.
 docs: $(STAMP)
@@ -48,4 +51,4 @@ test: $(STAMP) browser docs
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs demo-out docs/_build dist build
+	rm -rf $(VENV) runs demo-out demo-reasoning docs/_build dist build
