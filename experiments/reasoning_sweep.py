@@ -3,7 +3,9 @@
     python experiments/reasoning_sweep.py OUT key=value ...   e.g. rl_steps=120 rl_lr=1e-3
 
 Prints the three tables and the verdict; appends one JSON line per model to
-experiments/reasoning_sweep.jsonl. The test split is not read.
+experiments/reasoning_sweep.jsonl. The test split is not read. (The lines already there were
+written by the demo's earlier code: per-family keys ``all``/``family/X``/``format``, the offline RFT
+with its ``rft`` counts; lines written now carry ``vlmrl eval``'s metric names.)
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def main() -> None:
     with open(Path(__file__).with_name("reasoning_sweep.jsonl"), "a") as f:
         for r in rows:
             f.write(json.dumps({"out": str(out), "overrides": overrides, "method": r["method"],
-                                "wall_s": r["wall_s"], "total_s": wall, "paired": r["paired"], "rft": r.get("rft"),
-                                "val": r["results"]["val"], **{k: v["all"] for k, v in r["results"].items()
+                                "wall_s": r["wall_s"], "total_s": wall, "paired": r["paired"],
+                                "val": r["results"]["val"], **{k: v["task/accuracy"] for k, v in r["results"].items()
                                                                if k.startswith("ood_")}}) + "\n")
 
 
