@@ -150,13 +150,13 @@ def _max_new(s: ReasoningSettings, think: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- scoring
-GROUPS = ("task/", "family/", "hops/", "axis/")
+TASK_PREFIXES = ("task/", "family/", "hops/", "axis/")
 
 
 def task_metrics(metrics: dict[str, dict]) -> dict[str, dict]:
     """The task metrics of an evaluation (``vlmrl.eval.tasks``: overall, per family, hop count and
     axis, format rate), without its text and preference metrics."""
-    return {k: v for k, v in metrics.items() if k.startswith(GROUPS)}
+    return {k: v for k, v in metrics.items() if k.startswith(TASK_PREFIXES)}
 
 
 def correct_by_id(eval_dir: Path) -> dict[str, float]:
