@@ -26,12 +26,18 @@ class _CurrentStderr(logging.StreamHandler):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Show the ``vlmrl`` logger's messages on stderr, once per process; idempotent."""
-    logger = logging.getLogger("vlmrl")
-    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+    """Show the ``vlmrl`` logger's messages (``level`` and up) and every other library's warnings on
+    stderr, each once; idempotent.
+
+    The command line is the program, so its handler sits on the root logger: a library that
+    configures logging when it finds none (absl, under rouge-score, calls ``basicConfig``) then
+    adds no second handler that would print each message twice.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        root.addHandler(handler)
     # The launcher's rank: accelerate / torchrun set RANK for every process they start.
     main_process = os.environ.get("RANK", "0") in ("", "0")
-    logger.setLevel(level if main_process else logging.ERROR)
+    logging.getLogger("vlmrl").setLevel(level if main_process else logging.ERROR)
