@@ -146,6 +146,13 @@ def test_final_dir_of_iterative_dpo_is_the_last_rounds(tmp_path):
     assert final_dir(_config(by_name["online-dpop"], tmp_path)) == tmp_path / "run" / "final"
 
 
+def test_only_iterative_dpo_skips_bad_pairs_and_rft_keeps_only_exactly_right_answers(tmp_path):
+    # a round's sampled answer can be empty; the other methods' data is the demo's own and never skipped
+    assert {m.name for m in METHODS if _config(m, tmp_path).data.skip_bad} == {"iterative-dpop"}
+    # count exact (1) + partial (1): the threshold keeps an answer only when every count is right
+    assert _config(RFT, tmp_path).online.rft_threshold == 2.0
+
+
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
