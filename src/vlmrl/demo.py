@@ -12,10 +12,13 @@ The pipeline, in the order ``run_demo`` runs it:
    rater (smaller total count error wins, ties dropped) picks chosen and rejected. Both may be
    wrong and the gold answer is never shown to the trainer: the human-feedback setting, where
    the trainer only learns "A is better than B". The study app exports the same kind of pairs.
-5. ``train_run`` per method: a preference stage (LoRA) from the warm-up checkpoint, or the fair control,
-   SFT on the chosen answers of the same pairs (rejection-sampling fine-tuning), or GRPO on the
-   preference images, scored by the rater's count reward.
-6. ``evaluate_run`` on the test and OOD sets, then one report and one table.
+5. ``train_run`` per method (LoRA, from the warm-up checkpoint): an offline preference loss on the
+   rater's pairs, or their control, SFT on the chosen answers of the same pairs; or a method that
+   samples its own answers for the preference images and scores them with the rater's count
+   reward: online DPO / MPO, iterative DPO, their control RFT (SFT on each image's best sample),
+   and GRPO. Each run's budget is counted in scored samples (``scored_samples``).
+6. ``evaluate_run`` on the test and OOD sets, then one report (with exact match against scored
+   samples and seconds) and one table.
 
 Each stage records the settings it ran with (``vlmrl.stages.run_stage``); running the demo again
 in the same folder reuses a stage only when its settings and inputs are the same as recorded.
