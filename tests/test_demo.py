@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from vlmrl.cli import main
-from vlmrl.demo import (CONTROL, DEFAULT_METHOD, METHODS, DemoSettings, make_data, rater_choice,
-                        results_table, total_error, train_config, verdict)
+from vlmrl.demo import (CONTROL, DEFAULT_METHOD, METHODS, RFT, DemoSettings, budget_points, control_for, final_dir,
+                        make_data, rater_choice, results_table, scored_samples, total_error, train_config, verdict)
+from vlmrl.report.plots import budget_curves
 from vlmrl.errors import VlmrlError
 from vlmrl.stages import run_stage, stage_key
 from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
@@ -51,10 +52,10 @@ def test_noisy_rater_sometimes_prefers_the_worse_answer():
     assert 10 < flipped < 100  # noise sd 2 against an error gap of 1: wrong in roughly a third
 
 
-def _row(name, em, loss=None, algo="dpo"):
+def _row(name, em, loss=None, algo="dpo", scored=1600):
     m = {"value": em, "ci_low": em - 0.05, "ci_high": em + 0.05}
     return {"method": name, "algo": algo, "em": m, "em_ood": m, "class_acc": m, "parse_fail": m, "pref_acc": m,
-            "final_loss": loss, "wall_s": 1.0}
+            "final_loss": loss, "wall_s": 1.0, "scored": scored}
 
 
 def test_table_and_verdict_report_the_numbers_given():
@@ -62,6 +63,7 @@ def test_table_and_verdict_report_the_numbers_given():
             _row("dpo", 0.10, 0.7), _row("dpop", 0.33, 0.6)]
     table = results_table(rows)
     assert "| dpop | 33.0 [28.0, 38.0]" in table
+    assert "| scored samples | wall s |" in table and "| 0.600 | 1,600 | 1 |" in table
     assert verdict(rows) == ("best preference method: dpop, held-out exact match 20.0% -> 33.0% (+13.0 points); "
                              "control (SFT on the same chosen answers) 28.0% (+5.0 points vs control)")
 
@@ -72,10 +74,83 @@ def test_verdict_reports_grpo_beside_the_preference_losses_not_as_one():
     text = verdict(rows)
     assert text.startswith("best preference method: dpop, held-out exact match 21.7% -> 23.0% (+1.3 points)")
     assert text.endswith("grpo (RL on the rater's count reward, not a preference loss): held-out exact match "
-                         "21.7% -> 60.7% (+39.0 points), +38.4 vs control")
+                         "21.7% -> 60.7% (+39.0 points), +38.4 vs sft-on-chosen")
     only_grpo = verdict([rows[0], rows[3]])
     assert "best preference method" not in only_grpo and "21.7% -> 60.7%" in only_grpo
     assert verdict([rows[0], rows[1]]) == "no preference method was run"
+
+
+def test_verdict_compares_an_online_method_with_rft_and_grpo_with_rft():
+    rows = [_row("warm-up (before)", 0.20, algo="sft"), _row("sft-on-chosen", 0.30, algo="sft"),
+            _row("dpop", 0.22), _row("rft", 0.25, algo="rft", scored=25600),
+            _row("online-dpop", 0.31, algo="online_dpo", scored=25600), _row("grpo", 0.24, algo="grpo", scored=25600)]
+    assert verdict(rows) == (
+        "best preference method: online-dpop, held-out exact match 20.0% -> 31.0% (+11.0 points); "
+        "control (RFT, SFT on the best of the same samples) 25.0% (+6.0 points vs control); "
+        "grpo (RL on the rater's count reward, not a preference loss): held-out exact match 20.0% -> 24.0% "
+        "(+4.0 points), -1.0 vs rft")
+    # RFT is the control of online and iterative DPO, never a preference method itself
+    assert "best preference method: dpop" in verdict(rows[:4])
+
+
+def test_each_method_has_the_control_that_sees_the_same_information():
+    by_name = {m.name: m for m in METHODS}
+    assert control_for(by_name["dpop"]) == CONTROL and control_for(by_name["mpo"]) == CONTROL
+    for name in ("online-dpop", "online-mpo", "iterative-dpop", "grpo"):
+        assert control_for(by_name[name]) == RFT
+    assert control_for(DEFAULT_METHOD) in METHODS
+
+
+def _config(method, tmp_path, s=None):
+    s = s or DemoSettings(out=tmp_path)
+    return train_config(s, tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "run", method.algo,
+                        steps=method.steps or s.pref_steps, lr=method.lr or s.pref_lr,
+                        batch_size=method.batch_size or s.pref_batch_size, lora=True, loss=method.loss,
+                        grpo=method.grpo, online=method.online)
+
+
+def test_scored_samples_count_every_answer_a_reward_or_the_rater_scored(tmp_path):
+    by_name = {m.name: m for m in METHODS}
+    budget = {name: scored_samples(_config(by_name[name], tmp_path), pool=800, rated=800 * 2) for name in by_name}
+    assert budget["grpo"] == 800 * 8 * 16  # steps x images per step x group size = 102,400
+    assert budget["online-dpop"] == budget["online-mpo"] == budget["rft"] == 200 * 16 * 8  # 25,600
+    assert budget["iterative-dpop"] == 4 * 800 * 8  # rounds x pool x k = 25,600
+    assert budget["dpop"] == budget["sft-on-chosen"] == budget["mpo"] == 1600  # the rater's 2 answers x 800 images
+    # gradient accumulation multiplies the prompts of a step
+    cfg = _config(by_name["rft"], tmp_path)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_accum": 3})})
+    assert scored_samples(cfg, pool=800, rated=0) == 200 * 16 * 3 * 8
+
+
+def test_budget_points_start_at_the_warm_up_and_charge_the_offline_methods_for_the_raters_samples():
+    rows = [_row("warm-up (before)", 0.20, algo="sft", scored=0), _row("dpop", 0.25),
+            _row("online-dpop", 0.30, algo="online_dpo", scored=25600)]
+    points = budget_points(rows, pairs_s=7.0)
+    assert points["dpop"][0] == points["online-dpop"][0]
+    assert points["dpop"][0]["scored"] == 0 and points["dpop"][0]["seconds"] == 0.0
+    assert points["dpop"][0]["em"] == pytest.approx(20.0) and points["dpop"][0]["ci"] == pytest.approx([15.0, 25.0])
+    # the offline method's seconds: its training (1 s) and the 7 s of sampling the rater scored
+    assert points["dpop"][1]["scored"] == 1600 and points["dpop"][1]["seconds"] == 8.0
+    assert points["online-dpop"][1]["scored"] == 25600 and points["online-dpop"][1]["seconds"] == 1.0
+    assert points["online-dpop"][1]["em"] == pytest.approx(30.0)
+    assert points["online-dpop"][1]["ci"] == pytest.approx([25.0, 35.0])
+    svg = budget_curves(points)
+    assert svg.startswith("<svg") and "online-dpop" in svg and "scored samples" in svg and "seconds" in svg
+    assert budget_curves({}) == "" and budget_curves({"dpop": []}) == ""
+
+
+def test_final_dir_of_iterative_dpo_is_the_last_rounds(tmp_path):
+    by_name = {m.name: m for m in METHODS}
+    last_round = tmp_path / "run" / "rounds" / "r3"  # 4 rounds: r0 ... r3
+    assert final_dir(_config(by_name["iterative-dpop"], tmp_path)) == last_round / "train" / "final"
+    assert final_dir(_config(by_name["online-dpop"], tmp_path)) == tmp_path / "run" / "final"
+
+
+def test_only_iterative_dpo_skips_bad_pairs_and_rft_keeps_only_exactly_right_answers(tmp_path):
+    # a round's sampled answer can be empty; the other methods' data is the demo's own and never skipped
+    assert {m.name for m in METHODS if _config(m, tmp_path).data.skip_bad} == {"iterative-dpop"}
+    # count exact (1) + partial (1): the threshold keeps an answer only when every count is right
+    assert _config(RFT, tmp_path).online.rft_threshold == 2.0
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
@@ -92,11 +167,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
                  f"runs/{best}/metrics.jsonl", f"runs/{best}/final/adapter_config.json"):
         assert (out / path).exists(), path
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["warm-up (before)", CONTROL.name, best]
+    assert [r["method"] for r in rows] == ["warm-up (before)", control_for(DEFAULT_METHOD).name, best]
     pairs = [json.loads(line) for line in (out / "data" / "pref_pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
     html = (out / "report" / "report.html").read_text()
-    assert best in html and CONTROL.name in html and "<svg" in html
+    assert best in html and control_for(DEFAULT_METHOD).name in html and "<svg" in html
     # The same command again reuses every stage: nothing is retrained or re-evaluated.
     stages = ("model", "runs/warmup", f"runs/{best}", f"eval/{best}/test")
     for stage in stages:
@@ -109,17 +184,16 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_every_method_makes_a_valid_training_config(method, tmp_path):
     """A typo in a method's loss or grpo overrides fails here, not an hour into `demo --full`."""
-    s = DemoSettings(out=tmp_path)
-    cfg = train_config(s, tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "run", method.algo,
-                       steps=method.steps or s.pref_steps, lr=method.lr or s.pref_lr,
-                       batch_size=method.batch_size or s.pref_batch_size, lora=True, loss=method.loss,
-                       grpo=method.grpo)
+    cfg = _config(method, tmp_path)
     assert cfg.train.algo == method.algo
     for key, value in method.loss.items():
         assert getattr(cfg.loss, key) == value
     for key, value in method.grpo.items():
         if key != "rewards":
             assert getattr(cfg.grpo, key) == value
+    for key, value in method.online.items():
+        if key != "rewards":
+            assert getattr(cfg.online, key) == value
 
 
 # ----------------------------------------------------------------------------- stage reuse

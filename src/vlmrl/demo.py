@@ -12,10 +12,13 @@ The pipeline, in the order ``run_demo`` runs it:
    rater (smaller total count error wins, ties dropped) picks chosen and rejected. Both may be
    wrong and the gold answer is never shown to the trainer: the human-feedback setting, where
    the trainer only learns "A is better than B". The study app exports the same kind of pairs.
-5. ``train_run`` per method: a preference stage (LoRA) from the warm-up checkpoint, or the fair control,
-   SFT on the chosen answers of the same pairs (rejection-sampling fine-tuning), or GRPO on the
-   preference images, scored by the rater's count reward.
-6. ``evaluate_run`` on the test and OOD sets, then one report and one table.
+5. ``train_run`` per method (LoRA, from the warm-up checkpoint): an offline preference loss on the
+   rater's pairs, or their control, SFT on the chosen answers of the same pairs; or a method that
+   samples its own answers for the preference images and scores them with the rater's count
+   reward: online DPO / MPO, iterative DPO, their control RFT (SFT on each image's best sample),
+   and GRPO. Each run's budget is counted in scored samples (``scored_samples``).
+6. ``evaluate_run`` on the test and OOD sets, then one report (with exact match against scored
+   samples and seconds) and one table.
 
 Each stage records the settings it ran with (``vlmrl.stages.run_stage``); running the demo again
 in the same folder reuses a stage only when its settings and inputs are the same as recorded.
@@ -47,10 +50,11 @@ class Method:
     """One preference-stage set-up: ``algo`` and the config overrides that make it."""
 
     name: str
-    algo: str  # "dpo", "sft" or "grpo"
+    algo: str  # "dpo", "sft" (offline, on the rater's pairs), "grpo", "online_dpo", "rft" or "iterative_dpo"
     loss: dict[str, Any] = field(default_factory=dict)
     lr: float | None = None  # None: the demo's preference lr
     grpo: dict[str, Any] = field(default_factory=dict)  # the ``grpo:`` section (algo "grpo")
+    online: dict[str, Any] = field(default_factory=dict)  # the ``online:`` section (online_dpo, rft, iterative_dpo)
     steps: int | None = None  # None: the demo's preference steps (GRPO takes fewer, slower steps)
     batch_size: int | None = None  # None: the demo's preference batch (GRPO: prompts per step)
 
@@ -86,27 +90,53 @@ class DemoSettings:
     methods: tuple[Method, ...] = ()
 
 
-# The comparison of ``vlmrl demo --full``; ``make demo`` runs the control and DEFAULT_METHOD.
-CONTROL = Method("sft-on-chosen", "sft")
+# The count reward of GRPO and the online methods: what the simulated rater measures, as rewards.
+COUNT_REWARDS = [{"name": "count_exact"}, {"name": "count_partial"}, {"name": "count_format", "weight": 0.1}]
+# The online methods' sampling (the ``online:`` section): 8 answers per image at GRPO's temperature,
+# scored by the count reward. With the demo's 200 steps x 16 images that is 25,600 scored samples,
+# GRPO's budget in 200 steps (experiments/equal_budget.py).
+ONLINE = {"group_size": 8, "temperature": 1.2, "max_new_tokens": 32, "rewards": COUNT_REWARDS}
+DPOP = {"name": "dpop", "beta": 0.1, "dpop_lambda": 50.0}
+
+# The comparison of ``vlmrl demo --full``; ``make demo`` runs DEFAULT_METHOD and its control.
+CONTROL = Method("sft-on-chosen", "sft")  # the offline methods' control: SFT on the rater's chosen answers
+# The online methods' control: SFT on each image's best sample when it is exactly right (reward
+# 2.0 = count exact + partial; the format's 0.1 on top). Keeping the best answer whatever its
+# reward (top-1) collapsed on validation: by step 50 the kept answers ran past the stop token and
+# SFT on them taught the model never to stop (EM 0; experiments/equal_budget.jsonl, "rft").
+RFT = Method("rft", "rft", online={**ONLINE, "rft_threshold": 2.0})
 METHODS = (
     CONTROL,
     Method("dpo", "dpo", {"name": "dpo", "beta": 0.1}),
-    Method("dpop", "dpo", {"name": "dpop", "beta": 0.1, "dpop_lambda": 50.0}),
+    Method("dpop", "dpo", DPOP),
     Method("rpo", "dpo", {"name": "dpo", "beta": 0.1, "sft_weight": 1.0}),
     Method("ipo", "dpo", {"name": "ipo", "beta": 0.1}),
+    Method("mpo", "dpo", {"name": "mpo", "beta": 0.1}),  # InternVL's weights: 0.8 sigmoid, 0.2 BCO, 1 SFT
+    RFT,
+    Method("online-dpop", "online_dpo", DPOP, online=ONLINE),
+    Method("online-mpo", "online_dpo", {"name": "mpo", "beta": 0.1}, online=ONLINE),
+    # 4 rounds of: 8 answers for each of the 800 preference images scored, 50 DPOP steps on the pairs.
+    Method("iterative-dpop", "iterative_dpo", DPOP, online={**ONLINE, "rounds": 4, "steps_per_round": 50}),
     # GRPO samples its own answers (G per image) and scores them with the rater's count reward.
     # G 16 at T 1.2 for 800 steps: the set-up that learned on validation (docs/learning.md); it
     # takes several times the DPO stage's wall time, which the table's wall column shows.
     Method("grpo", "grpo", steps=800, batch_size=8, grpo={
-        "group_size": 16, "temperature": 1.2, "max_new_tokens": 32, "beta": 0.04,
-        "rewards": [{"name": "count_exact"}, {"name": "count_partial"}, {"name": "count_format", "weight": 0.1}],
-    }),
+        "group_size": 16, "temperature": 1.2, "max_new_tokens": 32, "beta": 0.04, "rewards": COUNT_REWARDS}),
 )
+SAMPLING_ALGOS = ("grpo", "online_dpo", "rft", "iterative_dpo")  # train on their own samples of the preference images
+PREFERENCE_ALGOS = ("dpo", "online_dpo", "iterative_dpo")
 # What the demo measured (README, docs/learning.md): GRPO is the method that learns here (test EM
 # 21.7 -> 60.7), but it takes ~17x the preference stage's training time, so only --full runs it.
 # `make demo` (<= 5 minutes) runs DPOP: the best of the preference losses (21.7 -> 23.0, inside
-# the control's interval), which keeps the counts where plain DPO and IPO destroy them.
+# the control's interval), which keeps the counts where plain DPO and IPO destroy them. At equal
+# budget (experiments/equal_budget.py) online DPOP did not beat it on validation (22.7 vs 23.7)
+# while sampling 16x as many answers, and its online RFT control collapsed: DPOP stays the default.
 DEFAULT_METHOD = METHODS[2]
+
+
+def control_for(method: Method) -> Method:
+    """The control that sees what ``method`` sees: RFT for a method that samples, else SFT on the chosen answers."""
+    return RFT if method.algo in SAMPLING_ALGOS else CONTROL
 
 
 # ----------------------------------------------------------------------------- data
@@ -222,7 +252,8 @@ def rater_pairs(model_dir: Path, prompts_path: Path, out_path: Path, s: DemoSett
 # ----------------------------------------------------------------------------- training
 def train_config(s: DemoSettings, model_dir: Path, data: Path, out: Path, algo: str, *, steps: int,
                  lr: float, batch_size: int, lora: bool, loss: dict[str, Any] | None = None,
-                 grpo: dict[str, Any] | None = None, eval_data: Path | None = None):
+                 grpo: dict[str, Any] | None = None, online: dict[str, Any] | None = None,
+                 eval_data: Path | None = None):
     from vlmrl.config import validate_config
 
     raw = {
@@ -231,9 +262,13 @@ def train_config(s: DemoSettings, model_dir: Path, data: Path, out: Path, algo: 
         "lora": {"enabled": lora, "rank": s.lora_rank, "alpha": 2 * s.lora_rank,
                  "vision": s.lora_vision if lora else ("full" if s.warmup_vision else "frozen"),
                  "merger": s.lora_merger if lora else s.warmup_vision},
-        "data": {"train": str(data), "max_length": 256, **({"eval": str(eval_data)} if eval_data else {})},
+        # iterative DPO: a sampled answer can be empty (the stop token first), and the loader refuses a
+        # pair with an empty answer; skip_bad drops such pairs from a round's file, logging each one.
+        "data": {"train": str(data), "max_length": 256, "skip_bad": algo == "iterative_dpo",
+                 **({"eval": str(eval_data)} if eval_data else {})},
         "loss": loss or {},
         "grpo": grpo or {},
+        "online": online or {},
         "train": {
             "algo": algo, "output_dir": str(out), "lr": lr, "max_steps": steps, "batch_size": batch_size,
             "warmup_ratio": 0.05, "schedule": "cosine", "seed": s.seed, "log_every": 5,
@@ -261,7 +296,36 @@ def train_run(config, inputs: dict[str, str]) -> tuple[Made, float]:
 
     run_stage(out / "stage.json", settings, [out], build)
     wall = json.loads((out / "wall_s.json").read_text())["wall_s"]
-    return Made(out / "final", stage_key(settings)), wall
+    return Made(final_dir(config), stage_key(settings)), wall
+
+
+def final_dir(config) -> Path:
+    """Where a run's final model is: ``RUN/final``, or iterative DPO's last round's ``train/final``."""
+    out = Path(config.train.output_dir)
+    if config.train.algo == "iterative_dpo":
+        from vlmrl.train.iterative import round_dir
+
+        return round_dir(out, config.online.rounds - 1) / "train" / "final"
+    return out / "final"
+
+
+def scored_samples(config, pool: int, rated: int) -> int:
+    """The run's budget in scored samples: sampled answers that a reward or the rater scored (issue 13).
+
+    GRPO: steps x prompts per step x ``grpo.group_size``; online DPO and RFT: steps x prompts per
+    step x ``online.group_size``; iterative DPO: rounds x the ``pool`` of prompts x
+    ``online.group_size``; the offline methods (DPO family, SFT on the chosen answers) train on the
+    rater's pairs, whose making scored ``rated`` answers (preference images x answers per image).
+    """
+    t = config.train
+    per_step = t.batch_size * t.grad_accum
+    if t.algo == "grpo":
+        return t.max_steps * per_step * config.grpo.group_size
+    if t.algo in ("online_dpo", "rft"):
+        return t.max_steps * per_step * config.online.group_size
+    if t.algo == "iterative_dpo":
+        return config.online.rounds * pool * config.online.group_size
+    return rated
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -326,25 +390,28 @@ def run_demo(s: DemoSettings, methods: tuple[Method, ...], say=print) -> dict[st
     splits = (s.eval_split, "ood")
     before = {split: evaluate_run(warm, None, paths[split], s.out / "eval" / "warmup" / split) for split in splits}
     say(f"5/6 preference pairs: {s.samples_per_image} sampled answers per image, judged by a simulated rater")
-    pairs, pair_stats = make_pairs(s, warm, paths["pref_prompts"])
+    (pairs, pair_stats), timings["pairs"] = timed(make_pairs, s, warm, paths["pref_prompts"])
     say(f"    {pair_stats['pairs']} pairs from {pair_stats['images']} images "
         f"({pair_stats['ties_dropped']} ties dropped; chosen answer exactly right in "
         f"{100 * pair_stats['chosen_exact']:.0f}% of pairs)")
     rows = [{"method": "warm-up (before)", "algo": "sft", **_row(before, s.eval_split),
-             "wall_s": timings["warmup"]}]
+             "wall_s": timings["warmup"], "scored": 0}]
+    rated = pair_stats["images"] * s.samples_per_image  # the answers the rater scored to make the pairs
     for method in methods:
         steps = method.steps or s.pref_steps
         say(f"6/6 {method.name}: {steps} steps from the warm-up checkpoint")
-        # GRPO scores its own samples with the rater's reward, on every preference image.
-        data = paths["pref_prompts"] if method.algo == "grpo" else pairs
+        # The sampling methods score their own samples with the count reward, on every preference image.
+        data = paths["pref_prompts"] if method.algo in SAMPLING_ALGOS else pairs
         cfg = train_config(s, warm.path, data.path, s.out / "runs" / method.name, method.algo, steps=steps,
                            lr=method.lr or s.pref_lr, batch_size=method.batch_size or s.pref_batch_size,
-                           lora=True, loss=method.loss, grpo=method.grpo)
+                           lora=True, loss=method.loss, grpo=method.grpo, online=method.online)
         final, wall = train_run(cfg, {"model": warm.key, "data": data.key})
         after = {split: evaluate_run(warm, final, paths[split], s.out / "eval" / method.name / split)
                  for split in splits}
         rows.append({"method": method.name, "algo": method.algo, **_row(after, s.eval_split),
-                     "final_loss": _final_loss(final.path.parent), "wall_s": wall})
+                     "final_loss": _final_loss(final.path.parent), "wall_s": wall,
+                     "scored": scored_samples(cfg, pool=pair_stats["images"], rated=rated),
+                     "log": str(final.path.parent / "metrics.jsonl")})
     (s.out / "results.json").write_text(json.dumps(rows, indent=2))
     return {"rows": rows, "pairs": pair_stats, "timings": timings}
 
@@ -411,14 +478,13 @@ def main(out: Path, full: bool = False, quick: bool = False, seed: int = 0) -> i
     from vlmrl.report.inputs import RunResult
 
     s = DemoSettings(out=Path(out), seed=seed, **(QUICK if quick else {}))
-    methods = METHODS if full else (CONTROL, DEFAULT_METHOD)
+    methods = METHODS if full else (control_for(DEFAULT_METHOD), DEFAULT_METHOD)
     start = time.perf_counter()
     result = run_demo(s, methods)
     runs = [RunResult("warm-up", s.out / "eval" / "warmup" / "test", s.out / "runs" / "warmup" / "metrics.jsonl")]
-    runs += [RunResult(m.name, s.out / "eval" / m.name / "test", s.out / "runs" / m.name / "metrics.jsonl")
-             for m in methods]
+    runs += [RunResult(r["method"], s.out / "eval" / r["method"] / "test", Path(r["log"])) for r in result["rows"][1:]]
     report = write_report(s.out / "report", runs, title="vlmrl demo: counting vehicles, before / after",
-                          max_gallery=60, seed=seed)
+                          max_gallery=60, seed=seed, budget=budget_points(result["rows"], result["timings"]["pairs"]))
     table = results_table(result["rows"])
     (s.out / "results.md").write_text(table + "\n")
     print()
@@ -430,6 +496,20 @@ def main(out: Path, full: bool = False, quick: bool = False, seed: int = 0) -> i
     return 0
 
 
+def budget_points(rows: list[dict[str, Any]], pairs_s: float) -> dict[str, list[dict]]:
+    """Each method's held-out EM at the warm-up (no budget spent) and after its run, for the report's
+    budget plot: scored samples, seconds (training, plus the rater's sampling for the offline methods,
+    whose pairs cost ``pairs_s`` to make), EM and its 95% interval in %."""
+    def point(row: dict[str, Any], scored: int, seconds: float) -> dict:
+        em = row["em"]
+        return {"scored": scored, "seconds": seconds, "em": 100 * em["value"],
+                "ci": [100 * em["ci_low"], 100 * em["ci_high"]]}
+
+    start = point(rows[0], 0, 0.0)
+    return {r["method"]: [start, point(r, r["scored"], r["wall_s"] + (0.0 if r["algo"] in SAMPLING_ALGOS else pairs_s))]
+            for r in rows[1:]}
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table: held-out metrics with 95% CIs, one row per model."""
     def pct(m: dict[str, float] | None) -> str:
@@ -438,43 +518,49 @@ def results_table(rows: list[dict[str, Any]]) -> str:
         return f"{100 * m['value']:.1f} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
 
     head = ["method", "EM test", "EM OOD", "class acc", *[f"{c} acc" for c in DEFAULT_CLASSES],
-            "parse fail", "pref acc", "final loss", "wall s"]
+            "parse fail", "pref acc", "final loss", "scored samples", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         loss = r.get("final_loss")
         cells = [r["method"], pct(r["em"]), pct(r["em_ood"]), pct(r["class_acc"]),
                  *[pct(r.get(f"acc/{c}")) for c in DEFAULT_CLASSES], pct(r["parse_fail"]), pct(r["pref_acc"]),
-                 "–" if loss is None else f"{loss:.3f}", f"{r['wall_s']:.0f}"]
+                 "–" if loss is None else f"{loss:.3f}", f"{r.get('scored', 0):,}", f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
-    """One honest sentence: did the best preference loss, and GRPO, beat the warm-up and the control?
+    """One honest sentence: did the best preference method, and GRPO, beat the warm-up and their control?
 
-    GRPO learns from its own samples scored by a reward, not from pairs: it is reported after the
-    preference losses, never as one of them.
+    A preference method's control is the one that sees the same information (``control_for``):
+    SFT on the rater's chosen answers for the offline losses, RFT for the online ones. GRPO learns
+    from its own samples scored by a reward, not from pairs: it is reported after the preference
+    methods, never as one of them, against RFT when RFT ran (else the offline control).
     """
     start = rows[0]["em"]["value"]
-    control = next((r for r in rows if r["method"] == CONTROL.name), None)
+    by_name = {r["method"]: r for r in rows[1:]}
 
     def gain(row: dict[str, Any]) -> str:
         return (f"held-out exact match {100 * start:.1f}% -> {100 * row['em']['value']:.1f}% "
                 f"({100 * (row['em']['value'] - start):+.1f} points)")
 
-    def vs_control(row: dict[str, Any]) -> float:
+    def vs(row: dict[str, Any], control: dict[str, Any]) -> float:
         return 100 * (row["em"]["value"] - control["em"]["value"])
 
     parts = []
-    prefs = [r for r in rows[1:] if r["algo"] == "dpo"]
+    prefs = [r for r in rows[1:] if r["algo"] in PREFERENCE_ALGOS]
     if prefs:
         best = max(prefs, key=lambda r: r["em"]["value"])
         parts.append(f"best preference method: {best['method']}, {gain(best)}")
+        online = best["algo"] in SAMPLING_ALGOS
+        control = by_name.get(RFT.name if online else CONTROL.name)
         if control is not None:
-            parts.append(f"control (SFT on the same chosen answers) {100 * control['em']['value']:.1f}% "
-                         f"({vs_control(best):+.1f} points vs control)")
+            what = "RFT, SFT on the best of the same samples" if online else "SFT on the same chosen answers"
+            parts.append(f"control ({what}) {100 * control['em']['value']:.1f}% "
+                         f"({vs(best, control):+.1f} points vs control)")
+    grpo_control = by_name.get(RFT.name) or by_name.get(CONTROL.name)
     for r in rows[1:]:
         if r["algo"] == "grpo":
-            against = f", {vs_control(r):+.1f} vs control" if control is not None else ""
+            against = f", {vs(r, grpo_control):+.1f} vs {grpo_control['method']}" if grpo_control else ""
             parts.append(f"{r['method']} (RL on the rater's count reward, not a preference loss): {gain(r)}{against}")
     return "; ".join(parts) or "no preference method was run"

@@ -27,8 +27,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: demo-out, or demo-reasoning for --task reasoning)")
     p.add_argument("--full", action="store_true",
-                   help="counting: compare every method (SFT-on-chosen control, DPO, DPOP, RPO, IPO, GRPO) "
-                   "for the same compute")
+                   help="counting: compare every method: offline on the rater's pairs (SFT-on-chosen control, DPO, DPOP, RPO, IPO, "
+                        "MPO), on the model's own scored samples (RFT control, online DPOP and MPO, iterative DPOP) "
+                        "and GRPO; the table's scored-samples column is each run's budget")
     p.add_argument("--quick", action="store_true", help="a cut-down run (small sizes) to check the pipeline")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)

@@ -56,10 +56,12 @@ def write_report(
     title: str = "vlmrl: before / after",
     max_gallery: int | None = None,
     seed: int = 0,
+    budget: dict[str, list[dict]] | None = None,
 ) -> Path:
     """Render ``out_dir/report.html`` from evaluation folders already written; returns its path.
 
-    ``runs[0]`` is the baseline; every other run is compared with it.
+    ``runs[0]`` is the baseline; every other run is compared with it. ``budget`` (method -> points,
+    see ``plots.budget_curves``) adds the plot of exact match against scored samples and seconds.
     """
     if not runs:
         raise VlmrlError("write_report needs at least one run (the baseline first)")
@@ -69,7 +71,7 @@ def write_report(
     results = [load_run(r) for r in runs]
     deltas = [metric_deltas(results[0], r, seed=seed) for r in results[1:]]
     page = render_page(results, deltas, title=title, max_gallery=max_gallery,
-                       training_samples=training_samples_html(runs))
+                       training_samples=training_samples_html(runs), budget=budget)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(comparison(results, deltas), indent=2) + "\n")
@@ -101,6 +103,7 @@ def render_page(
     title: str,
     max_gallery: int | None = None,
     training_samples: str = "",
+    budget: dict[str, list[dict]] | None = None,
 ) -> str:
     ids = gallery.select_ids(results, max_gallery)
     n_records = len(results[0].samples)
@@ -109,6 +112,7 @@ def render_page(
         ("Training curves", plots.training_curves(results)),
         ("Per-class accuracy", plots.class_accuracy_bars(results)),
         ("Count errors", plots.count_error_histogram(results)),
+        ("Exact match against scored samples and seconds (95% CIs)", plots.budget_curves(budget or {})),
     ]
     plot_html = "\n".join(
         f'<figure class="plotbox"><figcaption>{escape(name)}</figcaption>{svg}</figure>'

@@ -57,6 +57,31 @@ def training_curves(results: list[EvalResult]) -> str:
         return _svg(fig)
 
 
+def budget_curves(curves: dict[str, list[dict]]) -> str:
+    """Held-out exact match against scored samples and against seconds, one line per method.
+
+    ``curves[method]`` lists points ``{"scored", "seconds", "em", "ci": [low, high]}`` (EM and its
+    95% interval in %), in the order they were reached; the interval is drawn as an error bar.
+    "" when no method has a point.
+    """
+    named = [(name, points) for name, points in curves.items() if points]
+    if not named:
+        return ""
+    plt = _pyplot()
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0))
+        for ax, key, label in ((axes[0], "scored", "scored samples"), (axes[1], "seconds", "seconds of training")):
+            for i, (name, points) in enumerate(named):
+                xs = [p[key] for p in points]
+                ems = [p["em"] for p in points]
+                bars = [[p["em"] - p["ci"][0] for p in points], [p["ci"][1] - p["em"] for p in points]]
+                ax.errorbar(xs, ems, yerr=bars, label=name, color=_color(i), lw=1.5, marker="o", ms=3, capsize=2)
+            ax.set_xlabel(label)
+            ax.set_ylabel("held-out exact match (%)")
+        axes[0].legend(frameon=False, fontsize=7)
+        return _svg(fig)
+
+
 def class_accuracy_bars(results: list[EvalResult]) -> str:
     """Per-class accuracy (share of records with that class counted right), grouped by model."""
     classes = _classes(results)
