@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,13 @@ def test_answers_the_judge_failed_on_are_never_paired_or_kept():
     assert best_answer([0.2, 0.9], threshold=1.0) is None
 
 
+def test_a_cut_off_answer_is_never_kept_whatever_its_reward():
+    # Issue 13: kept cut-off answers taught the policy not to stop; the stop share fell to 0.1.
+    assert best_answer([0.1, 2.0, 1.0], None, stopped=[True, False, True]) == 2
+    assert best_answer([0.1, 2.0], None, stopped=[False, False]) is None
+    assert best_answer([0.1, 2.0, 1.0], threshold=1.5, stopped=[True, False, True]) is None
+
+
 def test_unknown_pairing_is_refused():
     with pytest.raises(VlmrlError, match="best_worst or all"):
         form_pairs([0.0, 1.0], "some")
@@ -89,8 +97,9 @@ def _raw(model_dir, data, out, algo="online_dpo", max_steps=3, **online) -> dict
     }
 
 
-def _plain_logp(model, processor, record, completion: list[int]) -> torch.Tensor:
-    """log p(completion | prompt) from one ordinary forward of ``prompt | completion`` (no grouping)."""
+def _plain_logp(model, processor, record, completion: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log p(completion | prompt) from one ordinary forward of ``prompt | completion`` (no grouping),
+    the logits divided by ``temperature``."""
     prompt = encode_prompts([(record.images, record.prompt)], processor)
     n = len(completion)
     ids = torch.cat([prompt["input_ids"], torch.tensor([completion])], dim=1)
@@ -98,7 +107,7 @@ def _plain_logp(model, processor, record, completion: list[int]) -> torch.Tensor
               "pixel_values": prompt["pixel_values"], "image_grid_thw": prompt["image_grid_thw"]}
     if "mm_token_type_ids" in prompt:
         inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros((1, n), dtype=torch.long)], 1)
-    logits = model(**inputs, use_cache=False).logits[0, -n - 1 : -1].float()
+    logits = model(**inputs, use_cache=False).logits[0, -n - 1 : -1].float() / temperature
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).sum()
 
 
@@ -177,20 +186,53 @@ def test_rft_keeps_the_best_answer_above_the_threshold(tiny_model_dir, synth_pai
     assert isinstance(step, RftStep)
     records = trainer.train_records[:2]
     torch.manual_seed(5)
-    drawn = step.sampler.draw(records)
-    torch.manual_seed(5)
-    batch = step.encode(records)
+    drawn = replace(step.sampler.draw(records), stopped=[True] * 6)  # as if every answer had stopped
+    batch = step.keep(drawn)
     assert batch.kept == 2 and batch.group.group_size == 1
     for i in range(2):  # each kept answer is its prompt's longest (the length reward's best)
         best = max(range(3), key=lambda j: drawn.rewards[i][j])
         expected = drawn.completions[i * 3 + best]
         assert batch.group.completion_ids[i, : len(expected)].tolist() == expected
     step.config.rft_threshold = 1e9  # no answer is that long: nothing kept, a zero loss
-    torch.manual_seed(5)
-    empty = step.encode(records)
+    empty = step.keep(drawn)
     loss, metrics = step.loss_and_metrics(empty)
     assert empty.kept == 0 and loss.item() == 0.0 and metrics["rft/kept"] == 0.0
     loss.backward()  # still a graph the loop can step through
+
+
+def test_rft_scores_its_answers_at_the_sampling_temperature(tiny_model_dir, synth_pairs_file, tmp_path):
+    # Issue 13: scored at T = 1, SFT on answers drawn at T = 1.2 flattened the policy until it no longer stopped.
+    raw = _raw(tiny_model_dir, synth_pairs_file, tmp_path / "r", algo="rft", temperature=1.5)
+    trainer = Trainer(validate_config(raw))
+    step, records = trainer.step_fn, trainer.train_records[:2]
+    torch.manual_seed(5)
+    drawn = replace(step.sampler.draw(records), stopped=[True] * 6)
+    batch = step.keep(drawn)
+    loss, metrics = step.loss_and_metrics(batch)
+    expected = []
+    for i, record in enumerate(records):
+        completion = batch.group.completion_ids[i][batch.group.completion_mask[i].bool()].tolist()
+        logp = _plain_logp(trainer.model, trainer.processor, record, completion, temperature=1.5)
+        expected.append(-logp / len(completion))
+    assert batch.kept == 2
+    assert math.isclose(loss.item(), torch.stack(expected).mean().item(), rel_tol=1e-4)
+
+
+def test_rft_trains_only_on_answers_that_ended_with_their_stop_token(tiny_model_dir, synth_pairs_file, tmp_path):
+    trainer = Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "r", algo="rft")))
+    step, records = trainer.step_fn, trainer.train_records[:2]
+    torch.manual_seed(5)
+    drawn = step.sampler.draw(records)
+    assert not any(drawn.stopped)  # the random tiny model does not stop within 6 tokens
+    torch.manual_seed(5)
+    assert step.encode(records).kept == 0  # every answer cut off: none kept, however long
+    longest = max(range(3), key=lambda j: drawn.rewards[0][j])
+    stopped = [j != longest for j in range(3)] + [False] * 3  # record 0's best cut off, record 1's all
+    batch = step.keep(replace(drawn, stopped=stopped))
+    runner_up = best_answer(drawn.rewards[0], None, stopped[:3])
+    expected = drawn.completions[runner_up]
+    assert batch.kept == 1 and batch.metrics["rft/kept"] == 0.5 and runner_up != longest
+    assert batch.group.completion_ids[0, : len(expected)].tolist() == expected
 
 
 def test_online_dpo_without_pairs_contributes_a_zero_loss(tiny_model_dir, synth_pairs_file, tmp_path):
@@ -215,8 +257,9 @@ def test_three_steps_from_the_cli_train_the_adapter_and_log_the_metrics(
             f"model.name_or_path={tiny_model_dir}", f"data.train={synth_pairs_file}",
             f"data.eval={synth_pairs_file}", f"train.output_dir={run}", "train.max_steps=3",
             "train.batch_size=2", "train.grad_accum=1", "train.eval_every=3", "train.save_every=3",
-            "train.progress=false", "train.lr=1e-2", "online.group_size=3", "online.max_new_tokens=6",
-            "online.rewards=[test_online:length_reward]"]
+            "train.progress=false", "train.lr=1e-2", "online.group_size=3",
+            # RFT keeps only answers that stopped: long enough for the random tiny model to stop at times
+            f"online.max_new_tokens={6 if algo == 'online_dpo' else 64}", "online.rewards=[test_online:length_reward]"]
     assert main(args) == 0
     assert "final model" in capsys.readouterr().out
     train = [r for r in rows(run) if "loss" in r and "eval/loss" not in r]
@@ -231,6 +274,7 @@ def test_three_steps_from_the_cli_train_the_adapter_and_log_the_metrics(
         for name in names:
             assert name in row and math.isfinite(row[name]), (row["step"], name)
     assert any(r["grad_norm"] > 0 for r in train)
+    assert algo == "online_dpo" or any(r["rft/kept"] > 0 for r in train)
     evals = [r for r in rows(run) if "eval/exact_match" in r]
     assert len(evals) == 1
     adapter = load_file(run / "final" / "adapter_model.safetensors")
@@ -243,9 +287,12 @@ def test_three_steps_from_the_cli_train_the_adapter_and_log_the_metrics(
 @pytest.mark.parametrize("algo", ["online_dpo", "rft"])
 def test_resume_continues_the_identical_curve(tiny_model_dir, synth_pairs_file, tmp_path, algo):
     """Sampling is part of the curve: the resumed run must draw the same answers."""
-    Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "whole", algo, 4))).train()
-    Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "parts", algo, 2))).train()
-    Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "parts", algo, 4)), resume=True).train()
+    # RFT keeps only answers that stopped: long enough for the random tiny model to stop at times
+    online = {} if algo == "online_dpo" else {"max_new_tokens": 64, "group_size": 6}
+    Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "whole", algo, 4, **online))).train()
+    Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "parts", algo, 2, **online))).train()
+    Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "parts", algo, 4, **online)),
+            resume=True).train()
     whole = [r for r in rows(tmp_path / "whole") if "loss" in r]
     parts = [r for r in rows(tmp_path / "parts") if "loss" in r]
     assert [r["step"] for r in parts] == [1, 2, 3, 4]

@@ -29,14 +29,20 @@ Then:
   any pair runs its first prompt's group and contributes a zero loss (no gradient), with every
   pair metric 0 and ``pairs/formed`` 0.
 - ``RftStep`` (``--algo rft``; rejection-sampling fine-tuning, RAFT / ReST-style, the control
-  that sees exactly what the reward sees) keeps each prompt's best answer when its reward is at
-  least ``online.rft_threshold`` (always, when None) and takes an SFT step on the kept answers:
-  the per-sequence mean token NLL averaged over answers, as ``SftStep``. A micro-batch with
-  nothing kept contributes a zero loss, as above.
+  that sees exactly what the reward sees) keeps each prompt's best answer that ended with its stop
+  token (a cut-off answer is never kept) when its reward is at least ``online.rft_threshold``
+  (always, when None) and takes an SFT step on the kept answers: the per-sequence mean token
+  NLL averaged over answers, as ``SftStep``, under the distribution the answers were sampled
+  from (logits divided by ``online.temperature``, as GRPO scores). Under the model's own
+  distribution, SFT on answers drawn at a temperature T > 1 pulls the model towards its own
+  flattened copy, step after step, whatever the judge keeps: its entropy grows until answers no
+  longer stop (issue 13: the stop share fell from 0.9 to under 0.1 in 50 steps at T = 1.2).
+  Scored at T, SFT on unselected samples moves nothing on average (E_q[grad log q] = 0): the
+  selection alone teaches. A micro-batch with nothing kept contributes a zero loss, as above.
 
-Log-probs of the update use the model's own distribution (logits not divided by the sampling
-temperature, as TRL's online DPO does). Metrics carry TRL's online-DPO names where they exist
-(``objective/scores``, ``objective/scores_margin``, ``objective/kl``, ``objective/entropy``,
+Log-probs of the online DPO update use the model's own distribution (logits not divided by the
+sampling temperature, as TRL's online DPO does). Metrics carry TRL's online-DPO names where they
+exist (``objective/scores``, ``objective/scores_margin``, ``objective/kl``, ``objective/entropy``,
 ``val/contain_eos_token``, ``beta``, ``rewards/*``, ``logps/*``) plus ``pairs/formed``,
 ``pairs/dropped_ties``, ``pairs/chosen_reward`` and ``pairs/rejected_reward`` (the judge's
 rewards of the chosen and rejected answers), per micro-batch and averaged by the loop.
@@ -140,6 +146,7 @@ class Drawn:
     prompts: object  # the sampler's processor batch of every record
     completions: list[list[int]]
     texts: list[str]
+    stopped: list[bool]  # per answer: it ended with its stop token (False: cut off at max_new_tokens)
     rewards: list[list[float | None]]  # per record, k each
     metrics: dict[str, float]
 
@@ -168,7 +175,8 @@ class GroupSampler:
             "val/contain_eos_token": samples.stopped.float().mean().item(),
             "completions/mean_length": samples.mask.sum(1).float().mean().item(),
         })
-        return Drawn(list(records), samples.prompts, samples.completions(), samples.texts, rewards, metrics)
+        return Drawn(list(records), samples.prompts, samples.completions(), samples.texts,
+                     samples.stopped.tolist(), rewards, metrics)
 
     def _judge(self, records, texts: list[str]) -> tuple[list[list[float | None]], dict[str, float]]:
         """Each record's k rewards (None: the judge failed), and ``judge/failures`` (answers, or pairwise: pairs)."""
@@ -209,9 +217,11 @@ def group_batch_of(drawn: Drawn, rows: list[int], completions: list[list[int]], 
                              processor.tokenizer.pad_token_id, vision_ids)
 
 
-def summed_logps(model, group: GroupBatch, shared_prompt: bool):
-    """Each answer's log-prob summed over its tokens, ``(rows,)``, and its token count."""
-    logps, _ = group_logps(model, group, 1.0, shared_prompt)
+def summed_logps(model, group: GroupBatch, shared_prompt: bool, temperature: float = 1.0):
+    """Each answer's log-prob summed over its tokens, ``(rows,)``, and its token count.
+
+    The logits are divided by ``temperature`` first (1: the model's own distribution)."""
+    logps, _ = group_logps(model, group, temperature, shared_prompt)
     return logps.sum(1), group.completion_mask.sum(1)
 
 
@@ -333,13 +343,21 @@ class KeptAnswers:
         return self.kept
 
 
-def best_answer(rewards: list[float | None], threshold: float | None) -> int | None:
-    """The first best-rewarded answer, or None when none was scored or the best is below ``threshold``.
+def best_answer(rewards: list[float | None], threshold: float | None,
+                stopped: list[bool] | None = None) -> int | None:
+    """The first best-rewarded complete answer, or None when none is, or the best is below ``threshold``.
+
+    An answer is complete when it was scored and, where ``stopped`` is given, ended with its stop
+    token. A cut-off answer is never kept, whatever its reward: trained on, it would teach the
+    model to run on without stopping.
 
     >>> best_answer([0.1, 1.0, None, 1.0], threshold=1.0), best_answer([0.1, 0.2], threshold=0.5)
     (1, None)
+    >>> best_answer([0.1, 1.0, 0.5], None, stopped=[True, False, True])
+    2
     """
-    scored = [j for j, r in enumerate(rewards) if r is not None]
+    stopped = stopped if stopped is not None else [True] * len(rewards)
+    scored = [j for j, r in enumerate(rewards) if r is not None and stopped[j]]
     if not scored:
         return None
     best = max(scored, key=lambda j: rewards[j])
@@ -358,9 +376,13 @@ class RftStep:
         self.vision_ids = vision_token_ids(self.unwrapped, processor)
 
     def encode(self, records, device="cpu") -> KeptAnswers:
-        drawn = self.sampler.draw(records)
-        k = self.config.group_size
-        best = [best_answer(r, self.config.rft_threshold) for r in drawn.rewards]
+        return self.keep(self.sampler.draw(records), device)
+
+    def keep(self, drawn: Drawn, device="cpu") -> KeptAnswers:
+        """Each record's best complete answer (``best_answer``) as a group of one, on ``device``."""
+        records, k = drawn.records, self.config.group_size
+        best = [best_answer(r, self.config.rft_threshold, drawn.stopped[i * k : (i + 1) * k])
+                for i, r in enumerate(drawn.rewards)]
         rows = [i for i, j in enumerate(best) if j is not None]
         kept_rewards = [drawn.rewards[i][best[i]] for i in rows]
         if not rows:  # nothing kept: the first prompt's first answer, at zero weight
@@ -372,7 +394,9 @@ class RftStep:
         return KeptAnswers(group, len(kept_rewards), metrics).to(device)
 
     def loss_and_metrics(self, batch: KeptAnswers, model=None) -> tuple[torch.Tensor, dict[str, float]]:
-        logps, tokens = summed_logps(model or self.model, batch.group, self.config.shared_prompt)
+        # Scored under the distribution the answers were drawn from (module docstring, RFT).
+        logps, tokens = summed_logps(model or self.model, batch.group, self.config.shared_prompt,
+                                     self.config.temperature)
         if batch.kept == 0:
             return logps.sum() * 0.0, {"loss": 0.0, "logps/chosen": 0.0, **batch.metrics}
         loss = nll(logps, tokens).mean()
