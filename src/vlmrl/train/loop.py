@@ -1,4 +1,5 @@
-"""The training loop of ``vlmrl train``: SFT, the DPO family and GRPO on accelerate, one process or many.
+"""The training loop of ``vlmrl train``: SFT, the DPO family, KTO, online DPO, RFT and GRPO on accelerate,
+one process or many (iterative DPO runs rounds of it: ``train.iterative``).
 
     vlmrl train --algo dpo --config configs/demo-cpu.yaml                     # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml -m vlmrl train --algo dpo --config FILE
@@ -19,7 +20,8 @@ Guarantees, each with a test:
   (``test_grpo_replay``: accumulation 2 = accumulation 1): each process samples its whole share of
   the global batch at once, seeded by run seed, step and process, and the loss is normalised by the
   global batch's token count, gathered across processes. Across processes the normalisation is
-  the same, but the samples are not those of one process (each process draws its own);
+  the same, but the samples are not those of one process (each process draws its own). KTO is not
+  claimed: its reference point is estimated per micro-batch, so its curve depends on the split;
 - GRPO with ``grpo.num_iterations`` μ > 1 keeps each generation batch for μ optimizer steps (data
   is drawn only when a new one is sampled, so an epoch is μ times as many steps);
 - a resumed run (``--resume``, also after ``kill -9``) continues the identical curve: weights,
