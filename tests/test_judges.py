@@ -7,11 +7,10 @@ import base64
 import doctest
 import logging
 import socket
-import threading
-import time
 
 import pytest
 from fastapi import Request
+from local_server import serve_in_thread
 from PIL import Image
 
 from vlmrl import judge_prompts, judges
@@ -123,7 +122,6 @@ def _good_reply(text: str) -> str:
 @pytest.fixture(scope="module")
 def judge_server():
     """A real OpenAI-compatible server on 127.0.0.1: a good judge, a biased, a garbage, a slow and a flaky one."""
-    import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -152,20 +150,8 @@ def judge_server():
             return answer("I would rather not say.")
         return answer(_good_reply(_user_text(body)))
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", seen, state
-    server.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with serve_in_thread(app) as base:
+        yield base, seen, state
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from local_server import serve_in_thread
 import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotations here
 from safetensors.torch import load_file
@@ -353,12 +354,6 @@ def test_a_pairwise_judge_ranks_by_wins_and_a_position_biased_one_forms_no_pair(
 @pytest.fixture(scope="module")
 def length_judge_server():
     """A real OpenAI-compatible judge on 127.0.0.1 that rates an answer by its length (1 to 10)."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     app = FastAPI()
     seen: list[str] = []
 
@@ -370,19 +365,8 @@ def length_judge_server():
         rating = min(10, 1 + len(answer))
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"Rating: [[{rating}]]"}}]}
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
-    server.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with serve_in_thread(app) as base:
+        yield base + "/v1", seen
 
 
 def test_online_dpo_with_an_http_judge_trains_on_its_ratings(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
-import time
 
 import pytest
 from fastapi import Request
+from local_server import serve_in_thread
 from PIL import Image
 
 from vlmrl.cli import main
@@ -124,7 +123,6 @@ REPLIES = {
 @pytest.fixture(scope="module")
 def judge_server():
     """A real OpenAI-compatible chat server on 127.0.0.1, answering by the case named in the question."""
-    import uvicorn
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -148,20 +146,8 @@ def judge_server():
 
         return JSONResponse({"error": "overloaded"}, status_code=503)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", seen
-    server.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with serve_in_thread(app) as base:
+        yield base, seen
 
 
 def test_parse_judge_scores():
