@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from test_train import train_and_check_only_trainables_change
 
 from vlmrl.batch import encode_sft
 from vlmrl.cli import main
@@ -326,12 +327,4 @@ def test_resume_after_two_steps_gives_the_identical_curve(tiny_model_dir, synth_
 def test_every_trainable_parameter_changes_and_no_frozen_one(lora, tiny_model_dir, synth_pairs_file, tmp_path):
     raw = kto_config(tiny_model_dir, synth_pairs_file, tmp_path / "run", max_steps=2)
     raw["lora"].update(lora)
-    trainer = Trainer(validate_config(raw))
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and len(trainable) < len(before)
-    trainer.train()
-    for name, param in model.named_parameters():
-        changed = not torch.equal(before[name], param.detach())
-        assert changed == (name in trainable), f"{name}: changed={changed}, trainable={name in trainable}"
+    train_and_check_only_trainables_change(raw)

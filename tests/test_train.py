@@ -74,14 +74,8 @@ CASES = [  # (family, algo, loss, lora, train settings): every loss, two familie
 ]
 
 
-@pytest.mark.parametrize("family, algo, loss, lora, settings", CASES, ids=lambda v: str(v))
-def test_every_trainable_parameter_changes_and_no_frozen_one(
-    family, algo, loss, lora, settings, tiny_model_dir, tiny_qwen25_dir, synth_pairs_file, tmp_path
-):
-    model_dir = tiny_model_dir if family == "qwen2-vl" else tiny_qwen25_dir
-    raw = raw_config(model_dir, synth_pairs_file, tmp_path / "run", algo=algo, **settings)
-    raw["loss"].update(loss)
-    raw["lora"].update(lora)
+def train_and_check_only_trainables_change(raw: dict) -> None:
+    """Train the run ``raw`` describes; every trainable parameter must change and no frozen one."""
     trainer = Trainer(validate_config(raw))
     model = trainer.accelerator.unwrap_model(trainer.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -91,6 +85,17 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(
     for name, param in model.named_parameters():
         changed = not torch.equal(before[name], param.detach())
         assert changed == (name in trainable), f"{name}: changed={changed}, trainable={name in trainable}"
+
+
+@pytest.mark.parametrize("family, algo, loss, lora, settings", CASES, ids=lambda v: str(v))
+def test_every_trainable_parameter_changes_and_no_frozen_one(
+    family, algo, loss, lora, settings, tiny_model_dir, tiny_qwen25_dir, synth_pairs_file, tmp_path
+):
+    model_dir = tiny_model_dir if family == "qwen2-vl" else tiny_qwen25_dir
+    raw = raw_config(model_dir, synth_pairs_file, tmp_path / "run", algo=algo, **settings)
+    raw["loss"].update(loss)
+    raw["lora"].update(lora)
+    train_and_check_only_trainables_change(raw)
     rows = train_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     sft_names = {"loss", "logps/chosen", "lr", "grad_norm", "step", "epoch", "pairs_per_s"}
