@@ -28,13 +28,13 @@ browser:
 # also keeps it from thrashing when other jobs share the cores. Override: make demo OMP_NUM_THREADS=4
 OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
-	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmtune demo
 
 demo-full: $(STAMP)
-	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo --full
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmtune demo --full
 
 demo-reasoning: $(STAMP)
-	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmrl demo --task reasoning
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(BIN)/vlmtune demo --task reasoning
 
 # The docs site (docs/_build/site): pages staged from README, docs/, the real --help and the
 # docstrings, built with warnings as errors so a broken reference fails `make test` too.

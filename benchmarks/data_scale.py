@@ -28,18 +28,18 @@ def run_stage(stage: str, work: Path, n: int, size: int, layout: str) -> dict:
     """Run one stage here and return its time and peak RSS (MiB)."""
     start = time.perf_counter()
     if stage == "generate":
-        from vlmrl.data.synth import generate_scenes
+        from vlmtune.data.synth import generate_scenes
 
         count_range = (0, 4) if layout == "grid" else (0, 6)
         generate_scenes(work / "scenes", n, seed=0, image_size=size, layout=layout, count_range=count_range, workers=2)
         detail = f"{n} images"
     elif stage == "pairs":
-        from vlmrl.data.pairs import pairs_from_detections
+        from vlmtune.data.pairs import pairs_from_detections
 
         paths, stats = pairs_from_detections(work / "scenes", work / "pairs", split={"train": 1.0}, seed=0)
         detail = f"{sum(stats.pairs.values())} pairs"
     else:
-        from vlmrl.data.check import check_records
+        from vlmtune.data.check import check_records
 
         report = check_records(work / "pairs" / "train.jsonl", workers=2)
         detail = f"{report.records_read} records, {len(report.problems)} problems"
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to write (default: a temporary folder, removed after)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vlmrl-data-scale-"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vlmtune-data-scale-"))
     if args.stage:
         print(json.dumps(run_stage(args.stage, work, args.n, args.image_size, args.layout)))
         return

@@ -34,7 +34,7 @@ The first-step loss is log 2 on every path (LoRA's B starts at zero, so policy =
 1.16 given a PeftModel even makes its reference a copy of the initial adapter, so a randomised
 adapter would not compare). The first-step mean log-prob of the chosen answers checks that all
 paths score the same tokens: TRL's is lower by one token's worth, the newline the chat template
-writes after ``<|im_end|>``, which TRL scores and ``vlmrl.batch`` deliberately leaves out.
+writes after ``<|im_end|>``, which TRL scores and ``vlmtune.batch`` deliberately leaves out.
 
 Where the time goes (torch.profiler and stage timers, "small"): before the last-layer cut the fast
 step was ~0.33 s, language-model forward ~155 ms and backward ~155 ms; encoding, vision cache, loss
@@ -46,7 +46,7 @@ passes and ~4 x 127 tokens forward, 2 x 127 backward; the fast step ~138 tokens 
 backward (prompt and the answers' common first tokens once, each answer's last token left out) and
 no vision pass. Of those 138 only ~40 positions are read (they predict answer tokens), so the last
 decoder layer runs its queries, attention output, MLP and norms only there and its keys and values
-everywhere (``vlmrl.forward.last_layer``): the step went from ~0.33 s to ~0.29 s on "small" (1 of
+everywhere (``vlmtune.forward.last_layer``): the step went from ~0.33 s to ~0.29 s on "small" (1 of
 8 layers, ~70% of its rows) and ~0.015 s to ~0.012 s on tiny (1 of 2 layers). Everything left is
 work the floor does too: the big matmuls run at ~140 GFLOP/s on one core (near its peak) and the
 rest is mostly peft's LoRA scale-and-add (an ``addmm``-fused LoRA forward measured 4-7% faster; it
@@ -92,8 +92,8 @@ MAX_LENGTH = 1024
 def worker(args) -> dict:
     import torch
 
-    from vlmrl.data.formats import read_records
-    from vlmrl.models.load import add_lora, load_model
+    from vlmtune.data.formats import read_records
+    from vlmtune.models.load import add_lora, load_model
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
@@ -119,7 +119,7 @@ class WorkCounter:
     """Images through the vision tower and image tokens through the language model (forward hooks)."""
 
     def __init__(self, model, processor):
-        from vlmrl.forward.inner import unwrap
+        from vlmtune.forward.inner import unwrap
 
         inner = unwrap(model).model
         self.image_token = unwrap(model).config.image_token_id
@@ -194,8 +194,8 @@ def optimizer_step(model):
 
 
 def run_plain(args, model, processor, batches, counter) -> dict:
-    from vlmrl.config import LossConfig
-    from vlmrl.train.steps import PreferenceStep
+    from vlmtune.config import LossConfig
+    from vlmtune.train.steps import PreferenceStep
 
     step = PreferenceStep(model, processor, MAX_LENGTH, LossConfig(name="dpo"))
     update = optimizer_step(model)
@@ -209,9 +209,9 @@ def run_plain(args, model, processor, batches, counter) -> dict:
 
 
 def run_fast(args, model, processor, batches, counter) -> dict:
-    from vlmrl.config import LossConfig
-    from vlmrl.forward.ref_cache import precompute_reference
-    from vlmrl.train.fast_step import FastPreferenceStep
+    from vlmtune.config import LossConfig
+    from vlmtune.forward.ref_cache import precompute_reference
+    from vlmtune.train.fast_step import FastPreferenceStep
 
     cached = args.path == "fast"
     extra, ref_seconds = {}, None
@@ -241,8 +241,8 @@ def run_floor(args, model, processor, batches, counter) -> dict:
     """The bare model over ``prompt|chosen|rejected`` as one causal sequence; answer-token CE loss."""
     import torch
 
-    from vlmrl.batch import encode_pairs
-    from vlmrl.forward.shared_prefix import CHOSEN, REJECTED, pack_pairs
+    from vlmtune.batch import encode_pairs
+    from vlmtune.forward.shared_prefix import CHOSEN, REJECTED, pack_pairs
 
     inputs = []
     for records in batches:
@@ -278,7 +278,7 @@ def run_trl(args, model, processor, batches, counter) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from vlmrl.batch import load_images
+    from vlmtune.batch import load_images
 
     records = [r for batch in batches for r in batch]
     rows = {
@@ -349,8 +349,8 @@ def schedule(name: str, quick: bool) -> tuple[int, int, int]:
 
 
 def build(work: Path, name: str, n_pairs: int) -> tuple[Path, Path]:
-    from vlmrl.data.synth import synth_pairs_file
-    from vlmrl.models.tiny import build_tiny, image_side
+    from vlmtune.data.synth import synth_pairs_file
+    from vlmtune.models.tiny import build_tiny, image_side
 
     size, side = CONFIGS[name][:2]
     model = build_tiny("qwen2-vl", work / f"model-{name}", size=size, seed=0)

@@ -26,11 +26,11 @@ TARGET_RATIO = 5.0
 def prepare(work: Path, family: str, size: str, n: int, device: str):
     import torch
 
-    from vlmrl.data.formats import read_records
-    from vlmrl.data.records import user_prompt
-    from vlmrl.data.synth import synth_pairs_file
-    from vlmrl.models.load import load_model
-    from vlmrl.models.tiny import build_tiny, image_side
+    from vlmtune.data.formats import read_records
+    from vlmtune.data.records import user_prompt
+    from vlmtune.data.synth import synth_pairs_file
+    from vlmtune.models.load import load_model
+    from vlmtune.models.tiny import build_tiny, image_side
 
     model_dir = build_tiny(family, work / "model", size=size, seed=0)
     pairs = synth_pairs_file(work / "data", n_images=n, seed=0, image_size=image_side(family, size))
@@ -51,7 +51,7 @@ def prepare(work: Path, family: str, size: str, n: int, device: str):
 def timed(model, processor, items, max_new_tokens: int, batch_size: int):
     import torch
 
-    from vlmrl.generate import generate_ids
+    from vlmtune.generate import generate_ids
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = sorted({int(b) for b in args.batch_sizes.split(",")} | {1})
 
-    from vlmrl.generate import generate_ids
+    from vlmtune.generate import generate_ids
 
     with tempfile.TemporaryDirectory() as tmp:
         model, processor, items = prepare(Path(tmp), args.family, args.size, args.n, args.device)

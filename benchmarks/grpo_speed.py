@@ -4,8 +4,8 @@
     python benchmarks/grpo_speed.py --configs small-g16      # one config
     python benchmarks/grpo_speed.py --quick                  # 1 warm-up + 1 measured step, 1 run: a smoke test
 
-Every path gets the same random-weight Qwen2-VL (``vlmrl.models.tiny.build_tiny``, "tiny" 112 px or
-"small" 224 px images), the same synthetic counting prompts (``vlmrl.data.synth.synth_pairs_file``,
+Every path gets the same random-weight Qwen2-VL (``vlmtune.models.tiny.build_tiny``, "tiny" 112 px or
+"small" 224 px images), the same synthetic counting prompts (``vlmtune.data.synth.synth_pairs_file``,
 in file order, no shuffling), LoRA rank 8 / alpha 16 on the language model's linear layers
 (seeded), 8 prompts x G completions per optimizer step in one micro-batch, at most 40 new tokens,
 temperature 1, top-p 1, top-k off, beta 0.04, rewards ``count_exact`` + 0.1 x ``count_format``
@@ -27,11 +27,11 @@ What each side does per optimizer step:
     encodes each image and prefills each prompt G times; then one no-grad reference forward and one
     policy forward + backward over the N*G ``prompt | completion`` rows, each with its own copy of
     the image: **3 vision passes and 3 prompt passes per completion**.
-(b) ours: ``vlmrl.train.grpo.GrpoStep`` built with its defaults (so whatever sampler it ships with:
+(b) ours: ``vlmtune.train.grpo.GrpoStep`` built with its defaults (so whatever sampler it ships with:
     ``model.generate(num_return_sequences=G)``, which in transformers 5 encodes each image once
     before copying the inputs G ways but prefills each prompt G times; a group sampler that
     prefills once per prompt does both once) and driven as
-    ``vlmrl.train.loop.Trainer`` drives it: ``encode`` (sample, score, lay out), then
+    ``vlmtune.train.loop.Trainer`` drives it: ``encode`` (sample, score, lay out), then
     ``loss_and_metrics``, backward, clip, AdamW. The update encodes each image once per group and
     runs one ``prompt | c1 | ... | cG`` row per group, for the policy and (adapter off) the
     reference: **2/G vision passes and 2/G prompt passes per completion**, plus the sampler's share
@@ -94,8 +94,8 @@ TARGET_SAMPLE_RATIO = 1.3  # our sampling time / the decode floor's
 def worker(args) -> dict:
     import torch
 
-    from vlmrl.data.formats import read_records
-    from vlmrl.models.load import load_model
+    from vlmtune.data.formats import read_records
+    from vlmtune.models.load import load_model
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
@@ -167,9 +167,9 @@ def _since(start: tuple[float, float]) -> dict:
 def run_ours(args, model, processor, batches, counter) -> dict:
     import torch
 
-    from vlmrl.config import GrpoConfig
-    from vlmrl.models.load import add_lora
-    from vlmrl.train.grpo import GrpoStep
+    from vlmtune.config import GrpoConfig
+    from vlmtune.models.load import add_lora
+    from vlmtune.train.grpo import GrpoStep
 
     torch.manual_seed(0)
     model = add_lora(model, **LORA)
@@ -208,9 +208,9 @@ def run_floor(args, model, processor, batches, counter) -> dict:
     """Decode ``MAX_NEW_TOKENS`` sampled tokens for N*G rows from a ready KV cache; only the decoding is timed."""
     import torch
 
-    from vlmrl.forward.shared_prefix import unwrap
-    from vlmrl.generate import encode_prompts, vision_token_ids
-    from vlmrl.models.load import add_lora
+    from vlmtune.forward.shared_prefix import unwrap
+    from vlmtune.generate import encode_prompts, vision_token_ids
+    from vlmtune.models.load import add_lora
 
     torch.manual_seed(0)
     model = add_lora(model, **LORA)
@@ -264,9 +264,9 @@ def run_trl(args, model, processor, batches, counter) -> dict:
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from vlmrl.batch import load_images
-    from vlmrl.models.load import LANGUAGE_MODEL_LINEARS
-    from vlmrl.rewards import count_exact_reward, count_format_reward
+    from vlmtune.batch import load_images
+    from vlmtune.models.load import LANGUAGE_MODEL_LINEARS
+    from vlmtune.rewards import count_exact_reward, count_format_reward
 
     records = [r for batch in batches for r in batch]
     dataset = Dataset.from_dict({
@@ -385,8 +385,8 @@ def check_counts(path: str, result: dict, group: int) -> str:
 
 
 def build(work: Path, size: str, side: int, n_prompts: int) -> tuple[Path, Path]:
-    from vlmrl.data.synth import synth_pairs_file
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.data.synth import synth_pairs_file
+    from vlmtune.models.tiny import build_tiny
 
     model = work / f"model-{size}"
     if not model.exists():

@@ -5,9 +5,9 @@
 
 Rows per G, on the same model, prompts and settings (temperature 1, top-p 1):
 
-- ``generate``: how ``vlmrl.generate`` (and GRPO today) samples: ``model.generate`` with
+- ``generate``: how ``vlmtune.generate`` (and GRPO today) samples: ``model.generate`` with
   ``num_return_sequences=G``, which copies each prompt G times before the prefill;
-- ``sample_groups``: ``vlmrl.sampling``: one prefill per prompt, the KV cache copied G ways;
+- ``sample_groups``: ``vlmtune.sampling``: one prefill per prompt, the KV cache copied G ways;
 - ``decode floor``: the N*G rows decoded from a ready cache (prompts already prefilled and copied,
   outside the timing): ``max_new_tokens`` one-token forwards of the model and nothing else (no
   sampling, no stop checks, no prefill);
@@ -61,7 +61,7 @@ class WorkCounter:
 
 
 def run_generate(model, processor, items, g: int, new_tokens: int) -> int:
-    from vlmrl.generate import generate_ids
+    from vlmtune.generate import generate_ids
 
     ids = generate_ids(model, processor, items, new_tokens, batch_size=len(items), do_sample=True,
                        temperature=1.0, num_return_sequences=g)
@@ -69,7 +69,7 @@ def run_generate(model, processor, items, g: int, new_tokens: int) -> int:
 
 
 def run_sampler(model, processor, items, g: int, new_tokens: int) -> int:
-    from vlmrl.sampling import sample_groups
+    from vlmtune.sampling import sample_groups
 
     samples = sample_groups(model, processor, items, g, new_tokens, temperature=1.0, seed=0)
     return int(samples.mask.sum())
@@ -79,8 +79,8 @@ def ready_cache(model, processor, items, g: int):
     """The prompts prefilled once and copied G ways, and what the decode loop feeds: (cache, mask, positions)."""
     import torch
 
-    from vlmrl.generate import encode_prompts
-    from vlmrl.sampling.sampler import prompt_positions
+    from vlmtune.generate import encode_prompts
+    from vlmtune.sampling.sampler import prompt_positions
 
     prompts = encode_prompts(items, processor).to(next(model.parameters()).device)
     positions, deltas = prompt_positions(model, prompts)

@@ -1,7 +1,7 @@
 """Issue 13, point 5: the demo's preference methods and GRPO at the same number of scored samples.
 
-Everything starts from the demo's 600-step warm-up (``vlmrl.demo``, default settings) and spends
-a budget of scored samples (``vlmrl.demo.scored_samples``): sampled answers that the count reward
+Everything starts from the demo's 600-step warm-up (``vlmtune.demo``, default settings) and spends
+a budget of scored samples (``vlmtune.demo.scored_samples``): sampled answers that the count reward
 or the simulated rater scored. ``--phase val`` runs one method (``--method NAME``, see
 ``METHODS``) and appends one JSON line to ``--log``: its budget, its wall and CPU seconds, and its
 curve of validation exact match (300 held-out scenes, never the test split) against scored
@@ -34,26 +34,26 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlmrl.demo import (CONTROL, METHODS as DEMO_METHODS, ONLINE, RFT, DemoSettings, Method, evaluate_run, make_data,
+from vlmtune.demo import (CONTROL, METHODS as DEMO_METHODS, ONLINE, RFT, DemoSettings, Method, evaluate_run, make_data,
                         make_model, metric, rater_pairs, scored_samples, train_config, train_run)
-from vlmrl.eval.metrics import paired_bootstrap_diff
-from vlmrl.jsonl import read_jsonl
-from vlmrl.stages import Made, stage_key
-from vlmrl.study.stats import wilson_interval
+from vlmtune.eval.metrics import paired_bootstrap_diff
+from vlmtune.jsonl import read_jsonl
+from vlmtune.stages import Made, stage_key
+from vlmtune.study.stats import wilson_interval
 
 BUDGET = 25_600  # GRPO's 200 steps x 8 images x 16 answers
 EVALS = 4  # evaluations along a sampling run: every steps / 4
 BY_NAME = {m.name: m for m in DEMO_METHODS}
 # name -> (method, answers per preference image for the offline pairs: None for the sampling methods).
 # The sampling methods at BUDGET: GRPO 200 steps x 8 images x G 16; online DPO / MPO and RFT
-# 200 steps x 16 images x k 8 (vlmrl.demo.ONLINE: T 1.2 as GRPO, the count rewards).
+# 200 steps x 16 images x k 8 (vlmtune.demo.ONLINE: T 1.2 as GRPO, the count rewards).
 METHODS = {
     "grpo": (replace(BY_NAME["grpo"], steps=200), None),
     "online-dpop": (replace(BY_NAME["online-dpop"], steps=200), None),
     "online-mpo": (replace(BY_NAME["online-mpo"], steps=200), None),
     # RFT keeping each image's best answer whatever its reward (top-1): collapsed on val (EM 0)
     "rft": (Method("rft", "rft", steps=200, online=ONLINE), None),
-    # the control used: only exactly right answers kept (reward >= 2.0), as vlmrl.demo.RFT
+    # the control used: only exactly right answers kept (reward >= 2.0), as vlmtune.demo.RFT
     "rft-exact": (replace(RFT, name="rft-exact", steps=200), None),
     # 4 rounds x 800 prompts x k 8 = BUDGET; 50 steps x 16 pairs a round.
     "iterative-dpop": (replace(BY_NAME["iterative-dpop"], steps=50), None),
@@ -160,7 +160,7 @@ def run_val(root: Path, name: str, log: Path) -> None:
 
 def iterative_curve(cfg, run_dir: Path, pool: int, n_val: int) -> list[dict]:
     """One point per round: scored samples so far, labelling plus step seconds so far, the round's val EM."""
-    from vlmrl.train.iterative import round_dir
+    from vlmtune.train.iterative import round_dir
 
     points, total, previous_end = [], 0.0, (run_dir / "config.yaml").stat().st_mtime
     per_round = pool * cfg.online.group_size

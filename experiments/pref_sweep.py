@@ -1,6 +1,6 @@
 """Preference-stage set-ups of the demo, scored on a validation split (never the test split).
 
-Each call runs one set-up through the demo's own stage functions (``vlmrl.demo``): the data,
+Each call runs one set-up through the demo's own stage functions (``vlmtune.demo``): the data,
 the tiny model and the warm-up are shared by every set-up with the same data/warm-up settings
 (a folder per warm-up), the rater's pairs by every set-up with the same sampling settings (a file
 per sampling set-up), and the preference run is its own. One JSON line per set-up is appended to
@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlmrl.demo import (DemoSettings, Method, evaluate_run, make_data, make_model, metric, rater_pairs,
+from vlmtune.demo import (DemoSettings, Method, evaluate_run, make_data, make_model, metric, rater_pairs,
                         train_config, train_run)
-from vlmrl.stages import Made, stage_key
+from vlmtune.stages import Made, stage_key
 
 WARMUP_KEYS = ("seed", "family", "image_size", "layout", "count_range", "ood_count_range", "n_sft", "n_pref",
                "n_test", "n_ood", "warmup_steps", "warmup_lr", "batch_size", "warmup_vision")

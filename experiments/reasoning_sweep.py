@@ -5,7 +5,7 @@
 Prints the three tables and the verdict; appends one JSON line per model to
 experiments/reasoning_sweep.jsonl. The test split is not read. (The lines already there were
 written by the demo's earlier code: per-family keys ``all``/``family/X``/``format``, the offline RFT
-with its ``rft`` counts; lines written now carry ``vlmrl eval``'s metric names.)
+with its ``rft`` counts; lines written now carry ``vlmtune eval``'s metric names.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from vlmrl.demo_reasoning import ReasoningSettings, run_reasoning_demo, tables, verdict
+from vlmtune.demo_reasoning import ReasoningSettings, run_reasoning_demo, tables, verdict
 
 
 def parse(pairs: list[str]) -> dict:

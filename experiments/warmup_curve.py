@@ -16,14 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from vlmrl.batch import encode_sft
-from vlmrl.data.synth import generate_scenes, scene_items
-from vlmrl.demo import PROMPT, gold_record
-from vlmrl.forward.plain import sequence_logps
-from vlmrl.generate import generate
-from vlmrl.models.load import load_model
-from vlmrl.models.tiny import build_tiny
-from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
+from vlmtune.batch import encode_sft
+from vlmtune.data.synth import generate_scenes, scene_items
+from vlmtune.demo import PROMPT, gold_record
+from vlmtune.forward.plain import sequence_logps
+from vlmtune.generate import generate
+from vlmtune.models.load import load_model
+from vlmtune.models.tiny import build_tiny
+from vlmtune.tasks.counting import DEFAULT_CLASSES, CountingTask
 
 
 def main() -> None:

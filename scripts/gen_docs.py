@@ -80,7 +80,7 @@ def api_page(module: str) -> str:
 def stage(out: Path) -> list[Path]:
     """Write every page of the nav to ``out`` (emptied first); return the paths written."""
     sys.path.insert(0, str(ROOT / "src"))
-    from vlmrl.cli import build_parser
+    from vlmtune.cli import build_parser
 
     commands = subcommands(build_parser())
     if out.exists():

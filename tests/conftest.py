@@ -57,14 +57,14 @@ def chromium() -> dict:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2-VL with a locally trained tokenizer, built once per test session."""
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.models.tiny import build_tiny
 
     return build_tiny("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl"), size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen25_dir(tmp_path_factory) -> Path:
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.models.tiny import build_tiny
 
     return build_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen2.5-vl"), size="tiny", seed=0)
 
@@ -72,7 +72,7 @@ def tiny_qwen25_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_pairs_file(tmp_path_factory) -> Path:
     """A small synthetic counting preference set (JSONL, canonical format) with its images."""
-    from vlmrl.data.synth import synth_pairs_file as make
+    from vlmtune.data.synth import synth_pairs_file as make
 
     return make(tmp_path_factory.mktemp("synth"), n_images=24, seed=0, image_size=112)
 
@@ -83,8 +83,8 @@ def vision_biased_model(tiny_model_dir):
     other vision tokens: ``(model, processor, banned_ids, image_pad_id)``."""
     import torch
 
-    from vlmrl.generate import VISION_TOKENS, vision_token_ids
-    from vlmrl.models.load import load_model
+    from vlmtune.generate import VISION_TOKENS, vision_token_ids
+    from vlmtune.models.load import load_model
 
     model, processor = load_model(tiny_model_dir)
     banned = vision_token_ids(model, processor)

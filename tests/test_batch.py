@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmrl.batch import IGNORE_INDEX, encode_pairs, encode_sft
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.errors import VlmrlError
-from vlmrl.models.tiny import build_tiny
+from vlmtune.batch import IGNORE_INDEX, encode_pairs, encode_sft
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.errors import VlmtuneError
+from vlmtune.models.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_refuses_a_cut_inside_the_image_tokens(processors, images):
     record = make_records(images)[0]
     ids = encode_pairs([record], processor, max_length=512).chosen["input_ids"][0]
     first_image_token = int((ids == processor.image_token_id).nonzero()[0])
-    with pytest.raises(VlmrlError, match=r"record r1: .*inside an image's tokens"):
+    with pytest.raises(VlmtuneError, match=r"record r1: .*inside an image's tokens"):
         encode_pairs([record], processor, max_length=first_image_token + 5)
 
 
@@ -125,23 +125,23 @@ def test_refuses_a_prompt_that_leaves_no_room_for_the_answer(processors, images)
     processor = processors["qwen2-vl"]
     record = make_records(images)[0]
     n = encode_pairs([record], processor, max_length=512).prompt_lengths[0]
-    with pytest.raises(VlmrlError, match=r"record r1: the prompt alone is"):
+    with pytest.raises(VlmtuneError, match=r"record r1: the prompt alone is"):
         encode_pairs([record], processor, max_length=n - 1)
 
 
 def test_bad_images_name_the_record(processors, images, tmp_path):
     processor = processors["qwen2-vl"]
     missing = PreferenceRecord("gone", [str(tmp_path / "nope.png")], user_prompt("Count."), "a", "b")
-    with pytest.raises(VlmrlError, match=r"record gone: image .*nope.png does not exist"):
+    with pytest.raises(VlmtuneError, match=r"record gone: image .*nope.png does not exist"):
         encode_pairs([missing], processor, max_length=256)
     (tmp_path / "junk.png").write_text("not an image")
     junk = PreferenceRecord("junk", [str(tmp_path / "junk.png")], user_prompt("Count."), "a", "b")
-    with pytest.raises(VlmrlError, match=r"record junk: cannot read image"):
+    with pytest.raises(VlmtuneError, match=r"record junk: cannot read image"):
         encode_pairs([junk], processor, max_length=256)
     extra = PreferenceRecord("two", [images["square"]] * 2, user_prompt("Count."), "a", "b")
-    with pytest.raises(VlmrlError, match=r"record two: 2 image\(s\) but the prompt has 1"):
+    with pytest.raises(VlmtuneError, match=r"record two: 2 image\(s\) but the prompt has 1"):
         encode_pairs([extra], processor, max_length=256)
-    with pytest.raises(VlmrlError, match="no records"):
+    with pytest.raises(VlmtuneError, match="no records"):
         encode_sft([], processor, max_length=256)
 
 

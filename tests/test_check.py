@@ -1,4 +1,4 @@
-"""Every bad-input rule of `vlmrl data check`, on real bad files, plus load_records and the CLI."""
+"""Every bad-input rule of `vlmtune data check`, on real bad files, plus load_records and the CLI."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.data.check import check_records, image_problem
-from vlmrl.data.load import load_records
-from vlmrl.errors import VlmrlError
+from vlmtune.cli import main
+from vlmtune.data.check import check_records, image_problem
+from vlmtune.data.load import load_records
+from vlmtune.errors import VlmtuneError
 
 
 def jpeg(path: Path, size: int = 32, seed: int = 0) -> Path:
@@ -195,7 +195,7 @@ def test_image_problem_accepts_a_png_and_names_a_missing_file(tmp_path):
 
 def test_load_records_raises_with_the_problems(folder):
     path = jsonl(folder / "d.jsonl", [row(0), row(1, chosen="")])
-    with pytest.raises(VlmrlError, match=r"1 problem\(s\) in 1 of 2 records:\n.*d.jsonl:2: empty-answer"):
+    with pytest.raises(VlmtuneError, match=r"1 problem\(s\) in 1 of 2 records:\n.*d.jsonl:2: empty-answer"):
         load_records(path)
 
 
@@ -203,20 +203,20 @@ def test_load_records_skip_bad_keeps_good_records_and_logs_why(folder, caplog):
     path = jsonl(folder / "d.jsonl", [row(0), row(1, chosen=""), row(2), row(3, id="r0")])
     records = load_records(path, skip_bad=True)
     assert [r.id for r in records] == ["r0", "r2"]
-    [message] = [r.getMessage() for r in caplog.records if r.name == "vlmrl.data.load"]
+    [message] = [r.getMessage() for r in caplog.records if r.name == "vlmtune.data.load"]
     assert "skipped 2 of 4 records" in message and "empty-answer" in message and "duplicate-id" in message
 
 
 def test_load_records_lists_twenty_problems_then_a_count(folder):
     path = jsonl(folder / "d.jsonl", [row(i, chosen="") for i in range(25)])
-    with pytest.raises(VlmrlError) as e:
+    with pytest.raises(VlmtuneError) as e:
         load_records(path)
     assert str(e.value).count("empty-answer") == 20 and "... and 5 more" in str(e.value)
 
 
 def test_load_records_cannot_skip_an_unreadable_file(folder):
     path = jsonl(folder / "d.jsonl", [{"question": "q"}])
-    with pytest.raises(VlmrlError, match="cannot tell the data format"):
+    with pytest.raises(VlmtuneError, match="cannot tell the data format"):
         load_records(path, skip_bad=True)
 
 

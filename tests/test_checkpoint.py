@@ -9,9 +9,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from vlmrl.errors import VlmrlError
-from vlmrl.train import checkpoint
-from vlmrl.train.precision import Precision
+from vlmtune.errors import VlmtuneError
+from vlmtune.train import checkpoint
+from vlmtune.train.precision import Precision
 
 
 def tiny_setup(seed=0):
@@ -75,7 +75,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     model, optimizer, scheduler = tiny_setup()
     path = checkpoint.save_checkpoint(tmp_path, {"step": 1}, accelerator, model, optimizer, scheduler, None, keep_last=1)
     other = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    with pytest.raises(VlmrlError, match="trainable parameters do not match"):
+    with pytest.raises(VlmtuneError, match="trainable parameters do not match"):
         checkpoint.load_checkpoint(path, accelerator, other, optimizer, scheduler, Precision("no", "cpu"))
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlmrl.cli import main
-from vlmrl.config import Config, apply_override, load_config
-from vlmrl.errors import VlmrlError
+from vlmtune.cli import main
+from vlmtune.config import Config, apply_override, load_config
+from vlmtune.errors import VlmtuneError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINING_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
@@ -28,7 +28,7 @@ MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
 def test_every_shipped_config_validates_and_shows_its_command(path):
     config = load_config(path)
     assert isinstance(config, Config)
-    assert "vlmrl train" in path.read_text().split("\n\n")[0], "the header comment shows the command"
+    assert "vlmtune train" in path.read_text().split("\n\n")[0], "the header comment shows the command"
 
 
 def test_shipped_configs_exist():
@@ -55,42 +55,42 @@ def test_overrides_are_typed_by_yaml(tmp_path):
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
-    with pytest.raises(VlmrlError, match=r"train\.lrr: unknown key; did you mean train\.lr\?"):
+    with pytest.raises(VlmtuneError, match=r"train\.lrr: unknown key; did you mean train\.lr\?"):
         load_config(write(tmp_path, MINIMAL), ["train.lrr=1"])
-    with pytest.raises(VlmrlError, match=r"loss\.bta: unknown key; did you mean loss\.beta\?"):
+    with pytest.raises(VlmtuneError, match=r"loss\.bta: unknown key; did you mean loss\.beta\?"):
         load_config(write(tmp_path, MINIMAL), ["loss.bta=0.2"])
-    with pytest.raises(VlmrlError, match=r"trian: unknown key; did you mean train\?"):
+    with pytest.raises(VlmtuneError, match=r"trian: unknown key; did you mean train\?"):
         load_config(write(tmp_path, {**MINIMAL, "trian": {"lr": 1}}))
 
 
 def test_wrong_type_and_missing_key_and_bad_choice(tmp_path):
-    with pytest.raises(VlmrlError, match=r"train\.lr: .*valid number.*'fast'"):
+    with pytest.raises(VlmtuneError, match=r"train\.lr: .*valid number.*'fast'"):
         load_config(write(tmp_path, MINIMAL), ["train.lr=fast"])
-    with pytest.raises(VlmrlError, match=r"data: required but missing"):
+    with pytest.raises(VlmtuneError, match=r"data: required but missing"):
         load_config(write(tmp_path, {"model": {"name_or_path": "m"}}))
-    with pytest.raises(VlmrlError, match=r"loss\.name"):
+    with pytest.raises(VlmtuneError, match=r"loss\.name"):
         load_config(write(tmp_path, MINIMAL), ["loss.name=kto"])
-    with pytest.raises(VlmrlError, match=r"train\.batch_size"):
+    with pytest.raises(VlmtuneError, match=r"train\.batch_size"):
         load_config(write(tmp_path, MINIMAL), ["train.batch_size=0"])
 
 
 def test_inconsistent_settings_are_refused(tmp_path):
-    with pytest.raises(VlmrlError, match="early_stopping_patience needs held-out data"):
+    with pytest.raises(VlmtuneError, match="early_stopping_patience needs held-out data"):
         load_config(write(tmp_path, MINIMAL), ["train.early_stopping_patience=2"])
-    with pytest.raises(VlmrlError, match="reference_free cannot be used with dpop"):
+    with pytest.raises(VlmtuneError, match="reference_free cannot be used with dpop"):
         load_config(write(tmp_path, MINIMAL), ["loss.name=dpop", "loss.reference_free=true"])
 
 
 def test_missing_file_bad_yaml_and_bad_override(tmp_path):
-    with pytest.raises(VlmrlError, match="does not exist"):
+    with pytest.raises(VlmtuneError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    with pytest.raises(VlmrlError, match="not valid YAML"):
+    with pytest.raises(VlmtuneError, match="not valid YAML"):
         load_config(bad)
-    with pytest.raises(VlmrlError, match="section.key=value"):
+    with pytest.raises(VlmtuneError, match="section.key=value"):
         apply_override({}, "train.lr")
-    with pytest.raises(VlmrlError, match="is a value, not a section"):
+    with pytest.raises(VlmtuneError, match="is a value, not a section"):
         apply_override({"train": 3}, "train.lr=1")
 
 
@@ -104,11 +104,11 @@ def test_config_validate_command(tmp_path, capsys):
 
 
 def test_vision_cache_needs_a_frozen_tower():
-    from vlmrl.config import validate_config
-    from vlmrl.errors import VlmrlError
+    from vlmtune.config import validate_config
+    from vlmtune.errors import VlmtuneError
 
     raw = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", "cache_vision": True}}
     assert validate_config(raw).data.cache_vision
     for lora in ({"vision": "lora"}, {"merger": True}):
-        with pytest.raises(VlmrlError, match="cache_vision"):
+        with pytest.raises(VlmtuneError, match="cache_vision"):
             validate_config({**raw, "lora": lora})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask, ParsedCounts, plural
+from vlmtune.tasks.counting import DEFAULT_CLASSES, CountingTask, ParsedCounts, plural
 
 TASK = CountingTask()
 
@@ -113,6 +113,6 @@ def test_score_parse_failure():
 def test_doctests_pass():
     import doctest
 
-    import vlmrl.tasks.counting as counting
+    import vlmtune.tasks.counting as counting
 
     assert doctest.testmod(counting).failed == 0

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from vlmrl.cli import main
-from vlmrl.demo import (CONTROL, DEFAULT_METHOD, METHODS, RFT, DemoSettings, budget_points, control_for, final_dir,
+from vlmtune.cli import main
+from vlmtune.demo import (CONTROL, DEFAULT_METHOD, METHODS, RFT, DemoSettings, budget_points, control_for, final_dir,
                         make_data, rater_choice, results_table, scored_samples, total_error, train_config, verdict)
-from vlmrl.report.plots import budget_curves
-from vlmrl.errors import VlmrlError
-from vlmrl.stages import run_stage, stage_key
-from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
+from vlmtune.report.plots import budget_curves
+from vlmtune.errors import VlmtuneError
+from vlmtune.stages import run_stage, stage_key
+from vlmtune.tasks.counting import DEFAULT_CLASSES, CountingTask
 
 TASK = CountingTask(DEFAULT_CLASSES)
 GOLD = {"car": 2, "motorcycle": 1, "bus": 0, "bicycle": 3}
@@ -233,7 +233,7 @@ def test_an_interrupted_stage_runs_again_and_unrecorded_outputs_are_never_delete
     assert run_stage(record, {"n": 1}, [out], _build(out, "done", calls)) and calls == ["done"]
     mine = tmp_path / "mine"
     mine.mkdir()
-    with pytest.raises(VlmrlError, match=r"mine exists, but no stage record .*delete it or choose another"):
+    with pytest.raises(VlmtuneError, match=r"mine exists, but no stage record .*delete it or choose another"):
         run_stage(tmp_path / "mine.stage.json", {"n": 1}, [mine], _build(mine, "x", calls))
     assert mine.is_dir() and calls == ["done"]
 
@@ -254,7 +254,7 @@ def test_make_data_reruns_only_the_split_whose_settings_changed(tmp_path):
 
 # ----------------------------------------------------------------------------- the reasoning demo
 def _task_record(record_id: str, family: str, answer, hops: int, think: bool = False):
-    from vlmrl.data.records import PreferenceRecord, user_prompt
+    from vlmtune.data.records import PreferenceRecord, user_prompt
 
     task = {"family": family, "kind": "integer", "answer": answer, "hops": hops, "think": think}
     return PreferenceRecord(id=record_id, images=[], prompt=user_prompt("How many?"), chosen=str(answer),
@@ -262,17 +262,17 @@ def _task_record(record_id: str, family: str, answer, hops: int, think: bool = F
 
 
 def _write(path, records):
-    from vlmrl.data.writers import write_records
+    from vlmtune.data.writers import write_records
 
-    write_records(records, path, "vlmrl")
+    write_records(records, path, "vlmtune")
     return path
 
 
 def test_majority_baseline_answers_each_question_type_with_its_train_mode_by_hand(tmp_path):
     from dataclasses import replace
 
-    from vlmrl.data.records import user_prompt
-    from vlmrl.demo_reasoning import ReasoningSettings, correct_by_id, majority_baseline
+    from vlmtune.data.records import user_prompt
+    from vlmtune.demo_reasoning import ReasoningSettings, correct_by_id, majority_baseline
 
     def rec(i, family, answer, hops=1):  # distinct questions: the baseline counts each question once
         return replace(_task_record(f"{family}{i}", family, answer, hops), prompt=user_prompt(f"How many {i}?"))
@@ -295,8 +295,8 @@ def test_majority_baseline_answers_each_question_type_with_its_train_mode_by_han
 
 
 def test_rft_samples_as_grpo_does_and_keeps_only_fully_correct_answers(tmp_path):
-    from vlmrl.demo_reasoning import ACCURACY, ReasoningSettings, rl_config
-    from vlmrl.stages import Made
+    from vlmtune.demo_reasoning import ACCURACY, ReasoningSettings, rl_config
+    from vlmtune.stages import Made
 
     s = ReasoningSettings(out=tmp_path)
     warm, pool = Made(tmp_path / "warm", "w"), Made(tmp_path / "pool.jsonl", "p")
@@ -319,7 +319,7 @@ def _reasoning_row(method, value, delta):
 
 
 def test_reasoning_tables_and_verdict_report_the_numbers_given():
-    from vlmrl.demo_reasoning import tables, verdict
+    from vlmtune.demo_reasoning import tables, verdict
 
     rows = [_reasoning_row("warm-up", 0.2, 0.0), _reasoning_row("grpo", 0.5, 0.3), _reasoning_row("rft", 0.22, 0.02),
             _reasoning_row("sft-gold", 0.1, -0.1)]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmrl.data.detections import LabelBox, class_names, detect_format, read_boxes, read_detections, source_name
-from vlmrl.errors import VlmrlError
+from vlmtune.data.detections import LabelBox, class_names, detect_format, read_boxes, read_detections, source_name
+from vlmtune.errors import VlmtuneError
 
 
 def _image(path: Path) -> None:
@@ -56,7 +56,7 @@ def test_yolo_polygon_rows_are_objects(tmp_path):
 
 def test_yolo_without_names_asks_for_classes(tmp_path):
     _yolo(tmp_path, {"a": "0 0.5 0.5 0.1 0.1\n"})
-    with pytest.raises(VlmrlError, match="no data.yaml.*--classes"):
+    with pytest.raises(VlmtuneError, match="no data.yaml.*--classes"):
         read_detections(tmp_path)
 
 
@@ -68,7 +68,7 @@ def test_yolo_without_names_asks_for_classes(tmp_path):
 ])
 def test_yolo_bad_line_names_file_and_line(tmp_path, line, why):
     _yolo(tmp_path, {"good": "0 0.5 0.5 0.1 0.1\n", "bad": f"0 0.5 0.5 0.1 0.1\n\n{line}\n"})
-    with pytest.raises(VlmrlError, match=rf"bad\.txt:3: .*{why}"):
+    with pytest.raises(VlmtuneError, match=rf"bad\.txt:3: .*{why}"):
         list(read_detections(tmp_path, classes=["car", "bus"]))
     skipped = []
     items = list(read_detections(tmp_path, classes=["car", "bus"], skip_bad=True, skipped=skipped))
@@ -99,10 +99,10 @@ def test_coco_unknown_category_is_an_error(tmp_path):
     _image(tmp_path / "images" / "a.jpg")
     _coco(tmp_path / "ann.json", [{"id": 1, "file_name": "a.jpg"}],
           [{"id": 5, "image_id": 1, "category_id": 9}], [{"id": 1, "name": "car"}])
-    with pytest.raises(VlmrlError, match=r"ann\.json: annotation #0 \(id 5\): category_id 9"):
+    with pytest.raises(VlmtuneError, match=r"ann\.json: annotation #0 \(id 5\): category_id 9"):
         list(read_detections(tmp_path))
     (tmp_path / "ann.json").write_text("{not json")
-    with pytest.raises(VlmrlError, match=r"ann\.json: not valid JSON: .* at column 2; fix the annotation file"):
+    with pytest.raises(VlmtuneError, match=r"ann\.json: not valid JSON: .* at column 2; fix the annotation file"):
         list(read_detections(tmp_path, "coco"))
 
 
@@ -130,7 +130,7 @@ def test_voc_bad_xml(tmp_path):
     _image(tmp_path / "a.jpg")
     _voc(tmp_path / "a.xml", "a.jpg", ["car"])
     (tmp_path / "b.xml").write_text("<annotation><filename>b.jpg")
-    with pytest.raises(VlmrlError, match=r"b\.xml: not valid XML"):
+    with pytest.raises(VlmtuneError, match=r"b\.xml: not valid XML"):
         list(read_detections(tmp_path))
     skipped = []
     assert len(list(read_detections(tmp_path, skip_bad=True, skipped=skipped))) == 1 and len(skipped) == 1
@@ -138,11 +138,11 @@ def test_voc_bad_xml(tmp_path):
 
 def test_unknown_folder_contents(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(VlmrlError, match="found no YOLO"):
+    with pytest.raises(VlmtuneError, match="found no YOLO"):
         detect_format(tmp_path)
-    with pytest.raises(VlmrlError, match="not a folder"):
+    with pytest.raises(VlmtuneError, match="not a folder"):
         detect_format(tmp_path / "notes.txt")
-    with pytest.raises(VlmrlError, match="missing: no such file or folder"):
+    with pytest.raises(VlmtuneError, match="missing: no such file or folder"):
         detect_format(tmp_path / "missing")
 
 
@@ -162,8 +162,8 @@ def test_real_sets_read(shared_data):
 def test_doctests_pass():
     import doctest
 
-    import vlmrl.data.detections as detections
-    import vlmrl.data.label_values as label_values
+    import vlmtune.data.detections as detections
+    import vlmtune.data.label_values as label_values
 
     for module in (detections, label_values):
         result = doctest.testmod(module)
@@ -181,7 +181,7 @@ def test_yolo_boxes_are_fractions_and_counting_opens_no_image(tmp_path):
     assert item.size is None and item.counts() == Counter(bus=1, car=1)
     (tmp_path / "images" / "a.jpg").write_bytes(b"not an image")  # counting never reads it
     assert [i.counts for i in read_detections(tmp_path, classes=["car", "bus"])] == [Counter(bus=1, car=1)]
-    with pytest.raises(VlmrlError, match=r"a\.jpg: not an image PIL can read .*pass --skip-bad"):
+    with pytest.raises(VlmtuneError, match=r"a\.jpg: not an image PIL can read .*pass --skip-bad"):
         list(read_boxes(tmp_path, classes=["car", "bus"], sizes=True))
     skipped = []
     assert list(read_boxes(tmp_path, classes=["car", "bus"], skip_bad=True, skipped=skipped, sizes=True)) == []
@@ -222,7 +222,7 @@ def test_coco_bad_crowd_flag_or_huge_box(tmp_path, change, why):
     _image(tmp_path / "a.jpg")
     _coco(tmp_path / "ann.json", [{"id": 1, "file_name": "a.jpg"}],
           [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], **change}], [{"id": 1, "name": "car"}])
-    with pytest.raises(VlmrlError, match=rf"ann\.json: annotation #0 \(id 5\): .*{why}"):
+    with pytest.raises(VlmtuneError, match=rf"ann\.json: annotation #0 \(id 5\): .*{why}"):
         list(read_detections(tmp_path))
 
 
@@ -230,7 +230,7 @@ def test_coco_box_on_an_unreadable_image_without_a_stated_size(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"not an image")
     _coco(tmp_path / "ann.json", [{"id": 1, "file_name": "a.jpg"}],
           [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]}], [{"id": 1, "name": "car"}])
-    with pytest.raises(VlmrlError, match=r"a\.jpg: not an image PIL can read"):
+    with pytest.raises(VlmtuneError, match=r"a\.jpg: not an image PIL can read"):
         list(read_detections(tmp_path))
 
 
@@ -259,7 +259,7 @@ def test_voc_boxes_are_fractions_of_the_stated_size(tmp_path):
 def test_voc_bad_box_names_the_file_and_object(tmp_path, bndbox, why):
     _image(tmp_path / "a.jpg")
     _voc_boxes(tmp_path / "a.xml", bndbox)
-    with pytest.raises(VlmrlError, match=rf"a\.xml: <object> #0: {why}"):
+    with pytest.raises(VlmtuneError, match=rf"a\.xml: <object> #0: {why}"):
         list(read_detections(tmp_path))
     skipped = []
     assert list(read_detections(tmp_path, skip_bad=True, skipped=skipped)) == [] and len(skipped) == 1

@@ -12,8 +12,8 @@ import sys
 import pytest
 import yaml
 
-from vlmrl import NAME
-from vlmrl.cli import build_parser, main
+from vlmtune import NAME
+from vlmtune.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from vlmrl.cli import main
-from vlmrl.data.formats import read_records
-from vlmrl.data.writers import write_records
-from vlmrl.errors import VlmrlError
-from vlmrl.eval import metrics as M
-from vlmrl.eval.run import base_sample, evaluate, load_for_eval, score_tasks
-from vlmrl.tasks.counting import CountingTask
+from vlmtune.cli import main
+from vlmtune.data.formats import read_records
+from vlmtune.data.writers import write_records
+from vlmtune.errors import VlmtuneError
+from vlmtune.eval import metrics as M
+from vlmtune.eval.run import base_sample, evaluate, load_for_eval, score_tasks
+from vlmtune.tasks.counting import CountingTask
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,13 @@ def records(synth_pairs_file):
 
 @pytest.fixture(scope="module")
 def small_file(records, tmp_path_factory):
-    return write_records(records, tmp_path_factory.mktemp("pairs") / "small.jsonl", "vlmrl")
+    return write_records(records, tmp_path_factory.mktemp("pairs") / "small.jsonl", "vlmtune")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     """A training run folder as training leaves it: a peft adapter in final/, non-zero LoRA B."""
-    from vlmrl.models.load import add_lora, load_model
+    from vlmtune.models.load import add_lora, load_model
 
     model, _ = load_model(tiny_model_dir)
     model = add_lora(model, rank=4, alpha=8)
@@ -63,9 +63,9 @@ def test_counting_metrics_from_hand_answers(records):
 
 
 def test_evaluate_with_adapter_against_plain_references(tiny_model_dir, run_dir, records, tmp_path):
-    from vlmrl.batch import encode_pairs
-    from vlmrl.forward.plain import plain_pair_logps
-    from vlmrl.models.load import load_model
+    from vlmtune.batch import encode_pairs
+    from vlmtune.forward.plain import plain_pair_logps
+    from vlmtune.models.load import load_model
 
     model, processor = load_for_eval(tiny_model_dir, adapter=run_dir)
     out = tmp_path / "ev"
@@ -121,7 +121,7 @@ def test_load_for_eval_finds_adapters_and_their_base(run_dir, tmp_path):
     assert isinstance(model, PeftModel)
     model, _ = load_for_eval(None, adapter=run_dir / "final")
     assert isinstance(model, PeftModel)
-    with pytest.raises(VlmrlError, match="no peft adapter"):
+    with pytest.raises(VlmtuneError, match="no peft adapter"):
         load_for_eval(None, adapter=tmp_path)
 
 
@@ -137,7 +137,7 @@ def test_infer_cli_single_image_and_data_file(tiny_model_dir, run_dir, records, 
     assert [r["id"] for r in rows] == [r.id for r in records]
     assert rows[0]["prompt"] == records[0].prompt and rows[0]["metadata"] == records[0].metadata
     # The CLI's answers are generate()'s greedy answers with the same adapter.
-    from vlmrl.generate import generate
+    from vlmtune.generate import generate
 
     model, processor = load_for_eval(tiny_model_dir, adapter=run_dir)
     expected = generate(model, processor, [(r.images, r.prompt) for r in records], 5, 2)
@@ -173,9 +173,9 @@ def test_eval_cli_and_bad_input(tiny_model_dir, run_dir, records, small_file, tm
 
 
 def test_merged_export_answers_like_base_plus_adapter(tiny_model_dir, run_dir, records, tmp_path):
-    from vlmrl.batch import encode_pairs
-    from vlmrl.forward.plain import plain_pair_logps
-    from vlmrl.generate import generate
+    from vlmtune.batch import encode_pairs
+    from vlmtune.forward.plain import plain_pair_logps
+    from vlmtune.generate import generate
 
     adapted, processor = load_for_eval(tiny_model_dir, adapter=run_dir)
     merged_dir = tmp_path / "merged"

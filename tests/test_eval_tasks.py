@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.eval.baselines import majority_answers, majority_completion
-from vlmrl.eval.breakdown import breakdown_tables
-from vlmrl.eval.run import base_sample, score_baselines, score_tasks
-from vlmrl.eval.tasks import think_conclusion, think_consistent
-from vlmrl.tasks.counting import CountingTask
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.eval.baselines import majority_answers, majority_completion
+from vlmtune.eval.breakdown import breakdown_tables
+from vlmtune.eval.run import base_sample, score_baselines, score_tasks
+from vlmtune.eval.tasks import think_conclusion, think_consistent
+from vlmtune.tasks.counting import CountingTask
 
 SPATIAL = [{"op": "filter", "classes": ["bus"]}, {"op": "relate", "in": 0}, {"op": "count", "in": 1}]
 ARITH = [{"op": "filter", "classes": ["car"]}, {"op": "count", "in": 0}]
@@ -98,9 +98,9 @@ def test_a_record_without_task_is_left_to_the_other_metrics_and_bad_family_names
     assert m["task/accuracy"]["n"] == 10 and samples[0]["correct"] is None
     assert "task/answer_tokens" not in m  # hand answers: no token counts, no made-up lengths
     bad = task_record("odd", "poetry", "integer", 1, 1)
-    from vlmrl.errors import VlmrlError
+    from vlmtune.errors import VlmtuneError
 
-    with pytest.raises(VlmrlError, match=r"record odd: unknown task family 'poetry'; the families are count"):
+    with pytest.raises(VlmtuneError, match=r"record odd: unknown task family 'poetry'; the families are count"):
         score_tasks([bad], ["1"], [base_sample(bad, "1")], seed=0)
 
 
@@ -174,12 +174,12 @@ def test_breakdown_tables_put_baselines_beside_the_model():
 
 @pytest.fixture(scope="module")
 def mixed_files(tmp_path_factory) -> tuple[Path, Path]:
-    """A mixed-family eval file built by `vlmrl data tasks` (one record per family and two OOD),
+    """A mixed-family eval file built by `vlmtune data tasks` (one record per family and two OOD),
     and the build's training file."""
-    from vlmrl.cli import main
-    from vlmrl.data.formats import iter_records
-    from vlmrl.data.synth import generate_scenes
-    from vlmrl.data.writers import write_records
+    from vlmtune.cli import main
+    from vlmtune.data.formats import iter_records
+    from vlmtune.data.synth import generate_scenes
+    from vlmtune.data.writers import write_records
 
     root = tmp_path_factory.mktemp("mixed")
     scenes = generate_scenes(root / "scenes", 12, seed=3, image_size=112, layout="free", count_range=(0, 4),
@@ -191,11 +191,11 @@ def mixed_files(tmp_path_factory) -> tuple[Path, Path]:
             seen.add(record.metadata["task"]["family"])
             picked.append(record)
     picked += list(iter_records(root / "tasks" / "ood_objects.jsonl"))[:2]
-    return write_records(picked, root / "mixed.jsonl", "vlmrl"), root / "tasks" / "train.jsonl"
+    return write_records(picked, root / "mixed.jsonl", "vlmtune"), root / "tasks" / "train.jsonl"
 
 
 def test_eval_cli_on_a_mixed_file_with_both_baselines(tiny_model_dir, mixed_files, tmp_path, capsys):
-    from vlmrl.cli import main
+    from vlmtune.cli import main
 
     data, train = mixed_files
     out = tmp_path / "eval"
@@ -224,7 +224,7 @@ def test_eval_cli_on_a_mixed_file_with_both_baselines(tiny_model_dir, mixed_file
 
 
 def test_eval_cli_baseline_flags_need_data(tmp_path, capsys):
-    from vlmrl.cli import main
+    from vlmtune.cli import main
 
     assert main(["eval", "--model", "m", "--mme", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--blank-baseline"]) == 2
@@ -234,8 +234,8 @@ def test_eval_cli_baseline_flags_need_data(tmp_path, capsys):
 def mixed_eval_dirs(root: Path) -> list:
     """Evaluation folders of a base and a tuned model on :func:`mixed_records`; the tuned model
     gets r1 (arithmetic) and r4 (grounding) right as well."""
-    from vlmrl.eval.run import write_results
-    from vlmrl.report.inputs import RunResult
+    from vlmtune.eval.run import write_results
+    from vlmtune.report.inputs import RunResult
 
     records, answers = mixed_records()
     tuned_answers = list(answers)
@@ -253,7 +253,7 @@ def mixed_eval_dirs(root: Path) -> list:
 def test_report_has_family_tables_with_paired_deltas_and_a_family_filter(tmp_path):
     import re
 
-    from vlmrl.report.html import write_report
+    from vlmtune.report.html import write_report
 
     html = write_report(tmp_path / "out", mixed_eval_dirs(tmp_path)).read_text()
     deltas = json.loads((tmp_path / "out" / "comparison.json").read_text())["models"]["tuned"]["deltas"]
@@ -288,8 +288,8 @@ def test_report_has_family_tables_with_paired_deltas_and_a_family_filter(tmp_pat
 def test_eval_cli_refuses_a_task_record_it_cannot_score_before_loading_a_model(tmp_path, capsys):
     from PIL import Image
 
-    from vlmrl.cli import main
-    from vlmrl.data.writers import write_records
+    from vlmtune.cli import main
+    from vlmtune.data.writers import write_records
 
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     good = task_record("good", "spatial", "integer", 2, 3)
@@ -297,24 +297,24 @@ def test_eval_cli_refuses_a_task_record_it_cannot_score_before_loading_a_model(t
     del bad.metadata["task"]["kind"]
     for record in (good, bad):
         record.images = [str(tmp_path / "a.png")]
-    data = write_records([good, bad], tmp_path / "data.jsonl", "vlmrl")
+    data = write_records([good, bad], tmp_path / "data.jsonl", "vlmtune")
     argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {data}: record bad: its metadata.task cannot be scored (missing 'kind'); a task record needs " \
-           "family, kind and answer as `vlmrl data tasks` writes them: rebuild the file or fix the record" in err
+           "family, kind and answer as `vlmtune data tasks` writes them: rebuild the file or fix the record" in err
 
 
 def test_eval_and_report_ask_the_task_and_import_no_counting_code():
     import ast
 
-    import vlmrl
+    import vlmtune
 
-    root = Path(vlmrl.__file__).parent
+    root = Path(vlmtune.__file__).parent
     for path in [*(root / "eval").glob("*.py"), *(root / "report").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):  # "from vlmrl.tasks import counting" too
+            if isinstance(node, ast.ImportFrom):  # "from vlmtune.tasks import counting" too
                 names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
             else:
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            assert not any(n.startswith("vlmrl.tasks.counting") or n == "vlmrl.rewards" for n in names), path
+            assert not any(n.startswith("vlmtune.tasks.counting") or n == "vlmtune.rewards" for n in names), path

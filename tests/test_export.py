@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from vlmrl.batch import encode_pairs
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.data.load import load_records
-from vlmrl.errors import VlmrlError
-from vlmrl.train.export import export_run
-from vlmrl.train.loop import Trainer
+from vlmtune.batch import encode_pairs
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.data.load import load_records
+from vlmtune.errors import VlmtuneError
+from vlmtune.train.export import export_run
+from vlmtune.train.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(trained_run, tiny_mo
 def test_export_without_merge_copies_the_adapter_and_refuses_bad_targets(trained_run, tmp_path):
     out = export_run(trained_run, tmp_path / "adapter", merge=False)
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    with pytest.raises(VlmrlError, match="not empty"):
+    with pytest.raises(VlmtuneError, match="not empty"):
         export_run(trained_run, out)
-    with pytest.raises(VlmrlError, match="no final/ folder"):
+    with pytest.raises(VlmtuneError, match="no final/ folder"):
         export_run(tmp_path, tmp_path / "x")
 
 
@@ -80,5 +80,5 @@ def test_export_refuses_a_run_folder_that_names_no_base(trained_run, tmp_path):
     for text, message in (("model: {dtype: float32}\n", "names no base model"),
                           ("model: [unclosed\n", "not a readable YAML file")):
         (run / "config.yaml").write_text(text)
-        with pytest.raises(VlmrlError, match=message):
+        with pytest.raises(VlmtuneError, match=message):
             export_run(run, tmp_path / "merged")

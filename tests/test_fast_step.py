@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 
-from vlmrl.config import LossConfig
-from vlmrl.forward.ref_cache import precompute_reference
-from vlmrl.models.load import add_lora, load_model
-from vlmrl.train.fast_step import FastPreferenceStep
-from vlmrl.train.steps import PreferenceStep
+from vlmtune.config import LossConfig
+from vlmtune.forward.ref_cache import precompute_reference
+from vlmtune.models.load import add_lora, load_model
+from vlmtune.train.fast_step import FastPreferenceStep
+from vlmtune.train.steps import PreferenceStep
 
 from test_forward_fast import mixed_records
 
@@ -97,12 +97,12 @@ def test_unsupported_model_falls_back_with_warning(setup, caplog):
     inner_config = model.get_base_model().model.language_model.config
     inner_config._attn_implementation = "flex_attention"
     try:
-        with caplog.at_level(logging.WARNING, logger="vlmrl"):
+        with caplog.at_level(logging.WARNING, logger="vlmtune"):
             for _ in range(2):
                 fast = FastPreferenceStep(model, processor, 512, LossConfig(name="dpo"))
                 assert not fast._fast_supported(model)  # asked again (as for an eval model): not logged again
         assert not fast.fast
-        warned = [r.getMessage() for r in caplog.records if r.name == "vlmrl.train.fast_step"]
+        warned = [r.getMessage() for r in caplog.records if r.name == "vlmtune.train.fast_step"]
         assert len(warned) == 2 and all("flex_attention" in m for m in warned)
     finally:
         inner_config._attn_implementation = "sdpa"
@@ -138,9 +138,9 @@ def test_bf16_within_documented_tolerance(tiny_model_dir, synth_pairs_file):
     """bf16 (8 mantissa bits): the two paths round differently (other shapes, other sums), so the
     documented tolerance is 2e-2 on a summed answer log-prob (~-135 here; measured ~1e-3) and 1e-3
     on the loss (measured ~4e-5); the softmax is fp32 on both paths, which keeps it that small."""
-    from vlmrl.batch import encode_pairs
-    from vlmrl.forward.plain import plain_pair_logps
-    from vlmrl.forward.shared_prefix import pack_pairs, packed_pair_logps
+    from vlmtune.batch import encode_pairs
+    from vlmtune.forward.plain import plain_pair_logps
+    from vlmtune.forward.shared_prefix import pack_pairs, packed_pair_logps
 
     model, processor = lora_model(tiny_model_dir, dtype="bfloat16")
     records = mixed_records(synth_pairs_file)
@@ -170,11 +170,11 @@ def test_plain_forward_still_uses_precomputed_reference(setup):
 
 
 def test_vision_cache_refused_for_a_trained_tower(tiny_model_dir, tmp_path):
-    from vlmrl.errors import VlmrlError
+    from vlmtune.errors import VlmtuneError
 
     model, processor = load_model(tiny_model_dir)
     model = add_lora(model, rank=4, alpha=8, train_merger=True)
-    with pytest.raises(VlmrlError, match="frozen vision tower"):
+    with pytest.raises(VlmtuneError, match="frozen vision tower"):
         FastPreferenceStep(model, processor, 512, LossConfig(name="dpo"), vision_cache_dir=tmp_path)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.data.formats import FORMATS, detect_format, iter_records, read_records
-from vlmrl.data.writers import write_records
-from vlmrl.data.records import PreferenceRecord
-from vlmrl.errors import VlmrlError
+from vlmtune.cli import main
+from vlmtune.data.formats import FORMATS, detect_format, iter_records, read_records
+from vlmtune.data.writers import write_records
+from vlmtune.data.records import PreferenceRecord
+from vlmtune.errors import VlmtuneError
 
 SEED_ROW = {
     "image_path": "images/aguanambi-1085.jpg",
@@ -89,7 +89,7 @@ def test_seed_system_tag_and_image_list(tmp_path):
 ])
 def test_seed_unreadable_tags_name_the_record(tmp_path, prompt, words):
     path = write_json(tmp_path / "d.jsonl", [SEED_ROW, {**SEED_ROW, "prompt": prompt}], lines=True)
-    with pytest.raises(VlmrlError, match=f"d.jsonl:2: .*{words}"):
+    with pytest.raises(VlmtuneError, match=f"d.jsonl:2: .*{words}"):
         read_records(path)
 
 
@@ -154,7 +154,7 @@ def test_swift_row_takes_the_last_turn_as_chosen(tmp_path):
 
 def test_swift_without_assistant_turn_is_refused(tmp_path):
     row = {"messages": [{"role": "user", "content": "hi"}], "rejected_response": "no"}
-    with pytest.raises(VlmrlError, match=r"sw.json\[0\]: .*end with the chosen assistant turn"):
+    with pytest.raises(VlmtuneError, match=r"sw.json\[0\]: .*end with the chosen assistant turn"):
         read_records(write_json(tmp_path / "sw.json", [row]))
 
 
@@ -194,7 +194,7 @@ def sample_records(root: Path) -> list[PreferenceRecord]:
     ]
 
 
-SUFFIX = {"vlmrl": ".jsonl", "seed": ".json", "trl": ".jsonl", "llamafactory": ".json",
+SUFFIX = {"vlmtune": ".jsonl", "seed": ".json", "trl": ".jsonl", "llamafactory": ".json",
           "swift": ".jsonl", "hf": ".parquet"}
 
 
@@ -222,13 +222,13 @@ def test_json_and_jsonl_picked_by_suffix_and_hf_folder(tmp_path):
     assert len(lines) == 3
     folder = write_records(records, tmp_path / "out" / "ds", "hf")
     assert folder.is_dir() and detect_format(folder) == "hf" and read_records(folder) == records
-    with pytest.raises(VlmrlError, match=r"\.json .* or \.jsonl"):
+    with pytest.raises(VlmtuneError, match=r"\.json .* or \.jsonl"):
         write_records(records, tmp_path / "out" / "d.txt", "seed")
 
 
 def test_written_paths_are_relative_under_the_output_folder_else_absolute(tmp_path):
     records = sample_records(tmp_path)
-    out = write_records(records, tmp_path / "out" / "d.jsonl", "vlmrl")
+    out = write_records(records, tmp_path / "out" / "d.jsonl", "vlmtune")
     row = json.loads(out.read_text().splitlines()[1])
     assert row["images"] == ["imgs/a.png", str(tmp_path / "elsewhere" / "b.png")]
 
@@ -246,7 +246,7 @@ def test_relative_image_paths_resolve_against_the_data_file(tmp_path, monkeypatc
 
 def test_unknown_format_names_every_expected_format(tmp_path):
     path = write_json(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}], lines=True)
-    with pytest.raises(VlmrlError) as e:
+    with pytest.raises(VlmtuneError) as e:
         detect_format(path)
     message = str(e.value)
     assert "odd.jsonl" in message and "['answer', 'question']" in message
@@ -259,7 +259,7 @@ def test_jsonl_is_streamed_and_stops_at_the_first_bad_line(tmp_path, caplog):
     path.write_text(json.dumps(SEED_ROW) + "\n\n{not json\n" + json.dumps(SEED_ROW) + "\n")
     stream = iter_records(path)
     assert next(stream).id == "d-0"  # read before the bad line is reached
-    with pytest.raises(VlmrlError, match=r"d.jsonl:3: line 3 is not valid JSON"):
+    with pytest.raises(VlmtuneError, match=r"d.jsonl:3: line 3 is not valid JSON"):
         next(stream)
     kept = read_records(path, skip_bad=True)
     assert [r.id for r in kept] == ["d-0", "d-2"]
@@ -276,9 +276,9 @@ def test_skip_bad_says_what_it_skipped(tmp_path, caplog):
 
 def test_format_that_does_not_fit_the_path_is_refused(tmp_path):
     path = write_json(tmp_path / "d.json", [SEED_ROW])
-    with pytest.raises(VlmrlError, match="format hf means a datasets folder or a .parquet file"):
+    with pytest.raises(VlmtuneError, match="format hf means a datasets folder or a .parquet file"):
         read_records(path, "hf")
-    with pytest.raises(VlmrlError, match="unknown format 'csv'"):
+    with pytest.raises(VlmtuneError, match="unknown format 'csv'"):
         read_records(path, "csv")
 
 
@@ -286,7 +286,7 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path):
     good = write_records(sample_records(tmp_path), tmp_path / "out" / "d.parquet", "hf")
     cut = tmp_path / "cut.parquet"
     cut.write_bytes(good.read_bytes()[:-100])
-    with pytest.raises(VlmrlError, match="cut.parquet: cannot read it as Parquet"):
+    with pytest.raises(VlmtuneError, match="cut.parquet: cannot read it as Parquet"):
         read_records(cut)
 
 
@@ -307,7 +307,7 @@ def test_cli_convert_and_detects_the_source(tmp_path, capsys):
 
 def test_cli_convert_refuses_bad_input_with_exit_2(tmp_path, capsys):
     src = write_json(tmp_path / "odd.json", [{"q": 1}])
-    assert main(["data", "convert", str(src), str(tmp_path / "o.jsonl"), "--to", "vlmrl"]) == 2
+    assert main(["data", "convert", str(src), str(tmp_path / "o.jsonl"), "--to", "vlmtune"]) == 2
     err = capsys.readouterr().err
     assert "cannot tell the data format" in err and "Traceback" not in err
     assert not (tmp_path / "o.jsonl").exists()

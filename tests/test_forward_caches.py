@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from vlmrl.data.formats import read_records
-from vlmrl.forward.cache_files import save_safetensors_atomic, weights_fingerprint
-from vlmrl.forward.ref_cache import cache_key
-from vlmrl.models.load import add_lora, load_model
+from vlmtune.data.formats import read_records
+from vlmtune.forward.cache_files import save_safetensors_atomic, weights_fingerprint
+from vlmtune.forward.ref_cache import cache_key
+from vlmtune.models.load import add_lora, load_model
 
 
 def test_weights_fingerprint_is_sha256_of_names_shapes_and_bytes():

@@ -8,13 +8,13 @@ import dataclasses
 import pytest
 import torch
 
-from vlmrl.batch import EncodedRecordCache, encode_pairs
-from vlmrl.data.formats import read_records
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.forward.inner import unsupported_reason
-from vlmrl.forward.plain import ForwardStats, plain_pair_logps
-from vlmrl.forward.ref_cache import precompute_reference
-from vlmrl.forward.shared_prefix import (
+from vlmtune.batch import EncodedRecordCache, encode_pairs
+from vlmtune.data.formats import read_records
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.forward.inner import unsupported_reason
+from vlmtune.forward.plain import ForwardStats, plain_pair_logps
+from vlmtune.forward.ref_cache import precompute_reference
+from vlmtune.forward.shared_prefix import (
     CHOSEN,
     PAD,
     PROMPT,
@@ -24,8 +24,8 @@ from vlmrl.forward.shared_prefix import (
     pack_pairs,
     packed_pair_logps,
 )
-from vlmrl.forward.vision_cache import VisionFeatureCache
-from vlmrl.models.load import add_lora, load_model, reference_mode
+from vlmtune.forward.vision_cache import VisionFeatureCache
+from vlmtune.models.load import add_lora, load_model, reference_mode
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +50,7 @@ def mixed_records(synth_pairs_file) -> list[PreferenceRecord]:
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.models.tiny import build_tiny
 
     return build_tiny("qwen3-vl", tmp_path_factory.mktemp("tiny-qwen3-vl-fast"))
 
@@ -185,11 +185,11 @@ def test_vision_cache_reuses_and_invalidates(tiny_model_dir, synth_pairs_file, t
 
 
 def test_vision_cache_refuses_trained_tower(tiny_model_dir, tmp_path):
-    from vlmrl.errors import VlmrlError
+    from vlmtune.errors import VlmtuneError
 
     model, processor = load_model(tiny_model_dir)
     model = add_lora(model, rank=4, alpha=8, train_vision="lora")
-    with pytest.raises(VlmrlError, match="frozen vision tower"):
+    with pytest.raises(VlmtuneError, match="frozen vision tower"):
         VisionFeatureCache(tmp_path, model, processor)
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmrl.errors import VlmrlError
-from vlmrl.forward.inner import attention_mask, unsupported_reason, unwrap
-from vlmrl.models.load import add_lora, load_model
+from vlmtune.errors import VlmtuneError
+from vlmtune.forward.inner import attention_mask, unsupported_reason, unwrap
+from vlmtune.models.load import add_lora, load_model
 
 
 def test_mask_is_boolean_for_sdpa_and_additive_for_eager():
@@ -36,11 +36,11 @@ def test_models_the_fast_forwards_cannot_run_are_named(tiny_model_dir, monkeypat
 
 
 def test_group_forward_refuses_attention_without_a_4d_mask(tiny_model_dir):
-    from vlmrl.forward.group import build_group_batch, group_logps
+    from vlmtune.forward.group import build_group_batch, group_logps
 
     model, processor = load_model(tiny_model_dir)
     prompts = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     batch = build_group_batch(prompts, [[7], [8]], 2, [0], processor.tokenizer.pad_token_id, [])
     model.model.language_model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(VlmrlError, match="needs sdpa or eager attention .* not flash_attention_2; set grpo.shared_prompt=false"):
+    with pytest.raises(VlmtuneError, match="needs sdpa or eager attention .* not flash_attention_2; set grpo.shared_prompt=false"):
         group_logps(model, batch, shared_prompt=True)

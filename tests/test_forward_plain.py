@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmrl.batch import IGNORE_INDEX, encode_pairs
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.forward.plain import ForwardStats, plain_pair_logps, sequence_logps
+from vlmtune.batch import IGNORE_INDEX, encode_pairs
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.forward.plain import ForwardStats, plain_pair_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +57,14 @@ def hand_logps(model, inputs):
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.models.tiny import build_tiny
 
     return build_tiny("qwen3-vl", tmp_path_factory.mktemp("tiny-qwen3-vl-forward"))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen25_dir", "qwen3_dir"])
 def test_sequence_logps_equals_hand_loop(fixture, records, request):
-    from vlmrl.models.load import load_model
+    from vlmtune.models.load import load_model
 
     model, processor = load_model(request.getfixturevalue(fixture))
     model.eval()
@@ -78,7 +78,7 @@ def test_sequence_logps_equals_hand_loop(fixture, records, request):
 
 
 def test_plain_pair_logps_against_hand_loop_and_stats(tiny_model_dir, records):
-    from vlmrl.models.load import load_model
+    from vlmtune.models.load import load_model
 
     model, processor = load_model(tiny_model_dir)
     batch = encode_pairs(records, processor, max_length=256)
@@ -105,7 +105,7 @@ def test_plain_pair_logps_against_hand_loop_and_stats(tiny_model_dir, records):
 
 def test_real_photos_fit_the_tiny_budget(tiny_model_dir, shared_data):
     """640 px traffic photos go through the tiny processor's max_pixels: 16 image tokens each."""
-    from vlmrl.models.load import load_model
+    from vlmtune.models.load import load_model
 
     photos = sorted((shared_data / "highway-od-40" / "test" / "images").glob("*.jpg"))[:2]
     records = [

@@ -1,6 +1,6 @@
 """Full fine-tuning under FSDP 2 on two CPU processes (gloo) trains exactly like one process with the global batch.
 
-accelerate runs CPU processes as DDP even when FSDP is asked for; ``vlmrl.train.sharding`` shards
+accelerate runs CPU processes as DDP even when FSDP is asked for; ``vlmtune.train.sharding`` shards
 the model itself there, so this test runs the sharded checkpoint, resume and gathering code that
 GPU runs use. The run stops at step 2 (a checkpoint written while sharded), resumes to step 4,
 and its curve and gathered final model must match one unsharded process.
@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlmrl.config import validate_config
-from vlmrl.train import checkpoint
-from vlmrl.train.loop import Trainer
+from vlmtune.config import validate_config
+from vlmtune.train import checkpoint
+from vlmtune.train.loop import Trainer
 
 from test_multiprocess import free_port
 
@@ -41,7 +41,7 @@ def config(model_dir, data, out, batch_size, max_steps) -> dict:
 def launch_fsdp(config_path: Path, *extra: str) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "vlmrl", "train", "--config", str(config_path), *extra]
+               "--main_process_port", str(free_port()), "-m", "vlmtune", "train", "--config", str(config_path), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

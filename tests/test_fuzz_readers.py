@@ -1,6 +1,6 @@
 """Property-based fuzzing of every reader of user files (issue 15): random bytes, truncated and mutated
 valid files, and valid rows with one value swapped for arbitrary JSON. The only outcomes allowed are
-records (or a check report, or detection counts, or a config) and a ``VlmrlError``; any other
+records (or a check report, or detection counts, or a config) and a ``VlmtuneError``; any other
 exception is a bug that would reach the user as a traceback."""
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vlmrl.config import load_config
-from vlmrl.data.check import check_records
-from vlmrl.data.detections import class_names, read_detections
-from vlmrl.data.formats import read_records
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.data.writers import write_records
-from vlmrl.errors import VlmrlError
+from vlmtune.config import load_config
+from vlmtune.data.check import check_records
+from vlmtune.data.detections import class_names, read_detections
+from vlmtune.data.formats import read_records
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.data.writers import write_records
+from vlmtune.errors import VlmtuneError
 
 # Sized so the whole module runs in about 15 s on one CPU core; every example reads a file several ways.
 FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 PER_FORMAT = settings(FUZZ, max_examples=40)  # five formats each
-JSON_FILES = {"vlmrl": "d.jsonl", "seed": "d.json", "trl": "d.jsonl", "llamafactory": "d.json", "swift": "d.jsonl"}
+JSON_FILES = {"vlmtune": "d.jsonl", "seed": "d.json", "trl": "d.jsonl", "llamafactory": "d.json", "swift": "d.jsonl"}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
@@ -76,18 +76,18 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def read_all(path: Path, fmt: str | None) -> None:
-    """Every entry point a user reaches a data file through; only VlmrlError may escape."""
+    """Every entry point a user reaches a data file through; only VlmtuneError may escape."""
     for skip_bad in (False, True):
         try:
             records = read_records(path, fmt, skip_bad=skip_bad)
-        except VlmrlError:
+        except VlmtuneError:
             continue
         assert all(isinstance(r, PreferenceRecord) for r in records)
         if records:  # what was read can be written back as standard JSON
-            write_records(records, path.parent / "out.jsonl", "vlmrl")
+            write_records(records, path.parent / "out.jsonl", "vlmtune")
     try:
         report = check_records(path, fmt, workers=1)
-    except VlmrlError:
+    except VlmtuneError:
         return
     assert report.records_read >= report.bad_records >= 0
 
@@ -149,7 +149,7 @@ def detections_outcome(root: Path, fmt: str) -> None:
         try:
             names = class_names(root, fmt)
             items = list(read_detections(root, fmt, skip_bad=skip_bad, skipped=[]))
-        except VlmrlError:
+        except VlmtuneError:
             continue
         assert names is None or all(isinstance(n, str) for n in names)
         assert all(isinstance(i.counts, Counter) and i.image.is_file() for i in items)
@@ -243,5 +243,5 @@ def test_config_file_bytes(tmp_path, raw):
     path.write_bytes(raw)
     try:
         load_config(path)
-    except VlmrlError:
+    except VlmtuneError:
         pass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmrl.data.formats import read_records
-from vlmrl.data.records import user_prompt
-from vlmrl.errors import VlmrlError
-from vlmrl.generate import generate, generate_ids
+from vlmtune.data.formats import read_records
+from vlmtune.data.records import user_prompt
+from vlmtune.errors import VlmtuneError
+from vlmtune.generate import generate, generate_ids
 
 PROMPTS = [
     "Count the vehicles.",
@@ -21,7 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_model_dir):
-    from vlmrl.models.load import load_model
+    from vlmtune.models.load import load_model
 
     model, processor = load_model(tiny_model_dir)
     # A freshly initialised model (std 0.02) says the same token whatever it sees; larger
@@ -57,7 +57,7 @@ def test_batched_greedy_equals_one_at_a_time(model_and_processor, items):
 def test_vision_tokens_are_never_generated(vision_biased_model, items):
     model, processor, banned, image_pad = vision_biased_model
 
-    from vlmrl.generate import encode_prompts
+    from vlmtune.generate import encode_prompts
 
     inputs = encode_prompts(items[:1], processor)
     raw = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -85,19 +85,19 @@ def test_sampling_is_seeded_and_groups_answers(model_and_processor, items):
 def test_bad_items_are_clear_errors(model_and_processor, items):
     model, processor = model_and_processor
     images, _ = items[0]
-    with pytest.raises(VlmrlError, match="image slot"):
+    with pytest.raises(VlmtuneError, match="image slot"):
         generate(model, processor, [(images + images, user_prompt("Count."))], 4, 1)
-    with pytest.raises(VlmrlError, match=r"item 2: image /nonexistent/x.png does not exist"):
+    with pytest.raises(VlmtuneError, match=r"item 2: image /nonexistent/x.png does not exist"):
         # the third item, in the second batch: named by its place in the whole list
         generate(model, processor, items[:2] + [(["/nonexistent/x.png"], user_prompt("Count."))], 4, 2)
-    with pytest.raises(VlmrlError, match=r"item 1: 2 image\(s\) but the prompt has 1 image slot"):
+    with pytest.raises(VlmtuneError, match=r"item 1: 2 image\(s\) but the prompt has 1 image slot"):
         generate(model, processor, [items[0], (images + images, user_prompt("Count."))], 4, 1)
-    with pytest.raises(VlmrlError, match="sampling"):
+    with pytest.raises(VlmtuneError, match="sampling"):
         generate(model, processor, items[:1], 4, 1, num_return_sequences=2)
 
 
 def test_prompts_padded_left_without_touching_the_tokenizer(model_and_processor, items):
-    from vlmrl.generate import encode_prompts
+    from vlmtune.generate import encode_prompts
 
     _, processor = model_and_processor
     assert processor.tokenizer.padding_side == "right"
@@ -108,7 +108,7 @@ def test_prompts_padded_left_without_touching_the_tokenizer(model_and_processor,
 
 
 def test_answers_cut_before_or_through_the_stop_token():
-    from vlmrl.generate import before_stop, through_stop
+    from vlmtune.generate import before_stop, through_stop
 
     stop = {7, 9}
     assert before_stop([1, 2, 9, 3, 7], stop) == [1, 2]

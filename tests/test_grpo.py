@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmrl.data.formats import read_records
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.errors import VlmrlError
-from vlmrl.forward.group import build_group_batch, group_logps
-from vlmrl.forward.plain import sequence_logps
-from vlmrl.generate import encode_prompts, stop_token_ids, vision_token_ids
-from vlmrl.models.load import add_lora, load_model
-from vlmrl.tasks.counting import CountingTask
-from vlmrl.train.grpo import GrpoConfig, GrpoStep, resolve_reward, score
+from vlmtune.data.formats import read_records
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.errors import VlmtuneError
+from vlmtune.forward.group import build_group_batch, group_logps
+from vlmtune.forward.plain import sequence_logps
+from vlmtune.generate import encode_prompts, stop_token_ids, vision_token_ids
+from vlmtune.models.load import add_lora, load_model
+from vlmtune.tasks.counting import CountingTask
+from vlmtune.train.grpo import GrpoConfig, GrpoStep, resolve_reward, score
 
 
 def length_reward(completions, **kwargs) -> list[float]:
@@ -49,7 +49,7 @@ def random_weights(model, seed=0):
 @pytest.fixture(scope="module")
 def tiny_qwen3_dir(tmp_path_factory):
     """Qwen3-VL feeds the image features to several layers (deepstack): the group forward must too."""
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.models.tiny import build_tiny
 
     return build_tiny("qwen3-vl", tmp_path_factory.mktemp("tiny-qwen3-vl"), size="tiny", seed=0)
 
@@ -283,7 +283,7 @@ def test_update_moves_logps_with_the_advantage_sign(tiny_model_dir, image_record
 
 
 def test_rewards_by_name_and_path_and_their_weighted_sum():
-    label, function = resolve_reward("vlmrl.rewards:count_partial_reward")
+    label, function = resolve_reward("vlmtune.rewards:count_partial_reward")
     assert label == "count_partial_reward"
     rewards = [("count_exact", 1.0, resolve_reward("count_exact")[1]), (label, 0.5, function)]
     texts = ["There are 2 cars, 0 buses.", "There are 2 cars, 1 bus.", "no idea"]
@@ -292,10 +292,10 @@ def test_rewards_by_name_and_path_and_their_weighted_sum():
     assert per_function["count_exact"].tolist() == [1.0, 0.0, 0.0]
     assert per_function["count_partial_reward"].tolist() == [1.0, 0.5, 0.0]
     assert total.tolist() == [1.5, 0.25, 0.0]
-    for bad in ("count_everything", "vlmrl.nowhere:f", "vlmrl.rewards:nothing"):
-        with pytest.raises(VlmrlError, match="reward"):
+    for bad in ("count_everything", "vlmtune.nowhere:f", "vlmtune.rewards:nothing"):
+        with pytest.raises(VlmtuneError, match="reward"):
             resolve_reward(bad)
-    with pytest.raises(VlmrlError, match="one finite number per completion"):
+    with pytest.raises(VlmtuneError, match="one finite number per completion"):
         score([("short", 1.0, lambda completions, **kw: [1.0])], texts, {"counts": counts})
 
 
@@ -313,13 +313,13 @@ def test_config_section():
 def test_records_without_a_task_are_refused(tiny_model_dir, image_records):
     model, processor = load_model(tiny_model_dir)
     step = GrpoStep(model, processor, GrpoConfig(group_size=2, max_new_tokens=2))
-    with pytest.raises(VlmrlError, match="record a: .*metadata.counts"):
+    with pytest.raises(VlmtuneError, match="record a: .*metadata.counts"):
         step.encode([replace(image_records[0], metadata={})])
 
 
 def test_reward_rises_in_a_short_run(tiny_model_dir, synth_pairs_file):
     """SFT the tiny model briefly (full weights), then GRPO with a LoRA adapter on the format reward."""
-    from vlmrl.train.steps import SftStep
+    from vlmtune.train.steps import SftStep
 
     task = CountingTask(("car",))
     records = []

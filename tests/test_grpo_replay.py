@@ -17,10 +17,10 @@ import yaml
 from safetensors.torch import load_file
 
 from test_train import wait_for
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.train import checkpoint
-from vlmrl.train.loop import Trainer
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.train import checkpoint
+from vlmtune.train.loop import Trainer
 
 TESTS = Path(__file__).resolve().parent
 
@@ -96,7 +96,7 @@ def test_grpo_killed_mid_replay_resumes_on_the_identical_curve(tiny_model_dir, s
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "vlmrl", "train", "--config", str(path), "train.max_steps=100000"],
+    process = subprocess.Popen([sys.executable, "-m", "vlmtune", "train", "--config", str(path), "train.max_steps=100000"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_for(run / "checkpoints" / "step-000002", process)
     process.send_signal(signal.SIGKILL)

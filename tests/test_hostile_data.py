@@ -12,13 +12,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.data.check import check_records
-from vlmrl.data.formats import read_records
-from vlmrl.data.load import load_records
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.data.writers import write_records
-from vlmrl.errors import VlmrlError
+from vlmtune.cli import main
+from vlmtune.data.check import check_records
+from vlmtune.data.formats import read_records
+from vlmtune.data.load import load_records
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.data.writers import write_records
+from vlmtune.errors import VlmtuneError
 
 DEEP = "[" * 100_000 + "]" * 100_000
 
@@ -271,18 +271,18 @@ def test_non_finite_metadata_is_a_problem_in_data_check(folder, capsys, number):
     path = write_lines(folder / "d.jsonl", [seed_row(0), line])
     code, out, _ = run(["data", "check", path], capsys)
     assert code == 1 and f"{path}:2: non-finite-number: 'metadata.score' is NaN or infinite" in out
-    code, _, err = run(["data", "convert", path, folder / "o.jsonl", "--to", "vlmrl"], capsys)
+    code, _, err = run(["data", "convert", path, folder / "o.jsonl", "--to", "vlmtune"], capsys)
     assert code == 2 and f"{path}:2: 'metadata.score' is NaN or infinite" in err
 
 
 def test_writers_never_write_nan(tmp_path):
     record = PreferenceRecord("r7", [], user_prompt("q", 0), "a", "b", {"scores": [1.0, float("inf")]})
     for name in ("o.jsonl", "o.json"):
-        with pytest.raises(VlmrlError, match=r"record r7: metadata\.scores\[1\] is NaN or infinite"):
-            write_records([record], tmp_path / name, "vlmrl")
-    with pytest.raises(VlmrlError, match=r"record r7: metadata\.scores\[1\]"):
+        with pytest.raises(VlmtuneError, match=r"record r7: metadata\.scores\[1\] is NaN or infinite"):
+            write_records([record], tmp_path / name, "vlmtune")
+    with pytest.raises(VlmtuneError, match=r"record r7: metadata\.scores\[1\]"):
         write_records([record], tmp_path / "o.parquet", "hf")
-    with pytest.raises(VlmrlError, match=r"record r7: metadata\.scores\[1\]"):
+    with pytest.raises(VlmtuneError, match=r"record r7: metadata\.scores\[1\]"):
         write_records([record], tmp_path / "o.json", "seed")
 
 
@@ -295,7 +295,7 @@ def test_extreme_aspect_ratio_fails_data_check_and_training_data(folder, capsys)
     code, out, _ = run(["data", "check", path], capsys)
     thin = folder / "thin.png"
     assert code == 1 and f"{path}:2: image-shape: {thin} is 2x600 pixels, an aspect ratio of 300:1" in out
-    with pytest.raises(VlmrlError, match=r"d\.jsonl:2: image-shape"):
+    with pytest.raises(VlmtuneError, match=r"d\.jsonl:2: image-shape"):
         load_records(path)
 
 
@@ -317,12 +317,12 @@ def test_very_large_image_is_a_warning_not_a_failure(folder, capsys, caplog):
 def test_processor_error_during_encoding_names_the_record_and_image(tiny_model_dir, folder):
     from transformers import AutoProcessor
 
-    from vlmrl.batch import encode_record
+    from vlmtune.batch import encode_record
 
     Image.new("RGB", (600, 2)).save(folder / "wide.png")
     record = PreferenceRecord("scene-7#0", [str(folder / "wide.png")], user_prompt("Count."), "a", "b")
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    with pytest.raises(VlmrlError, match=r"record scene-7#0: the model's processor cannot encode it "
+    with pytest.raises(VlmtuneError, match=r"record scene-7#0: the model's processor cannot encode it "
                                          r"\(absolute aspect ratio .*\); images: .*wide\.png \(600x2\)"):
         encode_record(record, processor, max_length=256)
 
@@ -388,7 +388,7 @@ def test_skip_bad_reader_logs_instead_of_printing(folder, caplog):
     skipped = []
     records = read_records(path, skip_bad=True, skipped=skipped)
     assert [r.id for r in records] == ["r0", "r2"] and [p.location for p in skipped] == [f"{path}:2"]
-    [message] = [r for r in caplog.records if r.name == "vlmrl.data.formats"]
+    [message] = [r for r in caplog.records if r.name == "vlmtune.data.formats"]
     assert message.levelno == logging.WARNING and f"skipped {path}:2: malformed-json" in message.getMessage()
 
 
@@ -402,8 +402,8 @@ def test_convert_skip_bad_counts_what_it_skipped(folder, capsys):
 def test_doctests_of_the_new_rules_pass():
     import doctest
 
-    import vlmrl.data.check as check
-    import vlmrl.data.formats as formats
+    import vlmtune.data.check as check
+    import vlmtune.data.formats as formats
 
     for module in (check, formats):
         result = doctest.testmod(module)

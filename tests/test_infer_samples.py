@@ -1,14 +1,14 @@
-"""`vlmrl infer --num-samples K`: K answers per record drawn by GRPO's sampler (one prefill per record)."""
+"""`vlmtune infer --num-samples K`: K answers per record drawn by GRPO's sampler (one prefill per record)."""
 
 from __future__ import annotations
 
 import json
 
 from test_train import small_eval_file
-from vlmrl.cli import main
-from vlmrl.data.formats import read_records
-from vlmrl.models.load import load_model
-from vlmrl.sampling.sampler import sample_groups
+from vlmtune.cli import main
+from vlmtune.data.formats import read_records
+from vlmtune.models.load import load_model
+from vlmtune.sampling.sampler import sample_groups
 
 
 def test_infer_num_samples_writes_the_samplers_answers(tiny_model_dir, synth_pairs_file, tmp_path, capsys):

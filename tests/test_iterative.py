@@ -1,4 +1,4 @@
-"""Iterative DPO (``vlmrl.train.iterative``): rounds write their files, resume inside a round, labels from a file."""
+"""Iterative DPO (``vlmtune.train.iterative``): rounds write their files, resume inside a round, labels from a file."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.data.load import load_records
-from vlmrl.data.writers import write_records
-from vlmrl.errors import VlmrlError
-from vlmrl.train.loop import train
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.data.load import load_records
+from vlmtune.data.writers import write_records
+from vlmtune.errors import VlmtuneError
+from vlmtune.train.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -47,7 +47,7 @@ def _rows(path: Path) -> list[dict]:
 def prompt_pool(synth_pairs_file, tmp_path_factory) -> Path:
     """Eight records of the synthetic set: a small prompt pool (and held-out set) for quick rounds."""
     path = tmp_path_factory.mktemp("pool") / "pool.jsonl"
-    write_records(load_records(synth_pairs_file)[:8], path, "vlmrl")
+    write_records(load_records(synth_pairs_file)[:8], path, "vlmtune")
     return path
 
 
@@ -87,7 +87,7 @@ def test_two_rounds_write_each_rounds_files_and_resume_inside_round_two(tiny_mod
     shutil.rmtree(r1 / "train" / "final")
     shutil.rmtree(r1 / "train" / "checkpoints" / "step-000002")
     config = validate_config(_raw(tiny_model_dir, prompt_pool, parts))
-    with pytest.raises(VlmrlError, match="pass --resume"):
+    with pytest.raises(VlmtuneError, match="pass --resume"):
         train(config)
     pairs_before = (r1 / "pairs.jsonl").read_text()
     round0_before = (parts / "rounds" / "r0" / "round.json").stat().st_mtime_ns
@@ -108,7 +108,7 @@ def test_round_labels_from_a_file_replace_the_judge_and_previous_reference_merge
     tiny_model_dir, prompt_pool, tmp_path
 ):
     votes = tmp_path / "votes.jsonl"
-    write_records(load_records(prompt_pool)[:4], votes, "vlmrl")  # as `vlmrl study export` writes pairs
+    write_records(load_records(prompt_pool)[:4], votes, "vlmtune")  # as `vlmtune study export` writes pairs
     run = tmp_path / "run"
     train(validate_config(_raw(tiny_model_dir, prompt_pool, run, reference="previous", round_labels={1: str(votes)})))
     labels = json.loads((run / "rounds" / "r1" / "labels.json").read_text())
@@ -123,7 +123,7 @@ def test_round_labels_from_a_file_replace_the_judge_and_previous_reference_merge
 
 
 def test_round_labels_outside_the_rounds_are_refused(tiny_model_dir, prompt_pool, tmp_path):
-    with pytest.raises(VlmrlError, match="outside 0..1"):
+    with pytest.raises(VlmtuneError, match="outside 0..1"):
         validate_config(_raw(tiny_model_dir, prompt_pool, tmp_path, round_labels={2: "x.jsonl"}))
 
 
@@ -149,7 +149,7 @@ def test_iterative_from_the_cli(tiny_model_dir, prompt_pool, tmp_path, capsys):
 def test_full_finetuning_needs_the_previous_reference(tiny_model_dir, prompt_pool, tmp_path):
     raw = _raw(tiny_model_dir, prompt_pool, tmp_path)
     raw["lora"] = {"enabled": False}
-    with pytest.raises(VlmrlError, match="online.reference=previous for full fine-tuning"):
+    with pytest.raises(VlmtuneError, match="online.reference=previous for full fine-tuning"):
         validate_config(raw)
     raw["online"]["reference"] = "previous"
     assert validate_config(raw).online.reference == "previous"

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.errors import VlmrlError
-from vlmrl.eval.answers import answer_rows, read_answers, write_answers
-from vlmrl.jsonl import read_jsonl
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.errors import VlmtuneError
+from vlmtune.eval.answers import answer_rows, read_answers, write_answers
+from vlmtune.jsonl import read_jsonl
 
 GOOD = '{"id": "a", "text": "x"}'
 
@@ -33,16 +33,16 @@ def test_rows_come_with_their_line_numbers_and_blank_lines_are_ignored(tmp_path)
 ])
 def test_a_bad_line_names_the_file_and_line(tmp_path, line, problem):
     path = _file(tmp_path, GOOD, line)
-    with pytest.raises(VlmrlError, match=f"rows.jsonl, {problem}") as e:
+    with pytest.raises(VlmtuneError, match=f"rows.jsonl, {problem}") as e:
         read_jsonl(path, required=("id", "text"))
     assert "--skip-bad" not in str(e.value)  # the caller offers no skipping
-    with pytest.raises(VlmrlError, match=r"\(or pass --skip-bad to skip it\)"):
+    with pytest.raises(VlmtuneError, match=r"\(or pass --skip-bad to skip it\)"):
         read_jsonl(path, required=("id", "text"), skip_bad=False)
 
 
 def test_skip_bad_keeps_the_good_lines_and_logs_each_skipped_one(tmp_path, caplog):
     path = _file(tmp_path, "{oops", GOOD, '{"id": "c"}')
-    with caplog.at_level(logging.WARNING, logger="vlmrl"):
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
         rows = read_jsonl(path, required=("id", "text"), skip_bad=True)
     assert rows == [(2, {"id": "a", "text": "x"})]
     skipped = [r.getMessage() for r in caplog.records]
@@ -52,11 +52,11 @@ def test_skip_bad_keeps_the_good_lines_and_logs_each_skipped_one(tmp_path, caplo
 
 
 def test_missing_and_non_utf8_files_are_errors_not_tracebacks(tmp_path):
-    with pytest.raises(VlmrlError, match="nothing.jsonl does not exist"):
+    with pytest.raises(VlmtuneError, match="nothing.jsonl does not exist"):
         read_jsonl(tmp_path / "nothing.jsonl")
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"id": "café"}\n'.encode("latin-1"))
-    with pytest.raises(VlmrlError, match="latin1.jsonl: not UTF-8 text"):
+    with pytest.raises(VlmtuneError, match="latin1.jsonl: not UTF-8 text"):
         read_jsonl(path)
 
 
@@ -87,14 +87,14 @@ def test_samples_share_their_record_id_and_are_numbered(tmp_path):
     # A sampled file has several answers per id: a reader wanting one answer per record refuses it.
     path = tmp_path / "sampled.jsonl"
     write_answers(rows, path)
-    with pytest.raises(VlmrlError, match=r"sampled.jsonl, line 2: id 'r0' appears twice"):
+    with pytest.raises(VlmtuneError, match=r"sampled.jsonl, line 2: id 'r0' appears twice"):
         read_answers(path)
 
 
 def test_answers_rows_need_an_id_and_a_text_answer(tmp_path):
     path = _file(tmp_path, '{"id": "a", "answer": "x"}', '{"id": "b", "answer": 3}')
-    with pytest.raises(VlmrlError, match=r"rows.jsonl, line 2: an answers row needs \"id\" and a text \"answer\""):
+    with pytest.raises(VlmtuneError, match=r"rows.jsonl, line 2: an answers row needs \"id\" and a text \"answer\""):
         read_answers(path)
     path = _file(tmp_path, '{"id": "a", "answer": "x"}', "not json")
-    with pytest.raises(VlmrlError, match="rows.jsonl, line 2: not valid JSON"):
+    with pytest.raises(VlmtuneError, match="rows.jsonl, line 2: not valid JSON"):
         read_answers(path)

@@ -13,18 +13,18 @@ from fastapi import Request
 from local_server import serve_in_thread
 from PIL import Image
 
-from vlmrl import judge_prompts, judges
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.errors import VlmrlError
-from vlmrl.eval.judge import image_data_url
-from vlmrl.judge_prompts import combine_orders, parse_rating, parse_verdict, scoring_messages
-from vlmrl.judges import HttpVlmJudge, JudgeReward, LocalVlmJudge, RewardJudge
+from vlmtune import judge_prompts, judges
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.errors import VlmtuneError
+from vlmtune.eval.judge import image_data_url
+from vlmtune.judge_prompts import combine_orders, parse_rating, parse_verdict, scoring_messages
+from vlmtune.judges import HttpVlmJudge, JudgeReward, LocalVlmJudge, RewardJudge
 
 FAST = dict(timeout=2.0, retries=2, backoff=0.01, workers=2)  # short timeouts and back-off in tests
 
 
 def test_doctests_pass():
-    from vlmrl.eval import judge
+    from vlmtune.eval import judge
 
     assert doctest.testmod(judges).failed == 0
     assert doctest.testmod(judge_prompts).failed == 0
@@ -82,7 +82,7 @@ def test_reward_judge_scores_and_prefers(tmp_path):
 
 def test_reward_judge_scores_a_task_record_without_counts(tmp_path):
     """The built-in rewards score by the record's task: a compare record (no metadata.counts) is judged."""
-    from vlmrl.tasks.rewards import task_accuracy_reward
+    from vlmtune.tasks.rewards import task_accuracy_reward
 
     record = _record(tmp_path)
     record.metadata = {"task": {"family": "compare", "kind": "verdict", "answer": "more", "think": False}}
@@ -92,16 +92,16 @@ def test_reward_judge_scores_a_task_record_without_counts(tmp_path):
 
 
 def test_reward_judge_errors(tmp_path):
-    with pytest.raises(VlmrlError, match="unknown reward"):
+    with pytest.raises(VlmtuneError, match="unknown reward"):
         RewardJudge(["nope"])
-    with pytest.raises(VlmrlError, match="at least one reward"):
+    with pytest.raises(VlmtuneError, match="at least one reward"):
         RewardJudge([])
     record = _record(tmp_path)
     record.metadata = {}
-    with pytest.raises(VlmrlError, match="record r0: GRPO scores answers by the record's task"):
+    with pytest.raises(VlmtuneError, match="record r0: GRPO scores answers by the record's task"):
         RewardJudge(["count_exact"]).score([record], ["2 cars"])
-    with pytest.raises(VlmrlError, match="2 completions for 1 records"):
-        RewardJudge(["vlmrl.rewards:count_exact_reward"]).score([_record(tmp_path)], ["a", "b"])
+    with pytest.raises(VlmtuneError, match="2 completions for 1 records"):
+        RewardJudge(["vlmtune.rewards:count_exact_reward"]).score([_record(tmp_path)], ["a", "b"])
 
 
 # ----------------------------------------------------------------------------- judge server
@@ -184,7 +184,7 @@ def test_http_judge_scores_with_the_image_and_the_key(server, tmp_path, monkeypa
 def test_key_env_must_be_set(server, monkeypatch):
     url, _, _ = server
     monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
-    with pytest.raises(VlmrlError, match="NO_SUCH_JUDGE_KEY is not set"):
+    with pytest.raises(VlmtuneError, match="NO_SUCH_JUDGE_KEY is not set"):
         HttpVlmJudge(f"{url}/good/v1", "m", key_env="NO_SUCH_JUDGE_KEY")
 
 
@@ -197,9 +197,9 @@ def test_images_as_data_urls(tmp_path):
     (tmp_path / "back.png").write_bytes(base64.b64decode(url.split(",", 1)[1]))
     assert Image.open(tmp_path / "back.png").getpixel((0, 0)) == (0, 0, 255)
     (tmp_path / "not.gif").write_text("hello")
-    with pytest.raises(VlmrlError, match="not.gif is not an image"):
+    with pytest.raises(VlmtuneError, match="not.gif is not an image"):
         image_data_url(tmp_path / "not.gif")
-    with pytest.raises(VlmrlError, match="cannot read the image"):
+    with pytest.raises(VlmtuneError, match="cannot read the image"):
         image_data_url(tmp_path / "missing.png")
 
 
@@ -221,7 +221,7 @@ def test_garbage_replies_are_failures_not_wins(server, tmp_path, caplog):
     url, _, _ = server
     record = _record(tmp_path)
     judge = HttpVlmJudge(f"{url}/garbage/v1", "m", **FAST)
-    with caplog.at_level(logging.WARNING, logger="vlmrl.judges"):
+    with caplog.at_level(logging.WARNING, logger="vlmtune.judges"):
         result = judge.score([record, record], ["good: 2 cars", "bad"])
         assert judge.prefer(record, "good", "bad") is None
     assert result.scores == [None, None] and result.failures == 2
@@ -238,7 +238,7 @@ def test_judge_that_is_down(tmp_path, caplog):
     free.close()
     record = _record(tmp_path)
     judge = HttpVlmJudge(f"http://127.0.0.1:{port}/v1", "m", **FAST)
-    with caplog.at_level(logging.WARNING, logger="vlmrl.judges"):
+    with caplog.at_level(logging.WARNING, logger="vlmtune.judges"):
         result = judge.score([record] * 3, ["a", "b", "c"])
     assert result.scores == [None] * 3 and result.failures == 3
     assert "3 of 3 requests got no answer" in caplog.text and "no answer after 3 tries (ConnectError" in caplog.text
@@ -303,13 +303,13 @@ def test_judge_as_grpo_reward(server, tmp_path):
     assert reward(completions, **columns) == [9.0, 2.0]
     assert reward.failures == 0
     # Through the function GrpoStep scores with (its columns plus the images).
-    from vlmrl.train.grpo import score
+    from vlmtune.train.grpo import score
 
     total, per_function = score([("judge", 0.5, reward)], ["good: 2 cars", "bad: 3 cars"], columns)
     assert total.tolist() == [4.5, 1.0] and per_function["judge"].tolist() == [9.0, 2.0]
-    with pytest.raises(VlmrlError, match="1 image slot\\(s\\) but 0 image\\(s\\).*`images` column"):
+    with pytest.raises(VlmtuneError, match="1 image slot\\(s\\) but 0 image\\(s\\).*`images` column"):
         reward(completions, prompts=columns["prompts"], metadata=columns["metadata"])
-    with pytest.raises(VlmrlError, match="pass records= or a `prompts` column"):
+    with pytest.raises(VlmtuneError, match="pass records= or a `prompts` column"):
         reward(completions)
     assert JudgeReward(RewardJudge(["count_exact"]))(["There are 2 cars, 0 buses."] * 2, **columns) == [1.0, 1.0]
 
@@ -340,7 +340,7 @@ def test_reference_guided_prompts(server, tmp_path):
     plain = scoring_messages(record, "x")[1]["content"][-1]["text"]
     assert "Reference Answer" not in plain and "reference answer" not in plain
     record.chosen = ""
-    with pytest.raises(VlmrlError, match="record r0: a judge with a reference answer shows the record's `chosen`"):
+    with pytest.raises(VlmtuneError, match="record r0: a judge with a reference answer shows the record's `chosen`"):
         judge.score([record], ["x"])
 
 
@@ -364,11 +364,11 @@ def test_a_refused_key_or_a_wrong_url_stops_at_once(server, tmp_path, monkeypatc
     url, seen, _ = server
     record = _record(tmp_path)
     monkeypatch.setenv("TEST_JUDGE_KEY", "wrong-key")
-    with pytest.raises(VlmrlError, match="refused the request \\(401\\); check the API key"):
+    with pytest.raises(VlmtuneError, match="refused the request \\(401\\); check the API key"):
         HttpVlmJudge(f"{url}/locked/v1", "m", key_env="TEST_JUDGE_KEY", **FAST).score([record], ["x"])
     assert len(seen) == 1
     monkeypatch.setenv("TEST_JUDGE_KEY", "right-key")
     judge = HttpVlmJudge(f"{url}/locked/v1", "m", key_env="TEST_JUDGE_KEY", **FAST)
     assert judge.score([record], ["good"]).scores == [9.0]
-    with pytest.raises(VlmrlError, match="chat/completions answered HTTP 404"):
+    with pytest.raises(VlmtuneError, match="chat/completions answered HTTP 404"):
         HttpVlmJudge(f"{url}/good/v1/models", "m", **FAST).score([record], ["x"])

@@ -13,19 +13,19 @@ import yaml
 from PIL import Image
 from test_train import train_and_check_only_trainables_change
 
-from vlmrl.batch import encode_sft
-from vlmrl.cli import main
-from vlmrl.config import LossConfig, validate_config
-from vlmrl.data.check import check_records
-from vlmrl.data.formats import detect_format, read_records
-from vlmrl.data.load import load_records
-from vlmrl.data.records import PreferenceRecord, unpair, unpaired, user_prompt
-from vlmrl.data.writers import write_records
-from vlmrl.errors import VlmrlError
-from vlmrl.models.load import add_lora, load_model
-from vlmrl.train.kto_step import KtoStep
-from vlmrl.train.loop import Trainer
-from vlmrl.train.steps import needs_reference
+from vlmtune.batch import encode_sft
+from vlmtune.cli import main
+from vlmtune.config import LossConfig, validate_config
+from vlmtune.data.check import check_records
+from vlmtune.data.formats import detect_format, read_records
+from vlmtune.data.load import load_records
+from vlmtune.data.records import PreferenceRecord, unpair, unpaired, user_prompt
+from vlmtune.data.writers import write_records
+from vlmtune.errors import VlmtuneError
+from vlmtune.models.load import add_lora, load_model
+from vlmtune.train.kto_step import KtoStep
+from vlmtune.train.loop import Trainer
+from vlmtune.train.steps import needs_reference
 
 KTO_NAMES = {"loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
              "logps/rejected", "lr", "grad_norm", "step", "epoch", "pairs_per_s"}
@@ -84,7 +84,7 @@ def test_canonical_and_trl_unpaired_rows_are_read(tmp_path):
                  "completion": [{"role": "assistant", "content": [{"type": "text", "text": r["completion"]}]}]}
                 for r in rows]
     trl = jsonl(tmp_path / "t.jsonl", trl_rows)
-    assert detect_format(canonical) == "vlmrl" and detect_format(trl) == "trl"
+    assert detect_format(canonical) == "vlmtune" and detect_format(trl) == "trl"
     for path in (canonical, trl):
         records = read_records(path)
         assert [(r.answer, r.label) for r in records] == [(r["completion"], r["label"]) for r in rows]
@@ -110,9 +110,9 @@ def test_a_label_that_is_not_a_boolean_is_a_bad_value(tmp_path, label):
     assert "'label' must be true (a desirable answer) or false (an undesirable one)" in report.problems[0].message
 
 
-def test_unpaired_round_trip_through_vlmrl_and_trl(tmp_path):
+def test_unpaired_round_trip_through_vlmtune_and_trl(tmp_path):
     records = read_records(jsonl(tmp_path / "in.jsonl", unpaired_rows(tmp_path)))
-    for fmt, name in (("vlmrl", "a.jsonl"), ("trl", "b.json"), ("trl", "c.jsonl")):
+    for fmt, name in (("vlmtune", "a.jsonl"), ("trl", "b.json"), ("trl", "c.jsonl")):
         assert read_records(write_records(records, tmp_path / name, fmt)) == records
 
 
@@ -120,22 +120,22 @@ def test_unpaired_round_trip_through_vlmrl_and_trl(tmp_path):
                                        ("hf", "o.parquet")])
 def test_formats_without_a_label_refuse_unpaired_records(tmp_path, fmt, name):
     records = read_records(jsonl(tmp_path / "in.jsonl", unpaired_rows(tmp_path, 1)))
-    with pytest.raises(VlmrlError, match=f"record u0 has one answer \\(unpaired\\), which format {fmt} cannot "
-                                         "hold \\(it holds pairs\\); write unpaired records as vlmrl or trl"):
+    with pytest.raises(VlmtuneError, match=f"record u0 has one answer \\(unpaired\\), which format {fmt} cannot "
+                                         "hold \\(it holds pairs\\); write unpaired records as vlmtune or trl"):
         write_records(records, tmp_path / name, fmt)
 
 
 def test_cli_convert_unpair_then_round_trip(synth_pairs_file, tmp_path, capsys):
     pairs = read_records(synth_pairs_file)
     out = tmp_path / "unpaired.jsonl"
-    assert main(["data", "convert", str(synth_pairs_file), str(out), "--to", "vlmrl", "--unpair"]) == 0
+    assert main(["data", "convert", str(synth_pairs_file), str(out), "--to", "vlmtune", "--unpair"]) == 0
     assert f"wrote {2 * len(pairs)} records" in capsys.readouterr().out
     records = read_records(out)
     assert records == [one for pair in pairs for one in unpair(pair)]
     assert [r.label for r in records[:4]] == [True, False, True, False]
     assert records[0].answer == pairs[0].chosen and records[1].answer == pairs[0].rejected
     assert main(["data", "convert", str(out), str(tmp_path / "trl.jsonl"), "--to", "trl"]) == 0
-    assert main(["data", "convert", str(tmp_path / "trl.jsonl"), str(tmp_path / "back.jsonl"), "--to", "vlmrl"]) == 0
+    assert main(["data", "convert", str(tmp_path / "trl.jsonl"), str(tmp_path / "back.jsonl"), "--to", "vlmtune"]) == 0
     assert read_records(tmp_path / "back.jsonl") == records
     assert main(["data", "convert", str(out), str(tmp_path / "seed.jsonl"), "--to", "seed"]) == 2
     assert "has one answer (unpaired), which format seed cannot hold" in capsys.readouterr().err
@@ -150,7 +150,7 @@ def test_check_refuses_unpaired_records_unless_for_kto(tmp_path, capsys):
     assert report.counts() == {"unpaired": 2} and report.bad_records == 2
     assert [p.location for p in report.problems] == [f"{path}:1", f"{path}:2"]
     assert report.problems[1].message == ("record u1 has one answer (unpaired); unpaired records train only with "
-                                          "--algo kto (check them with `vlmrl data check --for kto`)")
+                                          "--algo kto (check them with `vlmtune data check --for kto`)")
     assert check_records(path, kto=True).ok
     assert main(["data", "check", str(path)]) == 1
     assert "record u0 has one answer (unpaired); unpaired records train only with --algo kto" in capsys.readouterr().out
@@ -172,7 +172,7 @@ def test_load_records_for_kto_splits_pairs_and_for_dpo_refuses_unpaired(synth_pa
     pairs = load_records(synth_pairs_file)
     assert load_records(synth_pairs_file, kto=True) == [one for pair in pairs for one in unpair(pair)]
     path = jsonl(tmp_path / "d.jsonl", unpaired_rows(tmp_path, 2))
-    with pytest.raises(VlmrlError, match=r"record u0 has one answer \(unpaired\); unpaired records train only "
+    with pytest.raises(VlmtuneError, match=r"record u0 has one answer \(unpaired\); unpaired records train only "
                                          r"with --algo kto"):
         load_records(path)
     assert len(load_records(path, kto=True)) == 2
@@ -196,7 +196,7 @@ def test_config_for_kto(tmp_path):
     ]
     assert needs_reference(config)  # the reference point and the rewards compare with it
     for change, message in refusals:
-        with pytest.raises(VlmrlError, match=message):
+        with pytest.raises(VlmtuneError, match=message):
             validate_config({**base, **change})
 
 
@@ -215,7 +215,7 @@ def lora_model(model_dir):
 
 def one_logp(model, processor, record, answer: str) -> float:
     """log π(answer | record's prompt and images), one sequence on its own."""
-    from vlmrl.forward.plain import sequence_logps
+    from vlmtune.forward.plain import sequence_logps
 
     row = PreferenceRecord(record.id, record.images, record.prompt, answer, "x")
     with torch.no_grad():
@@ -283,7 +283,7 @@ def train_rows(run: Path) -> list[dict]:
 
 def test_cli_kto_run_on_unpaired_data_changes_the_adapter(tiny_model_dir, synth_pairs_file, tmp_path):
     data = tmp_path / "unpaired.jsonl"
-    assert main(["data", "convert", str(synth_pairs_file), str(data), "--to", "vlmrl", "--unpair"]) == 0
+    assert main(["data", "convert", str(synth_pairs_file), str(data), "--to", "vlmtune", "--unpair"]) == 0
     run = tmp_path / "run"
     path = tmp_path / "c.yaml"
     raw = kto_config(tiny_model_dir, data, run, save_every=1)

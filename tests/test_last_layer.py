@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmrl.forward import last_layer
-from vlmrl.forward.shared_prefix import CHOSEN, PAD, PROMPT, REJECTED, attention_mask_4d, read_positions
-from vlmrl.models.load import add_lora, load_model
+from vlmtune.forward import last_layer
+from vlmtune.forward.shared_prefix import CHOSEN, PAD, PROMPT, REJECTED, attention_mask_4d, read_positions
+from vlmtune.models.load import add_lora, load_model
 
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.models.tiny import build_tiny
 
     return build_tiny("qwen3-vl", tmp_path_factory.mktemp("tiny-qwen3-vl-last-layer"))
 

@@ -11,15 +11,15 @@ import torch
 import yaml
 from PIL import Image
 
-from vlmrl.batch import encode_pairs
-from vlmrl.cli import main
-from vlmrl.data.records import PreferenceRecord, user_prompt
-from vlmrl.errors import VlmrlError
-from vlmrl.forward.plain import sequence_logps
-from vlmrl.models.info import model_info
-from vlmrl.models.load import add_lora, frozen_copy, load_model, reference_mode
-from vlmrl.models.tiny import build_tiny
-from vlmrl.models.unsloth_loader import unsloth_missing
+from vlmtune.batch import encode_pairs
+from vlmtune.cli import main
+from vlmtune.data.records import PreferenceRecord, user_prompt
+from vlmtune.errors import VlmtuneError
+from vlmtune.forward.plain import sequence_logps
+from vlmtune.models.info import model_info
+from vlmtune.models.load import add_lora, frozen_copy, load_model, reference_mode
+from vlmtune.models.tiny import build_tiny
+from vlmtune.models.unsloth_loader import unsloth_missing
 
 LM_LINEAR = re.compile(r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
@@ -56,13 +56,13 @@ def test_load_families_dtype_and_pixels(tiny_model_dir, tiny_qwen25_dir, qwen3_d
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(VlmrlError, match="no model folder"):
+    with pytest.raises(VlmtuneError, match="no model folder"):
         load_model(tmp_path / "missing")
-    with pytest.raises(VlmrlError, match="unknown dtype"):
+    with pytest.raises(VlmtuneError, match="unknown dtype"):
         load_model(tmp_path, dtype="int3")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(VlmrlError, match="'llama' model; vlmrl supports Qwen2-VL"):
+    with pytest.raises(VlmtuneError, match="'llama' model; vlmtune supports Qwen2-VL"):
         load_model(tmp_path / "llama")
 
 
@@ -89,7 +89,7 @@ def test_lora_on_vision_and_full_vision(tiny_qwen25_dir):
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert any(re.search(r"visual\.blocks\.1\.modules_to_save\.default\.attn\.qkv", n) for n in trainable)
     assert any("visual.merger" in n for n in trainable)
-    with pytest.raises(VlmrlError, match="train_vision"):
+    with pytest.raises(VlmtuneError, match="train_vision"):
         add_lora(load_model(tiny_qwen25_dir)[0], train_vision="half")
 
 
@@ -120,7 +120,7 @@ def test_reference_mode_is_the_base_model(tiny_model_dir, pair, train_vision):
 
 def test_reference_mode_needs_an_adapter_and_frozen_copy(tiny_model_dir):
     model, _ = load_model(tiny_model_dir)
-    with pytest.raises(VlmrlError, match="frozen_copy"):
+    with pytest.raises(VlmtuneError, match="frozen_copy"):
         with reference_mode(model):
             pass
     reference = frozen_copy(model)
@@ -130,7 +130,7 @@ def test_reference_mode_needs_an_adapter_and_frozen_copy(tiny_model_dir):
 
 
 def test_unknown_loader_is_refused(tiny_model_dir):
-    with pytest.raises(VlmrlError, match="unknown loader 'fast': choose one of transformers, unsloth"):
+    with pytest.raises(VlmtuneError, match="unknown loader 'fast': choose one of transformers, unsloth"):
         load_model(tiny_model_dir, loader="fast")
 
 
@@ -141,7 +141,7 @@ def test_gradient_checkpointing_is_switched_on_by_the_loader(tiny_model_dir):
 
 
 def test_model_info_counts_the_image_tokens_the_processor_makes(tiny_model_dir, qwen3_dir, capsys):
-    """The token count of ``vlmrl model info`` is the number of <|image_pad|> the processor puts in
+    """The token count of ``vlmtune model info`` is the number of <|image_pad|> the processor puts in
     a prompt for such an image (merge size read from the processor, not assumed)."""
     for folder, side in ((tiny_model_dir, 112), (qwen3_dir, 128), (tiny_model_dir, 56)):
         processor = load_model(folder)[1]
@@ -245,7 +245,7 @@ def test_unsloth_loads_and_trains_on_a_gpu(tiny_model_dir, pair):
     """The Unsloth loader gives a CUDA model whose Unsloth LoRA trains, and whose adapter switched off
     is the loaded base model."""
     pytest.importorskip("unsloth", reason="the Unsloth loader needs the unsloth package")
-    from vlmrl.models.unsloth_loader import add_lora_unsloth
+    from vlmtune.models.unsloth_loader import add_lora_unsloth
 
     model, processor = load_model(tiny_model_dir, dtype="bfloat16", loader="unsloth")
     assert next(model.parameters()).is_cuda

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmrl.cli import main
-from vlmrl.config import LossConfig, validate_config
-from vlmrl.errors import VlmrlError
-from vlmrl.losses.preference import RewardShift, bco, dpo, mpo, nll, preference_loss, preference_metrics
-from vlmrl.losses.unpaired import bco_unpaired, kl_pairing, kl_reference_point, kto
+from vlmtune.cli import main
+from vlmtune.config import LossConfig, validate_config
+from vlmtune.errors import VlmtuneError
+from vlmtune.losses.preference import RewardShift, bco, dpo, mpo, nll, preference_loss, preference_metrics
+from vlmtune.losses.unpaired import bco_unpaired, kl_pairing, kl_reference_point, kto
 
 from test_losses_preference import _LogpsModel, _random_batch, _trl_dpo_loss, softplus, t
 
@@ -177,7 +177,7 @@ def test_bco_shift_moves_the_boundary():
     ],
 )
 def test_bad_calls_raise_clear_errors(call, message):
-    with pytest.raises(VlmrlError, match=message):
+    with pytest.raises(VlmtuneError, match=message):
         call()
 
 
@@ -185,7 +185,7 @@ def test_step_moves_the_running_shift_on_training_batches_only():
     """β = 0.5. Training batch: rewards 0.5·(0+2) = 1 and 0.5·(−2+2) = 0, mean 0.5 → δ = 0.5.
     An eval batch (rewards 3 and 3) uses δ = 0.5 and leaves it. Next training batch: rewards 1.5
     and 1.5, mean 1.5 → δ = (0.5 + 1.5)/2 = 1. Without ``running`` δ stays 0."""
-    from vlmrl.train.steps import PreferenceStep
+    from vlmtune.train.steps import PreferenceStep
 
     def pair(chosen, rejected):
         return SimpleNamespace(chosen=t(chosen), rejected=t(rejected))
@@ -226,7 +226,7 @@ def test_config_names_and_mpo_weights():
     ],
 )
 def test_config_refuses_bad_settings(loss, message):
-    with pytest.raises(VlmrlError, match=message):
+    with pytest.raises(VlmtuneError, match=message):
         _config(**loss)
 
 
@@ -345,7 +345,7 @@ def _cli_run(run: Path, model_dir, pairs, *overrides) -> list[dict]:
     ids=["mpo-running", "bco"],
 )
 def test_cli_trains_plain_and_fast_alike(loss, tiny_model_dir, synth_pairs_file, tmp_path):
-    """Two steps through `vlmrl train`: finite losses, every LoRA B matrix (zero at init) trained,
+    """Two steps through `vlmtune train`: finite losses, every LoRA B matrix (zero at init) trained,
     and the plain and the fast pair forward give the same curve."""
     curves = {}
     for fast in ("true", "false"):

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlmrl.errors import VlmrlError
-from vlmrl.losses.policy import group_advantages, grpo_objective, k3_kl, loss_units
+from vlmtune.errors import VlmtuneError
+from vlmtune.losses.policy import group_advantages, grpo_objective, k3_kl, loss_units
 
 D = torch.float64
 
@@ -54,9 +54,9 @@ def test_group_advantages_equal_to_trl_lines():
 
 
 def test_group_advantages_bad_group_size():
-    with pytest.raises(VlmrlError, match="multiple of the number of generations"):
+    with pytest.raises(VlmtuneError, match="multiple of the number of generations"):
         group_advantages(torch.zeros(6), 4)
-    with pytest.raises(VlmrlError, match="'std' or 'none'"):
+    with pytest.raises(VlmtuneError, match="'std' or 'none'"):
         group_advantages(torch.zeros(4), 4, scale="batch")
 
 
@@ -111,7 +111,7 @@ def test_k3_kl_hand_worked_and_added_with_beta():
     loss, metrics = grpo_objective(logps, logps, torch.zeros(1, dtype=D), torch.ones(1, 2, dtype=D), ref, beta=0.5)
     torch.testing.assert_close(loss, torch.tensor(0.5 * (1 - math.log(2)) / 2, dtype=D))
     assert metrics["kl"] == pytest.approx((1 - math.log(2)) / 2)
-    with pytest.raises(VlmrlError, match="reference log-probs"):
+    with pytest.raises(VlmtuneError, match="reference log-probs"):
         grpo_objective(logps, logps, torch.zeros(1, dtype=D), torch.ones(1, 2, dtype=D), beta=0.1)
 
 
@@ -210,7 +210,7 @@ def test_loss_units_hand_worked():
     assert loss_units(mask, "sequence") == 2.0
     assert loss_units(mask, "constant", max_tokens=5) == 10.0
     assert loss_units(mask, "constant") == 6.0  # default length: T
-    with pytest.raises(VlmrlError, match="normalize must be"):
+    with pytest.raises(VlmtuneError, match="normalize must be"):
         loss_units(mask, "tokens")
 
 

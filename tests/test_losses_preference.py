@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlmrl.errors import VlmrlError
-from vlmrl.losses.preference import (
+from vlmtune.errors import VlmtuneError
+from vlmtune.losses.preference import (
     LOSS_NAMES,
     dpo,
     dpop,
@@ -202,7 +202,7 @@ def test_dpop_pushes_chosen_up_harder_than_dpo_when_it_fell():
 
 
 def test_dpop_refuses_reference_free():
-    with pytest.raises(VlmrlError, match="needs the reference"):
+    with pytest.raises(VlmtuneError, match="needs the reference"):
         preference_loss("dpop", t(-1), t(-2), None, None, reference_free=True)
 
 
@@ -217,12 +217,12 @@ def test_dpop_refuses_reference_free():
     ],
 )
 def test_bad_settings_raise_clear_errors(kwargs, message):
-    with pytest.raises(VlmrlError, match=message):
+    with pytest.raises(VlmtuneError, match=message):
         preference_loss(policy_chosen=t(-1), policy_rejected=t(-2), ref_chosen=t(-1), ref_rejected=t(-2), **kwargs)
 
 
 def test_missing_reference_is_an_error():
-    with pytest.raises(VlmrlError, match="needs reference log-probs"):
+    with pytest.raises(VlmtuneError, match="needs reference log-probs"):
         preference_loss("dpo", t(-1), t(-2), None, None)
 
 

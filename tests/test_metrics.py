@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from vlmrl.eval import metrics
-from vlmrl.tasks.families import FAMILIES
+from vlmtune.eval import metrics
+from vlmtune.tasks.families import FAMILIES
 
 
 def _loop_bootstrap_mean(values, n_resamples, seed):

@@ -9,12 +9,12 @@ import json
 import pytest
 import yaml
 
-from vlmrl import NAME, __version__
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.errors import VlmrlError
-from vlmrl.model_card import model_card_text, read_eval_results, read_metrics_rows, write_model_card
-from vlmrl.train.loop import Trainer
+from vlmtune import NAME, __version__
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.errors import VlmtuneError
+from vlmtune.model_card import model_card_text, read_eval_results, read_metrics_rows, write_model_card
+from vlmtune.train.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +119,11 @@ def test_sft_card_names_its_loss_and_a_pipe_in_a_value_does_not_break_the_table(
 
 def test_damaged_run_files_are_named_in_the_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
-    with pytest.raises(VlmrlError, match=r"metrics.jsonl, line 2: not JSON"):
+    with pytest.raises(VlmtuneError, match=r"metrics.jsonl, line 2: not JSON"):
         read_metrics_rows(tmp_path / "metrics.jsonl")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.json").write_text("{")
-    with pytest.raises(VlmrlError, match=r"eval/metrics.json: not JSON.*eval --out"):
+    with pytest.raises(VlmtuneError, match=r"eval/metrics.json: not JSON.*eval --out"):
         read_eval_results(tmp_path)
-    with pytest.raises(VlmrlError, match="no config.yaml"):
+    with pytest.raises(VlmtuneError, match="no config.yaml"):
         write_model_card(tmp_path, tmp_path)

@@ -15,10 +15,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vlmrl.cli import main
-from vlmrl.models.adapters import BASE_RECORD, adapter_misfits, record_base
-from vlmrl.models.load import add_lora, check_model_source, load_model
-from vlmrl.models.tiny import build_tiny
+from vlmtune.cli import main
+from vlmtune.models.adapters import BASE_RECORD, adapter_misfits, record_base
+from vlmtune.models.load import add_lora, check_model_source, load_model
+from vlmtune.models.tiny import build_tiny
 
 # Code a hostile folder ships: importing or unpickling it would create MARKER.
 EVIL_MODULE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
@@ -75,7 +75,7 @@ def with_custom_code(model_dir: Path, out: Path, marker: Path, file: str = "conf
 
 
 def write_run(run: Path, base: Path | str, adapter: Path, **model_keys) -> Path:
-    """A training-run folder as `vlmrl train` leaves it: config.yaml naming ``base``, the adapter in final/."""
+    """A training-run folder as `vlmtune train` leaves it: config.yaml naming ``base``, the adapter in final/."""
     shutil.copytree(adapter, run / "final")
     config = {"model": {"name_or_path": str(base), **model_keys}, "data": {"train": "train.jsonl"}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -154,7 +154,7 @@ def test_a_pickle_adapter_is_refused_and_never_unpickled(tiny_model_dir, qwen2_a
         assert command() == 2, folder
         err = capsys.readouterr().err
         assert f"{folder} holds adapter_model.bin (a pickle file, which can run code when loaded)" in err
-        assert "vlmrl loads adapters from safetensors only" in err
+        assert "vlmtune loads adapters from safetensors only" in err
         assert not marker.exists(), folder
 
 

@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.train.loop import Trainer
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.train.loop import Trainer
 
 
 def free_port() -> int:
@@ -49,7 +49,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_model_dir, s
     path.write_text(yaml.safe_dump(config(tiny_model_dir, synth_pairs_file, two, batch_size=2)))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "vlmrl", "train", "--algo", "dpo", "--config", str(path)]
+              "--main_process_port", str(free_port()), "-m", "vlmtune", "train", "--algo", "dpo", "--config", str(path)]
     # On a machine without GPUs accelerate needs ACCELERATE_USE_CPU to start CPU (gloo) processes.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)

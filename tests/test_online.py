@@ -1,4 +1,4 @@
-"""Online DPO and RFT (``vlmrl.train.online``): pair formation by hand, the step's loss against a plain
+"""Online DPO and RFT (``vlmtune.train.online``): pair formation by hand, the step's loss against a plain
 per-answer computation, CLI runs, and exact resume."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handler's annotations here
 from safetensors.torch import load_file
 
-from vlmrl.cli import main
-from vlmrl.config import OnlineConfig, validate_config
-from vlmrl.errors import VlmrlError
-from vlmrl.generate import encode_prompts
-from vlmrl.judges import PromptJudge, RewardJudge
-from vlmrl.losses.preference import preference_loss
-from vlmrl.train.loop import Trainer
-from vlmrl.train.online import GroupSampler, OnlineDpoStep, RftStep, best_answer, copeland, form_pairs
+from vlmtune.cli import main
+from vlmtune.config import OnlineConfig, validate_config
+from vlmtune.errors import VlmtuneError
+from vlmtune.generate import encode_prompts
+from vlmtune.judges import PromptJudge, RewardJudge
+from vlmtune.losses.preference import preference_loss
+from vlmtune.train.loop import Trainer
+from vlmtune.train.online import GroupSampler, OnlineDpoStep, RftStep, best_answer, copeland, form_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -73,7 +73,7 @@ def test_a_cut_off_answer_is_never_kept_whatever_its_reward():
 
 
 def test_unknown_pairing_is_refused():
-    with pytest.raises(VlmrlError, match="best_worst or all"):
+    with pytest.raises(VlmtuneError, match="best_worst or all"):
         form_pairs([0.0, 1.0], "some")
 
 
@@ -177,7 +177,7 @@ def test_judge_settings_are_checked(tiny_model_dir, synth_pairs_file, tmp_path):
     for online, message in [({"judge": "http"}, "judge_url and online.judge_model"),
                             ({"judge": "local"}, "needs online.judge_model"),
                             ({"judge_mode": "pairwise"}, "pairwise needs an http or local judge")]:
-        with pytest.raises(VlmrlError, match=message):
+        with pytest.raises(VlmtuneError, match=message):
             validate_config(_raw(tiny_model_dir, synth_pairs_file, tmp_path, **online))
 
 

@@ -8,7 +8,7 @@ the project venv's pip installs the wheel into it (``pip --python VENV install -
 --no-deps``). The dependencies come from the project venv, as on a machine where only the core was
 installed: a folder of links to every entry of its site-packages except the optional extras'
 packages (FastAPI, sacrebleu, matplotlib, ...), the test and docs tools and the project's own
-editable install, appended by a ``.pth`` line. So ``import vlmrl`` finds the wheel's copy (the test
+editable install, appended by a ``.pth`` line. So ``import vlmtune`` finds the wheel's copy (the test
 checks that it does) and ``import fastapi`` fails as it would there.
 """
 
@@ -25,8 +25,8 @@ import zipfile
 
 import pytest
 
-from vlmrl import NAME, __version__
-from vlmrl.cli import EXTRA_OF_MODULE, main
+from vlmtune import NAME, __version__
+from vlmtune.cli import EXTRA_OF_MODULE, main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level names (import names, and distribution names as dist-info folders spell them) that only

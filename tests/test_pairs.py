@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from vlmrl.cli import main
-from vlmrl.data.detections import ImageCounts
-from vlmrl.data.pairs import (
+from vlmtune.cli import main
+from vlmtune.data.detections import ImageCounts
+from vlmtune.data.pairs import (
     STRATEGIES, PairStats, build_pairs, parse_mapping, parse_split, parse_strategies, rejected_answer, split_for,
 )
-from vlmrl.errors import VlmrlError
-from vlmrl.tasks.counting import CountingTask
+from vlmtune.errors import VlmtuneError
+from vlmtune.tasks.counting import CountingTask
 
 TASK = CountingTask()
 COUNT_CASES = [
@@ -109,7 +109,7 @@ def test_option_parsers():
     assert parse_strategies("swap, random") == ("swap", "random")
     for bad in (lambda: parse_split("train=0.5"), lambda: parse_split("train:1"),
                 lambda: parse_mapping(["motorbike"]), lambda: parse_strategies("flip")):
-        with pytest.raises(VlmrlError):
+        with pytest.raises(VlmtuneError):
             bad()
     assert set(STRATEGIES) == {"off_by_one", "off_by_k", "swap", "total_only", "random"}
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmrl.cli import main
-from vlmrl.judges import HttpVlmJudge
-from vlmrl.logs import setup_logging
-from vlmrl.progress import bars_shown, progress_bar
+from vlmtune.cli import main
+from vlmtune.judges import HttpVlmJudge
+from vlmtune.logs import setup_logging
+from vlmtune.progress import bars_shown, progress_bar
 
 
 class Terminal(io.StringIO):
@@ -95,7 +95,7 @@ def test_shown_only_on_a_terminal_and_not_when_quiet(info_logging):
 
 
 def test_quiet_is_accepted_before_and_after_the_command():
-    from vlmrl.cli import build_parser, split_quiet
+    from vlmtune.cli import build_parser, split_quiet
 
     for argv in (["--quiet", "infer", "--data", "d.jsonl"], ["infer", "--data", "d.jsonl", "-q"],
                  ["data", "from-detections", "ROOT", "--out", "o", "--quiet"]):
@@ -123,7 +123,7 @@ def _run_on_a_terminal(argv: list[str]) -> str:
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # rows, columns
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    proc = subprocess.Popen([sys.executable, "-m", "vlmrl", *argv], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "vlmtune", *argv], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=follower, env=env)
     os.close(follower)
     chunks = []
@@ -187,9 +187,9 @@ def test_data_builders_count_the_images_and_scenes(synth_pairs_file, tmp_path, i
 
 
 def test_reference_precompute_bar(tiny_model_dir, synth_pairs_file, info_logging):
-    from vlmrl.data.load import load_records
-    from vlmrl.forward.ref_cache import precompute_reference
-    from vlmrl.models.load import load_model
+    from vlmtune.data.load import load_records
+    from vlmtune.forward.ref_cache import precompute_reference
+    from vlmtune.models.load import load_model
 
     model, processor = load_model(tiny_model_dir)
     records = load_records(synth_pairs_file)[:5]

@@ -1,4 +1,4 @@
-"""`vlmrl data tasks`: counting records unchanged, leak-free splits, OOD axes, balance, stats, bad input."""
+"""`vlmtune data tasks`: counting records unchanged, leak-free splits, OOD axes, balance, stats, bad input."""
 
 import json
 import shutil
@@ -7,15 +7,15 @@ from collections import Counter, defaultdict
 import pytest
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.data.detection_scenes import read_detection_scenes
-from vlmrl.data.detections import read_detections
-from vlmrl.data.formats import iter_records
-from vlmrl.data.pairs import DEFAULT_SPLIT, pairs_from_detections, split_for
-from vlmrl.data.questions import BuildOptions, build_task_files, read_scenes, resolve_families
-from vlmrl.data.synth import generate_scenes
-from vlmrl.errors import VlmrlError
-from vlmrl.tasks.rewards import task_accuracy_reward
+from vlmtune.cli import main
+from vlmtune.data.detection_scenes import read_detection_scenes
+from vlmtune.data.detections import read_detections
+from vlmtune.data.formats import iter_records
+from vlmtune.data.pairs import DEFAULT_SPLIT, pairs_from_detections, split_for
+from vlmtune.data.questions import BuildOptions, build_task_files, read_scenes, resolve_families
+from vlmtune.data.synth import generate_scenes
+from vlmtune.errors import VlmtuneError
+from vlmtune.tasks.rewards import task_accuracy_reward
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_scenes_without_a_question_are_counted_not_dropped(tmp_path):
     opts = BuildOptions(resolve_families(["count", "attribute"]), ood_objects=10**6)
     _, stats = build_task_files(read_scenes(scenes), tmp_path / "a", opts)
     assert stats.no_question_per_family["attribute"] == 12
-    with pytest.raises(VlmrlError, match="no question could be posed on 12 scenes"):
+    with pytest.raises(VlmtuneError, match="no question could be posed on 12 scenes"):
         build_task_files(read_scenes(scenes), tmp_path / "b", BuildOptions(resolve_families(["attribute"])))
 
 
@@ -193,7 +193,7 @@ def test_yolo_scene_boxes_are_pixels_of_the_image_read_from_its_header(tmp_path)
     # centre (100, 50), size 40 x 40 pixels
     assert (scene.width, scene.height, scene.classes) == (200, 100, ("bus",))
     assert [(o.cls, o.box) for o in scene.objects] == [("bus", (80.0, 30.0, 120.0, 70.0))]
-    with pytest.raises(VlmrlError, match=r"--keep: no class lorry in the data \(its classes: car, bus\)"):
+    with pytest.raises(VlmtuneError, match=r"--keep: no class lorry in the data \(its classes: car, bus\)"):
         read_detection_scenes(tmp_path, classes=["car", "bus"], keep=["lorry"])
 
 
@@ -202,7 +202,7 @@ def test_no_usable_image_is_an_error_that_names_the_first_skip(tmp_path):
     (tmp_path / "labels").mkdir()
     Image.new("RGB", (100, 100)).save(tmp_path / "images" / "a.png")
     (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.01 0.01\n")
-    with pytest.raises(VlmrlError, match=r"no labelled image to pose questions about; 1 skipped, the first: "
+    with pytest.raises(VlmtuneError, match=r"no labelled image to pose questions about; 1 skipped, the first: "
                                          r"images/a.png: skipped, it holds 1 tiny box"):
         read_detection_scenes(tmp_path, classes=["car"])
 

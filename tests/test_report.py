@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmrl.errors import VlmrlError
-from vlmrl.report.deltas import metric_deltas, outcomes, verdict
-from vlmrl.report.html import summary_line, write_report
-from vlmrl.report.inputs import RunResult, load_run
-from vlmrl.tasks.counting import CountingTask
+from vlmtune.errors import VlmtuneError
+from vlmtune.report.deltas import metric_deltas, outcomes, verdict
+from vlmtune.report.html import summary_line, write_report
+from vlmtune.report.inputs import RunResult, load_run
+from vlmtune.tasks.counting import CountingTask
 
 CLASSES = ("car", "motorcycle", "bus", "bicycle")
 TASK = CountingTask(CLASSES)
@@ -252,14 +252,14 @@ def test_unreadable_image_is_said_not_hidden(tmp_path):
 def test_bad_eval_folders_name_the_file(tmp_path):
     runs = build_fixture(tmp_path)
     (runs[1].eval_dir / "metrics.json").unlink()
-    with pytest.raises(VlmrlError, match=r"tuned/metrics\.json is missing"):
+    with pytest.raises(VlmtuneError, match=r"tuned/metrics\.json is missing"):
         write_report(tmp_path / "out", runs)
     runs = build_fixture(tmp_path / "again")
     samples = runs[0].eval_dir / "samples.jsonl"
     samples.write_text(samples.read_text() + '{"id": "r9", "answer": "x", "gold_counts": {"car": "many"}}\n')
-    with pytest.raises(VlmrlError, match=r"samples\.jsonl, line 7"):
+    with pytest.raises(VlmtuneError, match=r"samples\.jsonl, line 7"):
         write_report(tmp_path / "out", runs)
-    with pytest.raises(VlmrlError, match="names must differ"):
+    with pytest.raises(VlmtuneError, match="names must differ"):
         write_report(tmp_path / "out", [runs[0], runs[0]])
 
 
@@ -276,14 +276,14 @@ def test_metric_reported_by_one_model_only_gets_a_row(tmp_path):
 
 # ----------------------------------------------------------------------------- the command
 def test_compare_names_and_runs_are_checked(tmp_path, capsys):
-    from vlmrl.cli import main
-    from vlmrl.eval.compare import TunedRun, model_names, resolve_run
+    from vlmtune.cli import main
+    from vlmtune.eval.compare import TunedRun, model_names, resolve_run
 
     assert model_names(["runs/dpo", "other/dpo"], None) == ["base", "dpo", "dpo-2"]
     assert model_names(["runs/dpo"], "before, after") == ["before", "after"]
-    with pytest.raises(VlmrlError, match="needs 3 non-empty labels"):
+    with pytest.raises(VlmtuneError, match="needs 3 non-empty labels"):
         model_names(["a", "b"], "x,y")
-    with pytest.raises(VlmrlError, match="must differ"):
+    with pytest.raises(VlmtuneError, match="must differ"):
         model_names(["a"], "x,x")
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
@@ -301,19 +301,19 @@ def test_compare_names_and_runs_are_checked(tmp_path, capsys):
 
 
 def test_compare_checks_names_runs_and_data_before_loading_a_model(tmp_path):
-    from vlmrl.eval.compare import compare_models
+    from vlmtune.eval.compare import compare_models
 
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     out = tmp_path / "out"
     # "no-such-model" is never loaded: each mistake is found first, and nothing is written.
-    with pytest.raises(VlmrlError, match="needs 2 non-empty labels"):
+    with pytest.raises(VlmtuneError, match="needs 2 non-empty labels"):
         compare_models("no-such-model", [str(run)], tmp_path / "d.jsonl", out, names="a,b,c")
-    with pytest.raises(VlmrlError, match="nothing: no such folder"):
+    with pytest.raises(VlmtuneError, match="nothing: no such folder"):
         compare_models("no-such-model", [str(run), str(tmp_path / "nothing")], tmp_path / "d.jsonl", out)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(VlmrlError, match="empty.jsonl"):
+    with pytest.raises(VlmtuneError, match="empty.jsonl"):
         compare_models("no-such-model", [str(run)], empty, out)
     assert not out.exists()
 
@@ -335,10 +335,10 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
     """Base vs base + a (random, nonzero) LoRA adapter on 8 records, through the command line."""
     import torch
 
-    from vlmrl.cli import main
-    from vlmrl.data.formats import read_records
-    from vlmrl.data.writers import write_records
-    from vlmrl.models.load import add_lora, load_model
+    from vlmtune.cli import main
+    from vlmtune.data.formats import read_records
+    from vlmtune.data.writers import write_records
+    from vlmtune.models.load import add_lora, load_model
 
     torch.manual_seed(0)
     model, _ = load_model(tiny_model_dir)
@@ -349,7 +349,7 @@ def test_compare_end_to_end_on_the_tiny_model(tiny_model_dir, synth_pairs_file, 
                 p.normal_(0, 0.5)  # LoRA B starts at zero; move it so the adapter does something
     model.save_pretrained(tmp_path / "run" / "final")
     make_train_log(tmp_path / "run" / "metrics.jsonl")
-    data = write_records(read_records(synth_pairs_file)[:8], tmp_path / "eight.jsonl", "vlmrl")
+    data = write_records(read_records(synth_pairs_file)[:8], tmp_path / "eight.jsonl", "vlmtune")
     data.write_text(data.read_text() + '{"id": "broken", "images": []}\n')
     out = tmp_path / "cmp"
     argv = ["compare", "--base", str(tiny_model_dir), "--tuned", str(tmp_path / "run"),

@@ -2,7 +2,7 @@
 
 Checks that every image decodes, every plot is drawn, and that each gallery filter (for each
 tuned model in the selector) shows exactly the records it should. Saves a screenshot to the
-test's tmp dir, and to ``$VLMRL_SCREENSHOT_DIR`` when set.
+test's tmp dir, and to ``$VLMTUNE_SCREENSHOT_DIR`` when set.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from playwright.sync_api import sync_playwright
 from test_eval_tasks import mixed_eval_dirs
 from test_report import EXPECTED, GOLD, build_fixture
 
-from vlmrl.report.html import write_report
+from vlmtune.report.html import write_report
 
 FILTERS = ("improved", "regressed", "both-wrong")
 
@@ -53,8 +53,8 @@ def test_images_and_plots_render(page, tmp_path):
     shot = tmp_path / "report.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    if os.environ.get("VLMRL_SCREENSHOT_DIR"):
-        target = Path(os.environ["VLMRL_SCREENSHOT_DIR"])
+    if os.environ.get("VLMTUNE_SCREENSHOT_DIR"):
+        target = Path(os.environ["VLMTUNE_SCREENSHOT_DIR"])
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target / "report.png")
 
@@ -93,6 +93,6 @@ def test_family_filter_combines_with_the_outcome_filter(tmp_path, chromium):
         assert visible_ids(page) == {"r1"}
         page.select_option("#family", "all")
         assert visible_ids(page) == {"r1", "r4"}
-        if os.environ.get("VLMRL_SCREENSHOT_DIR"):
-            page.screenshot(path=str(Path(os.environ["VLMRL_SCREENSHOT_DIR"]) / "report_families.png"), full_page=True)
+        if os.environ.get("VLMTUNE_SCREENSHOT_DIR"):
+            page.screenshot(path=str(Path(os.environ["VLMTUNE_SCREENSHOT_DIR"]) / "report_families.png"), full_page=True)
         browser.close()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.train.loop import Trainer
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.train.loop import Trainer
 
 from test_train import raw_config, train_rows
 

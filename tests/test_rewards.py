@@ -2,8 +2,8 @@
 
 import doctest
 
-import vlmrl.rewards as rewards
-from vlmrl.rewards import completion_text, count_exact_reward, count_format_reward, count_partial_reward
+import vlmtune.rewards as rewards
+from vlmtune.rewards import completion_text, count_exact_reward, count_format_reward, count_partial_reward
 
 GOLD = {"car": 2, "motorcycle": 3, "bus": 0, "bicycle": 0}
 PHRASINGS = [
@@ -56,9 +56,9 @@ def test_extra_trl_columns_are_accepted():
 def test_old_names_pass_the_rewards_check():
     """count_exact, count_partial and count_format are the task rewards: no adversarial completion pays,
     on count records or any other family's (the check's probes cover every family)."""
-    from vlmrl.cli import main
-    from vlmrl.tasks.rewards_check import check_reward
-    from vlmrl.train.grpo import BUILTIN_REWARDS
+    from vlmtune.cli import main
+    from vlmtune.tasks.rewards_check import check_reward
+    from vlmtune.train.grpo import BUILTIN_REWARDS
 
     for name in ("count_exact", "count_partial", "count_format"):
         row = check_reward(name, BUILTIN_REWARDS[name])

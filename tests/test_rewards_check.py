@@ -1,10 +1,10 @@
-"""Task rewards against adversarial completions, and `vlmrl rewards check` itself."""
+"""Task rewards against adversarial completions, and `vlmtune rewards check` itself."""
 
 import pytest
 
-from vlmrl.cli import main
-from vlmrl.tasks.rewards import TASK_REWARDS, task_accuracy_reward, task_format_reward
-from vlmrl.tasks.rewards_check import CASES, check_reward, probes
+from vlmtune.cli import main
+from vlmtune.tasks.rewards import TASK_REWARDS, task_accuracy_reward, task_format_reward
+from vlmtune.tasks.rewards_check import CASES, check_reward, probes
 
 
 @pytest.mark.parametrize("name", list(TASK_REWARDS))
@@ -24,7 +24,7 @@ def test_probes_cover_every_family_plain_and_thinking():
 def test_a_substring_reward_is_caught(tmp_path, monkeypatch, capsys):
     """A reward that looks for the gold answer anywhere in the completion pays on most cases."""
     (tmp_path / "naive_reward.py").write_text(
-        "from vlmrl.tasks.answers import render\n"
+        "from vlmtune.tasks.answers import render\n"
         "def contains(completions, metadata, **kwargs):\n"
         "    out = []\n"
         "    for c, m in zip(completions, metadata):\n"

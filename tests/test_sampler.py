@@ -1,6 +1,6 @@
 """The group sampler (one image encoding and one prefill per prompt) on tiny models of all three families.
 
-Exactness: greedy decoding equals ``model.generate`` as ``vlmrl.generate`` calls it; the log-probs
+Exactness: greedy decoding equals ``model.generate`` as ``vlmtune.generate`` calls it; the log-probs
 the sampler saw equal an independent teacher-forced forward and the GRPO update pass; a hook
 counts one vision pass per image and one prefill per prompt; stop tokens end completions.
 """
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from vlmrl.data.records import user_prompt
-from vlmrl.errors import VlmrlError
-from vlmrl.forward.inner import unwrap
-from vlmrl.generate import encode_prompts, generate_ids, stop_token_ids, vision_token_ids
-from vlmrl.sampling import sample_groups
-from vlmrl.sampling.sampler import top_p_filter
+from vlmtune.data.records import user_prompt
+from vlmtune.errors import VlmtuneError
+from vlmtune.forward.inner import unwrap
+from vlmtune.generate import encode_prompts, generate_ids, stop_token_ids, vision_token_ids
+from vlmtune.sampling import sample_groups
+from vlmtune.sampling.sampler import top_p_filter
 
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # A logit bias on <|im_end|> with which some greedy answers stop early and others run to the limit
@@ -51,8 +51,8 @@ def family_model(request, tmp_path_factory, one_thread):
     (Not larger: fp32 rounding grows with the activations; at std 0.3 two independent forwards,
     teacher-forced and the update pass, already differ by up to 8e-6 between themselves.)
     """
-    from vlmrl.models.load import load_model
-    from vlmrl.models.tiny import build_tiny
+    from vlmtune.models.load import load_model
+    from vlmtune.models.tiny import build_tiny
 
     folder = build_tiny(request.param, tmp_path_factory.mktemp(request.param), size="tiny", seed=0)
     model, processor = load_model(folder)
@@ -67,7 +67,7 @@ def family_model(request, tmp_path_factory, one_thread):
 @pytest.fixture
 def stopping_model(family_model):
     """The family model with ``<|im_end|>`` favoured enough that some completions stop early, others not."""
-    from vlmrl.models.load import family_of
+    from vlmtune.models.load import family_of
 
     model, processor = family_model
     bias = torch.zeros(model.lm_head.out_features)
@@ -140,7 +140,7 @@ def test_sampled_logps_equal_a_teacher_forced_forward(stopping_model):
 
 
 def test_sampled_logps_equal_the_update_pass(stopping_model):
-    from vlmrl.forward.group import build_group_batch, group_logps
+    from vlmtune.forward.group import build_group_batch, group_logps
 
     model, processor = stopping_model
     items, g, temperature = _items(), 4, 0.8
@@ -160,7 +160,7 @@ def test_in_float64_the_logps_are_those_of_the_update_pass_to_the_last_bit(famil
     """The fp32 tolerance above is rounding: with float64 weights every path gives the same float32 log-probs."""
     import copy
 
-    from vlmrl.forward.group import build_group_batch, group_logps
+    from vlmtune.forward.group import build_group_batch, group_logps
 
     model, processor = family_model
     model = copy.deepcopy(model).double()
@@ -280,7 +280,7 @@ def test_decoding_ends_when_every_completion_has_stopped(stopping_model):
 
 
 def test_vision_tokens_are_never_sampled(vision_biased_model, synth_pairs_file):
-    from vlmrl.data.formats import read_records
+    from vlmtune.data.formats import read_records
 
     model, processor, banned, _ = vision_biased_model
     items = [(r.images, r.prompt) for r in read_records(synth_pairs_file)[:2]]
@@ -338,23 +338,23 @@ def test_top_p_filter_equals_transformers():
 )
 def test_bad_settings_are_refused(options, message):
     settings = dict(group_size=2, max_new_tokens=4) | options
-    with pytest.raises(VlmrlError, match=re.escape(message)):
+    with pytest.raises(VlmtuneError, match=re.escape(message)):
         sample_groups(None, None, _items(), **settings)
 
 
 def test_an_empty_batch_is_refused():
-    with pytest.raises(VlmrlError, match="batch is empty"):
+    with pytest.raises(VlmtuneError, match="batch is empty"):
         sample_groups(None, None, [], 2, 4)
 
 
 def test_images_must_fill_the_prompt_slots(family_model):
     model, processor = family_model
-    with pytest.raises(VlmrlError, match="1 image slot"):
+    with pytest.raises(VlmtuneError, match="1 image slot"):
         sample_groups(model, processor, [([], user_prompt("Count."))], 2, 4)
 
 
 def test_a_lora_model_samples_through_its_adapter(tiny_model_dir, one_thread):
-    from vlmrl.models.load import add_lora, load_model
+    from vlmtune.models.load import add_lora, load_model
 
     model, processor = load_model(tiny_model_dir)
     model = add_lora(model, rank=4)

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmrl.config import validate_config
-from vlmrl.data.records import PreferenceRecord
-from vlmrl.errors import VlmrlError
-from vlmrl.report.html import training_samples_html
-from vlmrl.report.inputs import RunResult
-from vlmrl.train.loop import Trainer
-from vlmrl.train.samples import (PAGE_FILE, ROWS_FILE, SampleLog, fixed_items, latest_rows, markdown_table,
+from vlmtune.config import validate_config
+from vlmtune.data.records import PreferenceRecord
+from vlmtune.errors import VlmtuneError
+from vlmtune.report.html import training_samples_html
+from vlmtune.report.inputs import RunResult
+from vlmtune.train.loop import Trainer
+from vlmtune.train.samples import (PAGE_FILE, ROWS_FILE, SampleLog, fixed_items, latest_rows, markdown_table,
                                  read_sample_rows, sample_rows)
-from vlmrl.train.samples_html import samples_page, step_summary
+from vlmtune.train.samples_html import samples_page, step_summary
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many cars?"}]}]
 COUNTS = {"car": 2, "bus": 0}
@@ -115,7 +115,7 @@ def test_a_resumed_log_keeps_the_earlier_steps_and_drops_the_later_ones(tmp_path
 def test_a_bad_samples_file_is_named_with_its_line(tmp_path):
     path = tmp_path / ROWS_FILE
     path.write_text(json.dumps({"step": 1, "id": "a", "answer": "x"}) + "\n" + json.dumps({"id": "b"}) + "\n")
-    with pytest.raises(VlmrlError, match=rf"{ROWS_FILE}, line 2: not a training sample"):
+    with pytest.raises(VlmtuneError, match=rf"{ROWS_FILE}, line 2: not a training sample"):
         read_sample_rows(path)
 
 

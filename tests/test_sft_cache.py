@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from vlmrl.batch import EncodedRecordCache, encode_sft
-from vlmrl.data.formats import read_records
-from vlmrl.models.load import load_model
+from vlmtune.batch import EncodedRecordCache, encode_sft
+from vlmtune.data.formats import read_records
+from vlmtune.models.load import load_model
 
 
 def test_cached_sft_batches_equal_the_plain_ones(tiny_model_dir, synth_pairs_file):

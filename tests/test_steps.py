@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlmrl.config import LossConfig, validate_config
-from vlmrl.train.steps import loss_needs_reference, needs_reference
+from vlmtune.config import LossConfig, validate_config
+from vlmtune.train.steps import loss_needs_reference, needs_reference
 
 
 @pytest.mark.parametrize(

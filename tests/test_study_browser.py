@@ -1,6 +1,6 @@
 """A real browser (Debian's headless Chromium through Playwright) opens a rater link, votes with the
 mouse and with the keyboard, and the votes are in the database. A screenshot is saved to the
-test's tmp dir and to $VLMRL_SCREENSHOT_DIR when set."""
+test's tmp dir and to $VLMTUNE_SCREENSHOT_DIR when set."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 from test_study_server import free_port, make_inputs, start_server
 
-from vlmrl.study import db
-from vlmrl.study.create import build_study
+from vlmtune.study import db
+from vlmtune.study.create import build_study
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def server(tmp_path_factory, chromium):
 
 def save_screenshot(page, path: Path) -> Path:
     page.screenshot(path=str(path), full_page=True)
-    if os.environ.get("VLMRL_SCREENSHOT_DIR"):
-        Path(os.environ["VLMRL_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(os.environ["VLMRL_SCREENSHOT_DIR"]) / path.name)
+    if os.environ.get("VLMTUNE_SCREENSHOT_DIR"):
+        Path(os.environ["VLMTUNE_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["VLMTUNE_SCREENSHOT_DIR"]) / path.name)
     return path
 
 

@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.data.formats import read_records
-from vlmrl.data.records import PreferenceRecord
-from vlmrl.errors import VlmrlError
-from vlmrl.study import db, voting
-from vlmrl.study.create import build_study, is_answers_file
-from vlmrl.study.export import export_pairs
-from vlmrl.study.images import images_root, safe_image_path
-from vlmrl.study.summary import summarize
+from vlmtune.cli import main
+from vlmtune.data.formats import read_records
+from vlmtune.data.records import PreferenceRecord
+from vlmtune.errors import VlmtuneError
+from vlmtune.study import db, voting
+from vlmtune.study.create import build_study, is_answers_file
+from vlmtune.study.export import export_pairs
+from vlmtune.study.images import images_root, safe_image_path
+from vlmtune.study.summary import summarize
 
 
 def make_inputs(folder: Path, n: int, categories=("grid", "free")) -> tuple[Path, Path, Path]:
-    """A data file with n records (one PIL image each) and two `vlmrl infer`-style answer files."""
+    """A data file with n records (one PIL image each) and two `vlmtune infer`-style answer files."""
     data = folder / "data"
     data.mkdir(parents=True)
     rows, a, b = [], [], []
@@ -136,15 +136,15 @@ def test_create_rejects_bad_input_with_clear_messages(tmp_path):
     data, a, b = make_inputs(tmp_path, 3)
     short = tmp_path / "short.jsonl"
     short.write_text("".join(line + "\n" for line in a.read_text().splitlines()[:2]))
-    with pytest.raises(VlmrlError, match=r"short.jsonl: no answer for 1 record.*'r2'"):
+    with pytest.raises(VlmtuneError, match=r"short.jsonl: no answer for 1 record.*'r2'"):
         build_study(tmp_path / "x.sqlite", "t", data, str(short), str(b))
     _, n = build_study(tmp_path / "y.sqlite", "t", data, str(short), str(b), skip_bad=True)
     assert n == 2
-    with pytest.raises(VlmrlError, match="already exists"):
+    with pytest.raises(VlmtuneError, match="already exists"):
         build_study(tmp_path / "y.sqlite", "t", data, str(a), str(b))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(a.read_text() + '{"id": "r9"}\n')
-    with pytest.raises(VlmrlError, match=r"broken.jsonl, line 4: an answers row needs"):
+    with pytest.raises(VlmtuneError, match=r"broken.jsonl, line 4: an answers row needs"):
         build_study(tmp_path / "z.sqlite", "t", data, str(broken), str(b))
     assert not (tmp_path / "x.sqlite").exists() and not (tmp_path / "z.sqlite").exists()
 
@@ -155,7 +155,7 @@ def test_create_refuses_images_outside_the_given_root(tmp_path):
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     rows[1]["images"] = ["../outside.png"]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(VlmrlError, match=r"record 'r1': image .*outside.png lies outside the images root .*data;"):
+    with pytest.raises(VlmtuneError, match=r"record 'r1': image .*outside.png lies outside the images root .*data;"):
         build_study(tmp_path / "s.sqlite", "t", data, str(a), str(b), images=data.parent)
     assert not (tmp_path / "s.sqlite").exists()
     # without a root, the common folder of both images is the root
@@ -173,9 +173,9 @@ def test_images_root_is_the_common_folder_never_the_file_system_root(tmp_path):
     assert images_root(records, None, tmp_path) == Path(os.path.realpath("/srv/scenes"))
     assert images_root([record_with()], None, tmp_path) == Path(os.path.realpath(tmp_path))  # no image
     assert images_root(records, tmp_path, Path("/nowhere")) == Path(os.path.realpath(tmp_path))
-    with pytest.raises(VlmrlError, match=r"share no folder but / \(e.g. /opt/a and /srv/b\); pass --images-root"):
+    with pytest.raises(VlmtuneError, match=r"share no folder but / \(e.g. /opt/a and /srv/b\); pass --images-root"):
         images_root([record_with("/srv/b/1.png"), record_with("/opt/a/2.png")], None, tmp_path)
-    with pytest.raises(VlmrlError, match="--images-root .*missing: no such folder"):
+    with pytest.raises(VlmtuneError, match="--images-root .*missing: no such folder"):
         images_root(records, tmp_path / "missing", tmp_path)
 
 

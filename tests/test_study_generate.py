@@ -8,11 +8,11 @@ import json
 import pytest
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.data.formats import read_records
-from vlmrl.errors import VlmrlError
-from vlmrl.study import db, voting
-from vlmrl.study.create import build_study
+from vlmtune.cli import main
+from vlmtune.data.formats import read_records
+from vlmtune.errors import VlmtuneError
+from vlmtune.study import db, voting
+from vlmtune.study.create import build_study
 
 
 @pytest.fixture
@@ -32,8 +32,8 @@ def inputs(tmp_path):
 
 
 def test_create_generates_with_the_tiny_model_and_exports_pairs(tmp_path, inputs, tiny_model_dir, capsys):
-    from vlmrl.eval.run import load_for_eval
-    from vlmrl.generate import generate
+    from vlmtune.eval.run import load_for_eval
+    from vlmtune.generate import generate
 
     data, b = inputs
     dbp = str(tmp_path / "s.sqlite")
@@ -63,8 +63,8 @@ def test_create_generates_with_the_tiny_model_and_exports_pairs(tmp_path, inputs
 
 def test_adapter_needs_a_model(tmp_path, inputs):
     data, b = inputs
-    with pytest.raises(VlmrlError, match="only applies to a model"):
+    with pytest.raises(VlmtuneError, match="only applies to a model"):
         build_study(tmp_path / "s.sqlite", "t", data, str(b), str(b), a_adapter=str(tmp_path))
     (tmp_path / "notes.txt").write_text("hello\n")
-    with pytest.raises(VlmrlError, match="neither a `vlmrl infer` answers file"):
+    with pytest.raises(VlmtuneError, match="neither a `vlmtune infer` answers file"):
         build_study(tmp_path / "s.sqlite", "t", data, str(tmp_path / "notes.txt"), str(b))

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from test_study_server import free_port, make_inputs, start_server
 
-from vlmrl.study import db
-from vlmrl.study.create import build_study
+from vlmtune.study import db
+from vlmtune.study.create import build_study
 
 N_ITEMS, PER_ITEM, N_RATERS = 20, 5, 10  # 20 x 5 = 100 votes
 KILL_AFTER = 40

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from vlmrl.cli import build_parser
-from vlmrl.cli.study import bind_warning
-from vlmrl.study import db
-from vlmrl.study.images import resolve_image, safe_image_path
-from vlmrl.study.create import build_study
+from vlmtune.cli import build_parser
+from vlmtune.cli.study import bind_warning
+from vlmtune.study import db
+from vlmtune.study.images import resolve_image, safe_image_path
+from vlmtune.study.create import build_study
 
 
 def free_port() -> int:
@@ -33,9 +33,9 @@ def free_port() -> int:
 
 
 def start_server(db_path: Path, port: int, log: Path, host: str = "127.0.0.1") -> subprocess.Popen:
-    """`vlmrl study serve` in a subprocess; returns once /healthz answers."""
+    """`vlmtune study serve` in a subprocess; returns once /healthz answers."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmrl", "study", "serve", "--db", str(db_path), "--host", host, "--port", str(port)],
+        [sys.executable, "-m", "vlmtune", "study", "serve", "--db", str(db_path), "--host", host, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
     )
     # Only a guard against a server that never answers (an exit is seen at once): generous, because
@@ -287,7 +287,7 @@ def test_binds_to_localhost_by_default_and_warns_otherwise(tmp_path, server):
     assert "reachable from other machines" in bind_warning("0.0.0.0")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmrl", "study", "serve", "--db", str(server.db), "--host", "0.0.0.0",
+        [sys.executable, "-m", "vlmtune", "study", "serve", "--db", str(server.db), "--host", "0.0.0.0",
          "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
@@ -374,7 +374,7 @@ def test_serve_on_a_busy_port_says_so_and_serves_nothing(server):
         taken.listen()
         port = taken.getsockname()[1]
         run = subprocess.run(
-            [sys.executable, "-m", "vlmrl", "study", "serve", "--db", str(server.db), "--port", str(port)],
+            [sys.executable, "-m", "vlmtune", "study", "serve", "--db", str(server.db), "--port", str(port)],
             capture_output=True, text=True, timeout=300,
         )
     assert run.returncode == 2

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from vlmrl.study.voting import winner_of
-from vlmrl.study.export import majority
-from vlmrl.study.stats import cohen_kappa, fleiss_kappa, wilson_interval, win_rate
+from vlmtune.study.voting import winner_of
+from vlmtune.study.export import majority
+from vlmtune.study.stats import cohen_kappa, fleiss_kappa, wilson_interval, win_rate
 
 
 def test_wilson_interval_hand_worked():

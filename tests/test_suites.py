@@ -11,10 +11,10 @@ from fastapi import Request
 from local_server import serve_in_thread
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.errors import VlmrlError
-from vlmrl.eval.suites import mme_parse_answer, mme_scores, read_llava_bench, read_mme
-from vlmrl.eval.judge import HttpJudge, judge_messages, parse_judge_scores
+from vlmtune.cli import main
+from vlmtune.errors import VlmtuneError
+from vlmtune.eval.suites import mme_parse_answer, mme_scores, read_llava_bench, read_mme
+from vlmtune.eval.judge import HttpJudge, judge_messages, parse_judge_scores
 
 
 def _image(path, color):
@@ -85,16 +85,16 @@ def test_mme_acc_acc_plus_and_score_by_hand(mme_dir):
 
 def test_mme_bad_files_name_file_and_line(mme_dir, caplog):
     (mme_dir / "existence" / "img1.txt").write_text("Is there a car?\tYes\nno tab here\n")
-    with pytest.raises(VlmrlError, match=r"img1.txt, line 2"):
+    with pytest.raises(VlmtuneError, match=r"img1.txt, line 2"):
         read_mme(mme_dir)
-    with caplog.at_level(logging.WARNING, logger="vlmrl"):
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
         kept = read_mme(mme_dir, skip_bad=True)  # the whole file goes, so acc+ stays defined
     assert len(kept) == 6 and not any(q.image.endswith("img1.png") for q in kept)
     assert [r.getMessage().split(", line")[0] for r in caplog.records] == [
         f"skipped {mme_dir / 'existence' / 'img1.txt'}"]
     (mme_dir / "existence" / "img1.txt").write_text("Is there a car?\tYes\n")
     (mme_dir / "existence" / "img1.png").unlink()
-    with pytest.raises(VlmrlError, match="no image named img1"):
+    with pytest.raises(VlmtuneError, match="no image named img1"):
         read_mme(mme_dir)
 
 
@@ -163,15 +163,15 @@ def test_http_judge_errors(judge_server):
     url, _ = judge_server
     messages = [judge_messages("q case A", "", "ref", "ans")]
     assert HttpJudge(f"{url}/v1", "m")(messages) == [REPLIES["case A"]]
-    with pytest.raises(VlmrlError, match="OpenAI chat format"):
+    with pytest.raises(VlmtuneError, match="OpenAI chat format"):
         HttpJudge(f"{url}/broken", "m")(messages)
-    with pytest.raises(VlmrlError, match="HTTP 503"):
+    with pytest.raises(VlmtuneError, match="HTTP 503"):
         HttpJudge(f"{url}/down", "m", retries=1, backoff=0.01)(messages)
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
     closed_port = free.getsockname()[1]
     free.close()
-    with pytest.raises(VlmrlError, match="could not reach the judge"):
+    with pytest.raises(VlmtuneError, match="could not reach the judge"):
         HttpJudge(f"http://127.0.0.1:{closed_port}/v1", "m", timeout=5, retries=1, backoff=0.01)(messages)
 
 
@@ -197,11 +197,11 @@ def test_llava_bench_reading(llava_dir):
     assert questions[1].reference == "reference answer 1"
     assert questions[0].context == "A red square." and questions[1].context == ""
     (llava_dir / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 0, "text": "r"}) + "\n{oops\n")
-    with pytest.raises(VlmrlError, match="line 2: not valid JSON"):
+    with pytest.raises(VlmtuneError, match="line 2: not valid JSON"):
         read_llava_bench(llava_dir)
     assert [q.question_id for q in read_llava_bench(llava_dir, skip_bad=True)] == ["0"]
     (llava_dir / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 0, "text": "r"}) + "\n")
-    with pytest.raises(VlmrlError, match="question 1 has no reference answer"):
+    with pytest.raises(VlmtuneError, match="question 1 has no reference answer"):
         read_llava_bench(llava_dir)
 
 

@@ -7,12 +7,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from vlmrl.cli import main
-from vlmrl.data.detections import read_detections
-from vlmrl.data.formats import iter_records
-from vlmrl.data.synth import SceneConfig, draw_scene, generate_scenes, scene_items
-from vlmrl.errors import VlmrlError
-from vlmrl.tasks.counting import DEFAULT_CLASSES, CountingTask
+from vlmtune.cli import main
+from vlmtune.data.detections import read_detections
+from vlmtune.data.formats import iter_records
+from vlmtune.data.synth import SceneConfig, draw_scene, generate_scenes, scene_items
+from vlmtune.errors import VlmtuneError
+from vlmtune.tasks.counting import DEFAULT_CLASSES, CountingTask
 
 
 def _boxes(label_file, size):
@@ -90,11 +90,11 @@ def test_parallel_generation_matches_serial(tmp_path):
 
 
 def test_bad_configurations_are_refused(tmp_path):
-    with pytest.raises(VlmrlError, match="grid layout has 16 cells"):
+    with pytest.raises(VlmtuneError, match="grid layout has 16 cells"):
         generate_scenes(tmp_path, 1, count_range=(0, 6))
-    with pytest.raises(VlmrlError, match="draw only"):
+    with pytest.raises(VlmtuneError, match="draw only"):
         generate_scenes(tmp_path, 1, classes=("car", "tram"))
-    with pytest.raises(VlmrlError, match="count range"):
+    with pytest.raises(VlmtuneError, match="count range"):
         generate_scenes(tmp_path, 1, count_range=(3, 1))
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from vlmrl.errors import VlmrlError
-from vlmrl.tasks import answers
-from vlmrl.tasks.core import answer_block, edit_distance, format_ok, iou, task_meta, task_of
-from vlmrl.tasks.count import CountFamily
-from vlmrl.tasks.spatial import SpatialFamily
+from vlmtune.errors import VlmtuneError
+from vlmtune.tasks import answers
+from vlmtune.tasks.core import answer_block, edit_distance, format_ok, iou, task_meta, task_of
+from vlmtune.tasks.count import CountFamily
+from vlmtune.tasks.spatial import SpatialFamily
 
 
 @pytest.mark.parametrize("text, think, expected", [
@@ -106,30 +106,30 @@ def test_task_of_reads_the_family_and_falls_back_to_counting():
     meta = task_meta(legacy)
     assert task_of(legacy).score("There are 2 cars, 0 buses in the image.", meta) == 1.0
     assert task_of(legacy).score("There are 2 cars, 1 bus in the image.", meta) == 0.0
-    with pytest.raises(VlmrlError, match="unknown task family 'nope'.*count, compare"):
+    with pytest.raises(VlmtuneError, match="unknown task family 'nope'.*count, compare"):
         task_of({"task": {"family": "nope"}})
-    with pytest.raises(VlmrlError, match="neither 'task' nor 'counts'"):
+    with pytest.raises(VlmtuneError, match="neither 'task' nor 'counts'"):
         task_of({"split": "train"})
 
 
 def test_user_task_by_module_and_class(tmp_path, monkeypatch):
     (tmp_path / "my_tasks.py").write_text(
-        "from vlmrl.tasks.base import ProgramTask\n"
+        "from vlmtune.tasks.base import ProgramTask\n"
         "class Parity(ProgramTask):\n    family = 'parity'\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     task = task_of({"task": {"family": "my_tasks:Parity"}})
     assert type(task).__name__ == "Parity"
-    with pytest.raises(VlmrlError, match="no class 'Nope'"):
+    with pytest.raises(VlmtuneError, match="no class 'Nope'"):
         task_of({"task": {"family": "my_tasks:Nope"}})
-    with pytest.raises(VlmrlError, match="cannot import module"):
+    with pytest.raises(VlmtuneError, match="cannot import module"):
         task_of({"task": {"family": "no_such_module_xyz:Task"}})
 
 
 def test_doctests_pass():
     import doctest
 
-    from vlmrl.tasks import core, grounding, programs, rewards
+    from vlmtune.tasks import core, grounding, programs, rewards
 
     for module in (core, answers, grounding, programs, rewards):
         assert doctest.testmod(module).failed == 0, module.__name__

@@ -15,17 +15,17 @@ import random
 
 import pytest
 
-from vlmrl.tasks import answers
-from vlmrl.tasks.arithmetic import ArithmeticFamily, diff_program, remove_program, sum_program
-from vlmrl.tasks.attribute import AttributeFamily, attribute_program
-from vlmrl.tasks.compare import CompareFamily, compare_program
-from vlmrl.tasks.core import Obj, Scene, render_completion
-from vlmrl.tasks.count import CountFamily
-from vlmrl.tasks.grounding import GroundingFamily, answer_frame, ground_program
-from vlmrl.tasks.listing import ListFamily, list_program
-from vlmrl.tasks.multihop import MultihopFamily, hop_program
-from vlmrl.tasks.programs import execute, slips
-from vlmrl.tasks.spatial import SpatialFamily, relate_program
+from vlmtune.tasks import answers
+from vlmtune.tasks.arithmetic import ArithmeticFamily, diff_program, remove_program, sum_program
+from vlmtune.tasks.attribute import AttributeFamily, attribute_program
+from vlmtune.tasks.compare import CompareFamily, compare_program
+from vlmtune.tasks.core import Obj, Scene, render_completion
+from vlmtune.tasks.count import CountFamily
+from vlmtune.tasks.grounding import GroundingFamily, answer_frame, ground_program
+from vlmtune.tasks.listing import ListFamily, list_program
+from vlmtune.tasks.multihop import MultihopFamily, hop_program
+from vlmtune.tasks.programs import execute, slips
+from vlmtune.tasks.spatial import SpatialFamily, relate_program
 
 CLASSES = ("car", "motorcycle", "bus", "bicycle")
 OBJECTS = (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmrl.data.synth import PALETTE, SIZE_SCALES, SHAPES, SceneConfig, draw_scene_objects, generate_scenes
+from vlmtune.data.synth import PALETTE, SIZE_SCALES, SHAPES, SceneConfig, draw_scene_objects, generate_scenes
 
 # sha256 over (relative path, bytes) of images/, labels/ and data.yaml, written by the code
 # before this change (commit ba26c09) for these exact settings: the regression reference.

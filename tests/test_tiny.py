@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmrl.errors import VlmrlError
-from vlmrl.models.tiny import FAMILIES, build_tiny, image_side, mrope_section
+from vlmtune.errors import VlmtuneError
+from vlmtune.models.tiny import FAMILIES, build_tiny, image_side, mrope_section
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the cars."}]}]
 
@@ -120,14 +120,14 @@ def test_image_side_fills_the_patch_grid():
 
 
 def test_unknown_family_and_size(tmp_path):
-    with pytest.raises(VlmrlError, match="unknown model family"):
+    with pytest.raises(VlmtuneError, match="unknown model family"):
         build_tiny("llava", tmp_path)
-    with pytest.raises(VlmrlError, match="unknown tiny model size"):
+    with pytest.raises(VlmtuneError, match="unknown tiny model size"):
         build_tiny("qwen2-vl", tmp_path, size="huge")
 
 
 def test_cli_model_tiny(tmp_path, capsys):
-    from vlmrl.cli import main
+    from vlmtune.cli import main
 
     assert main(["model", "tiny", "--family", "qwen2.5-vl", "--out", str(tmp_path / "m"), "--seed", "1"]) == 0
     config = json.loads((tmp_path / "m" / "config.json").read_text())

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from vlmrl.config import TrainConfig, validate_config
-from vlmrl.errors import VlmrlError
-from vlmrl.train.loop import Trainer
-from vlmrl.train.metrics_log import accelerate_trackers, flat_config
+from vlmtune.config import TrainConfig, validate_config
+from vlmtune.errors import VlmtuneError
+from vlmtune.train.loop import Trainer
+from vlmtune.train.metrics_log import accelerate_trackers, flat_config
 
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
-                                 reason="wandb is not installed (pip install 'vlmrl[trackers]')")
+                                 reason="wandb is not installed (pip install 'vlmtune[trackers]')")
 needs_mlflow = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
-                                  reason="mlflow is not installed (pip install 'vlmrl[trackers]')")
+                                  reason="mlflow is not installed (pip install 'vlmtune[trackers]')")
 
 
 def _raw(model_dir, data, out, report_to) -> dict:
@@ -49,9 +49,9 @@ def test_tensorboard_is_the_default_and_a_single_name_is_a_list():
 def test_a_missing_tracker_package_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(VlmrlError) as e:
+    with pytest.raises(VlmtuneError) as e:
         accelerate_trackers(["tensorboard", "wandb"])
-    assert str(e.value) == ("train.report_to names wandb, but wandb is not installed: pip install 'vlmrl[trackers]' "
+    assert str(e.value) == ("train.report_to names wandb, but wandb is not installed: pip install 'vlmtune[trackers]' "
                             "(or pip install wandb), or take it out of train.report_to")
 
 
@@ -142,6 +142,6 @@ def test_a_tracker_that_cannot_start_is_a_clear_error(tiny_model_dir, synth_pair
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # mlflow 3 refuses the file store without it
     run = tmp_path / "run"
-    with pytest.raises(VlmrlError, match=r"train.report_to: starting mlflow failed: MlflowException: .*"
+    with pytest.raises(VlmtuneError, match=r"train.report_to: starting mlflow failed: MlflowException: .*"
                                          r"MLFLOW_TRACKING_URI\), or take it out of train.report_to"):
         Trainer(validate_config(_raw(tiny_model_dir, synth_pairs_file, run, ["mlflow"]))).train()

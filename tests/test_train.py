@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.train.loop import Trainer
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.train.loop import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRL_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -177,7 +177,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
 
 def cli_subprocess(config_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "vlmrl", "train", "--config", str(config_path), *extra],
+    return subprocess.Popen([sys.executable, "-m", "vlmtune", "train", "--config", str(config_path), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -270,7 +270,7 @@ def test_fp16_overflow_skips_the_step_and_the_schedule(tiny_model_dir, synth_pai
     trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     model = trainer.accelerator.unwrap_model(trainer.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    with caplog.at_level("WARNING", logger="vlmrl"):
+    with caplog.at_level("WARNING", logger="vlmtune"):
         trainer.train()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     rows = train_rows(tmp_path / "run")

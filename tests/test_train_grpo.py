@@ -1,4 +1,4 @@
-"""`vlmrl train --algo grpo` through the real loop, and the fast and plain preference paths giving one curve."""
+"""`vlmtune train --algo grpo` through the real loop, and the fast and plain preference paths giving one curve."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 import math
 from pathlib import Path
 
-from vlmrl.cli import main
-from vlmrl.config import validate_config
-from vlmrl.train.fast_step import FastPreferenceStep
-from vlmrl.train.loop import Trainer
-from vlmrl.train.steps import PreferenceStep
+from vlmtune.cli import main
+from vlmtune.config import validate_config
+from vlmtune.train.fast_step import FastPreferenceStep
+from vlmtune.train.loop import Trainer
+from vlmtune.train.steps import PreferenceStep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -140,5 +140,5 @@ def test_grpo_names_a_record_without_a_task_before_training(tiny_model_dir, synt
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"error: {data}: record {rows_in[2]['id']}: GRPO scores answers by the record's task" in err
-    assert "build the data with `vlmrl data tasks`" in err and "Traceback" not in err
+    assert "build the data with `vlmtune data tasks`" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,5 +1,0 @@
-import sys
-
-from vlmrl.cli import main
-
-sys.exit(main())
