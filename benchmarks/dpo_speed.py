@@ -3,6 +3,7 @@
     python benchmarks/dpo_speed.py                     # every config, best of 3 (small-448 alone ~25 min)
     python benchmarks/dpo_speed.py --configs small-448 # one config
     python benchmarks/dpo_speed.py --quick             # 1 warm-up + 2 measured steps, 1 run: a smoke test
+    python benchmarks/dpo_speed.py --precision bf16    # every path under bf16 autocast (TRL's default)
 
 Configurations: "tiny" (112 px, 16 image tokens, 4 pairs per step) and "small" (224 px, 64 image
 tokens, 2 pairs per step), where a step is bound by reading the weights more than by the tokens;
@@ -11,7 +12,9 @@ and "small-448", the token-bound regime real use is in: the "small" model given 
 448 x 448, which this script checks) and 8 pairs per step.
 
 Same weights, data, LoRA (rank 8 on the language model, seeded), batch and accumulation for every
-path, fp32, fused AdamW (TRL's default), one torch thread per process (on a shared 2-core machine
+path, one precision for all of them (``--precision``: fp32 by default; ``bf16`` runs every path's
+forward under bf16 autocast, as TRL's configs do by default: their ``bf16`` defaults to True, so
+TRL is given ``bf16=False`` for the fp32 table), fused AdamW (TRL's default), one torch thread per process (on a shared 2-core machine
 two threads mostly wait for each other). Each path runs in its own process, so its peak RSS is its
 own; every path runs ``--repeats`` times, in turn, and the run with the least CPU time is shown
 (load from other work on a shared machine only ever adds time):
@@ -94,6 +97,7 @@ def worker(args) -> dict:
 
     from vlmtune.data.formats import read_records
     from vlmtune.models.load import add_lora, load_model
+    from vlmtune.train.precision import Precision
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
@@ -102,6 +106,7 @@ def worker(args) -> dict:
     records = read_records(args.data)
     counter = WorkCounter(model, processor)
     batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
+    args.autocast = Precision("bf16" if args.precision == "bf16" else "no", "cpu").autocast
     run = {"trl": run_trl, "plain": run_plain, "fast1": run_fast, "fast": run_fast, "floor": run_floor}[args.path]
     result = run(args, model, processor, batches, counter)
     n_pairs = args.batch * args.steps
@@ -201,7 +206,8 @@ def run_plain(args, model, processor, batches, counter) -> dict:
     update = optimizer_step(model)
 
     def one(records):
-        loss, metrics = step.loss_and_metrics(step.encode(records))
+        with args.autocast():
+            loss, metrics = step.loss_and_metrics(step.encode(records))
         update(loss)
         return loss.item(), metrics["logps/chosen"]
 
@@ -218,15 +224,17 @@ def run_fast(args, model, processor, batches, counter) -> dict:
     if cached:
         start = time.perf_counter()
         records = [r for batch in batches for r in batch]
-        ref = precompute_reference(model, processor, records, MAX_LENGTH, cache_dir=Path(args.work) / "ref-cache",
-                                   batch_size=args.batch)
+        with args.autocast():
+            ref = precompute_reference(model, processor, records, MAX_LENGTH,
+                                       cache_dir=Path(args.work) / "ref-cache", batch_size=args.batch)
         ref_seconds = time.perf_counter() - start
         extra = dict(reference_logps=ref, vision_cache_dir=Path(args.work) / "vision-cache")
     step = FastPreferenceStep(model, processor, MAX_LENGTH, LossConfig(name="dpo"), **extra)
     update = optimizer_step(model)
 
     def one(records):
-        loss, metrics = step.loss_and_metrics(step.encode(records))
+        with args.autocast():
+            loss, metrics = step.loss_and_metrics(step.encode(records))
         update(loss)
         return loss.item(), metrics["logps/chosen"]
 
@@ -266,7 +274,8 @@ def run_floor(args, model, processor, batches, counter) -> dict:
     model.train()
 
     def one(batch):
-        loss = model(**batch, use_cache=False).loss  # cross-entropy on the answers: not a DPO loss
+        with args.autocast():
+            loss = model(**batch, use_cache=False).loss  # cross-entropy on the answers: not a DPO loss
         update(loss)
         return loss.item(), None
 
@@ -301,6 +310,7 @@ def run_trl(args, model, processor, batches, counter) -> dict:
         save_strategy="no",
         gradient_checkpointing=False,
         use_cpu=True,
+        bf16=args.precision == "bf16",  # TRL's configs default to True; the fp32 table turns it off
         dataloader_num_workers=0,
         max_length=MAX_LENGTH,
         beta=0.1,
@@ -383,7 +393,7 @@ def run_path(path: str, name: str, model: Path, data: Path, work: Path, args) ->
     threads = args.threads
     command = [sys.executable, __file__, "--worker", path, "--model", str(model), "--data", str(data),
                "--work", str(work / f"{name}-{path}"), "--batch", str(batch), "--warmup", str(warmup),
-               "--steps", str(steps), "--threads", str(threads)]
+               "--steps", str(steps), "--threads", str(threads), "--precision", args.precision]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -422,7 +432,7 @@ def print_table(name: str, results: dict, args, rounds: list[tuple[float, float]
     names = {"trl": "(a) TRL DPOTrainer", "plain": "(b) plain step", "fast1": "(c1) fast, epoch 1",
              "fast": "(c) fast, cached", "floor": "(d) floor"}
     print(f"\n{name}: {CONFIGS[name][0]} Qwen2-VL, {CONFIGS[name][1]} px ({image_tokens(name)} image tokens), "
-          f"batch {batch} pairs, accumulation 1, {warmup} warm-up + {steps} measured steps, fp32 CPU, "
+          f"batch {batch} pairs, accumulation 1, {warmup} warm-up + {steps} measured steps, {args.precision} CPU, "
           f"best of {repeats} runs, times in process CPU seconds (wall s beside them)")
     header = (
         f"{'path':<20} {'pairs/s':>8} {'step s':>8} {'wall s':>7} {'RSS MiB':>8} {'1st loss':>9} "
@@ -476,6 +486,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="every path's precision: fp32, or bf16 autocast (TRL's default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per path, in turn; the fastest is shown")
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 2 measured steps, 1 run: a smoke test")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
