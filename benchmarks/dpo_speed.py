@@ -1,23 +1,27 @@
-"""DPO step speed on CPU, side by side: TRL's DPOTrainer, our plain step, our fast step, the floor.
+"""DPO step speed, side by side: TRL's DPOTrainer, our plain step, our fast step, the floor.
 
     python benchmarks/dpo_speed.py                     # every config, best of 3 (small-448 alone ~25 min)
     python benchmarks/dpo_speed.py --configs small-448 # one config
     python benchmarks/dpo_speed.py --quick             # 1 warm-up + 2 measured steps, 1 run: a smoke test
     python benchmarks/dpo_speed.py --precision bf16    # every path under bf16 autocast (TRL's default)
+    python benchmarks/dpo_speed.py --device cuda --precision bf16 --configs 2b-448   # on a GPU (benchmarks/gpu.sh)
 
 Configurations: "tiny" (112 px, 16 image tokens, 4 pairs per step) and "small" (224 px, 64 image
 tokens, 2 pairs per step), where a step is bound by reading the weights more than by the tokens;
 and "small-448", the token-bound regime real use is in: the "small" model given 448 px images
 (32 x 32 patches, 256 image tokens per image: its image processor's pixel limit is raised to
-448 x 448, which this script checks) and 8 pairs per step.
+448 x 448, which this script checks) and 8 pairs per step; "2b-448", the same on a random model of
+Qwen2-VL-2B's real shapes (``vlmtune model tiny --size 2b``), for a GPU (a step there is seconds; on
+CPU, minutes). The worker process, clock, precision and device are ``harness.py``'s.
 
 Same weights, data, LoRA (rank 8 on the language model, seeded), batch and accumulation for every
-path, one precision for all of them (``--precision``: fp32 by default; ``bf16`` runs every path's
-forward under bf16 autocast, as TRL's configs do by default: their ``bf16`` defaults to True, so
-TRL is given ``bf16=False`` for the fp32 table), fused AdamW (TRL's default), one torch thread per process (on a shared 2-core machine
-two threads mostly wait for each other). Each path runs in its own process, so its peak RSS is its
-own; every path runs ``--repeats`` times, in turn, and the run with the least CPU time is shown
-(load from other work on a shared machine only ever adds time):
+path, and one precision for all of them (``--precision``: fp32 by default; ``bf16`` runs every
+path's forward under bf16 autocast. TRL's configs default to bf16 autocast, so TRL is told the
+precision explicitly: before this was done, the fp32 tables compared our fp32 with TRL's bf16),
+fused AdamW (TRL's default), one torch thread per process (on a shared 2-core machine two threads
+mostly wait for each other). Each path runs in its own process, so its peak memory is its own;
+every path runs ``--repeats`` times, in turn, and the run with the least time is shown (load from
+other work on a shared machine only ever adds time):
 
 (a) TRL 1.16 ``DPOTrainer``, its fastest valid settings for vision data: a pre-wrapped PeftModel
     (reference = adapter off), gradient checkpointing off, no precomputed reference (TRL refuses it
@@ -68,18 +72,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness
 
 CONFIGS = {  # name: (model size, image side, pairs per batch, warm-up steps, measured steps)
     "tiny": ("tiny", 112, 4, 2, 10),
     "small": ("small", 224, 2, 2, 16),
     "small-448": ("small", 448, 8, 2, 6),
+    "2b-448": ("2b", 448, 8, 2, 6),
 }
 TARGETS = {"small-448": (3.0, 2.0)}  # (c)/(a) and (c1)/(a) speed-ups the issue asks for
 QUICK = (1, 2)  # --quick: warm-up steps, measured steps (the cached path's warm-up is one epoch: 2 steps)
@@ -97,24 +101,24 @@ def worker(args) -> dict:
 
     from vlmtune.data.formats import read_records
     from vlmtune.models.load import add_lora, load_model
-    from vlmtune.train.precision import Precision
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
+    model.to(args.device)
     torch.manual_seed(0)
     model = add_lora(model, **LORA)
+    args.clock = harness.Clock(args.device)
     records = read_records(args.data)
     counter = WorkCounter(model, processor)
     batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
-    args.autocast = Precision("bf16" if args.precision == "bf16" else "no", "cpu").autocast
     run = {"trl": run_trl, "plain": run_plain, "fast1": run_fast, "fast": run_fast, "floor": run_floor}[args.path]
     result = run(args, model, processor, batches, counter)
     n_pairs = args.batch * args.steps
     result.update(
-        pairs_per_s=n_pairs / result["cpu_seconds"],
-        step_s=result["cpu_seconds"] / args.steps,
-        wall_step_s=result["seconds"] / args.steps,
-        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        pairs_per_s=n_pairs / result["seconds"],
+        step_s=result["seconds"] / args.steps,
+        wall_step_s=result["wall_seconds"] / args.steps,
+        peak_mib=harness.peak_mib(args.device),
         **counter.per_pair(),
     )
     return result
@@ -167,21 +171,11 @@ def timed_loop(args, step_fn, batches, counter) -> dict:
         out = step_fn(batches[i % len(batches)])
         first = first or out
     counter.start(args.batch * args.steps)
-    start = _now()
+    start = args.clock.now()
     for i in range(args.steps):
         out = step_fn(batches[(args.warmup + i) % len(batches)])
         first = first or out
-    return {**_since(start), "first_loss": first[0], "first_logps_chosen": first[1]}
-
-
-def _now() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def _since(start: tuple[float, float]) -> dict:
-    """Wall seconds and this process's CPU seconds (the figure that other load on the machine leaves alone)."""
-    wall, cpu = _now()
-    return {"seconds": wall - start[0], "cpu_seconds": cpu - start[1]}
+    return {**args.clock.since(start), "first_loss": first[0], "first_logps_chosen": first[1]}
 
 
 def optimizer_step(model):
@@ -206,8 +200,8 @@ def run_plain(args, model, processor, batches, counter) -> dict:
     update = optimizer_step(model)
 
     def one(records):
-        with args.autocast():
-            loss, metrics = step.loss_and_metrics(step.encode(records))
+        with harness.autocast(args):
+            loss, metrics = step.loss_and_metrics(step.encode(records, args.device))
         update(loss)
         return loss.item(), metrics["logps/chosen"]
 
@@ -224,7 +218,7 @@ def run_fast(args, model, processor, batches, counter) -> dict:
     if cached:
         start = time.perf_counter()
         records = [r for batch in batches for r in batch]
-        with args.autocast():
+        with harness.autocast(args):
             ref = precompute_reference(model, processor, records, MAX_LENGTH,
                                        cache_dir=Path(args.work) / "ref-cache", batch_size=args.batch)
         ref_seconds = time.perf_counter() - start
@@ -233,8 +227,8 @@ def run_fast(args, model, processor, batches, counter) -> dict:
     update = optimizer_step(model)
 
     def one(records):
-        with args.autocast():
-            loss, metrics = step.loss_and_metrics(step.encode(records))
+        with harness.autocast(args):
+            loss, metrics = step.loss_and_metrics(step.encode(records, args.device))
         update(loss)
         return loss.item(), metrics["logps/chosen"]
 
@@ -261,20 +255,20 @@ def run_floor(args, model, processor, batches, counter) -> dict:
         width = pairs.chosen["mm_token_type_ids"].shape[1]
         mm_types[:, : min(width, mm_types.shape[1])] = pairs.chosen["mm_token_type_ids"][:, : mm_types.shape[1]]
         inputs.append(
-            dict(
+            {name: value.to(args.device) for name, value in dict(
                 input_ids=packed.input_ids,
                 attention_mask=(packed.segments != 0).long(),
                 mm_token_type_ids=mm_types,
                 pixel_values=pairs.chosen["pixel_values"],
                 image_grid_thw=pairs.chosen["image_grid_thw"],
                 labels=packed.input_ids.masked_fill(~answers, -100),
-            )
+            ).items()}
         )
     update = optimizer_step(model)
     model.train()
 
     def one(batch):
-        with args.autocast():
+        with harness.autocast(args):
             loss = model(**batch, use_cache=False).loss  # cross-entropy on the answers: not a DPO loss
         update(loss)
         return loss.item(), None
@@ -309,7 +303,7 @@ def run_trl(args, model, processor, batches, counter) -> dict:
         report_to="none",
         save_strategy="no",
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         bf16=args.precision == "bf16",  # TRL's configs default to True; the fp32 table turns it off
         dataloader_num_workers=0,
         max_length=MAX_LENGTH,
@@ -318,14 +312,14 @@ def run_trl(args, model, processor, batches, counter) -> dict:
         seed=0,
         disable_tqdm=True,
     )
-    clock = _step_clock(args.warmup, counter, args.batch * args.steps)
+    clock = _step_clock(args.clock, args.warmup, counter, args.batch * args.steps)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
                          callbacks=[clock])
     trainer.train()
     return {**clock.times, "first_loss": clock.first_loss, "first_logps_chosen": clock.first_logps}
 
 
-def _step_clock(warmup: int, counter: WorkCounter, pairs: int):
+def _step_clock(timer: harness.Clock, warmup: int, counter: WorkCounter, pairs: int):
     """A TrainerCallback timing optimizer steps after the warm-up, and keeping the first logged loss."""
     from transformers import TrainerCallback
 
@@ -338,9 +332,9 @@ def _step_clock(warmup: int, counter: WorkCounter, pairs: int):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
                 counter.start(pairs)
-                self.start = _now()
+                self.start = timer.now()
             elif state.global_step > warmup:
-                self.times = _since(self.start)
+                self.times = timer.since(self.start)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.first_loss is None and logs and "loss" in logs:
@@ -387,20 +381,12 @@ def image_tokens(name: str) -> int:
 
 
 def run_path(path: str, name: str, model: Path, data: Path, work: Path, args) -> dict:
-    import os
-
     batch, warmup, steps = schedule(name, args.quick)
-    threads = args.threads
-    command = [sys.executable, __file__, "--worker", path, "--model", str(model), "--data", str(data),
-               "--work", str(work / f"{name}-{path}"), "--batch", str(batch), "--warmup", str(warmup),
-               "--steps", str(steps), "--threads", str(threads), "--precision", args.precision]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr[-3000:])
-        return {"error": f"exit {done.returncode}"}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    options = ["--model", str(model), "--data", str(data), "--work", str(work / f"{name}-{path}"),
+               "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps)]
+    result = harness.run_worker(__file__, path, options, args)
+    if "error" in result:
+        return result
     seen = result["tokens_per_image"]  # None where no image was encoded (the cached path)
     if seen is not None and seen != image_tokens(name):
         raise AssertionError(f"{name} {path}: {seen} image tokens per image, expected {image_tokens(name)}")
@@ -432,10 +418,10 @@ def print_table(name: str, results: dict, args, rounds: list[tuple[float, float]
     names = {"trl": "(a) TRL DPOTrainer", "plain": "(b) plain step", "fast1": "(c1) fast, epoch 1",
              "fast": "(c) fast, cached", "floor": "(d) floor"}
     print(f"\n{name}: {CONFIGS[name][0]} Qwen2-VL, {CONFIGS[name][1]} px ({image_tokens(name)} image tokens), "
-          f"batch {batch} pairs, accumulation 1, {warmup} warm-up + {steps} measured steps, {args.precision} CPU, "
-          f"best of {repeats} runs, times in process CPU seconds (wall s beside them)")
+          f"batch {batch} pairs, accumulation 1, {warmup} warm-up + {steps} measured steps, "
+          f"best of {repeats} runs, {harness.describe(args)}")
     header = (
-        f"{'path':<20} {'pairs/s':>8} {'step s':>8} {'wall s':>7} {'RSS MiB':>8} {'1st loss':>9} "
+        f"{'path':<20} {'pairs/s':>8} {'step s':>8} {'wall s':>7} {'peak MiB':>8} {'1st loss':>9} "
         f"{'1st logp(c)':>11} {'vision/pair':>11} {'prompt passes/pair':>18} {'LM tokens/pair':>14}"
     )
     print(header)
@@ -450,7 +436,7 @@ def print_table(name: str, results: dict, args, rounds: list[tuple[float, float]
             f"{r['pairs_per_s']:>8.2f}",
             f"{r['step_s']:>8.3f}",
             f"{r['wall_step_s']:>7.3f}",
-            f"{r['rss_mib']:>8.0f}",
+            f"{r['peak_mib']:>8.0f}",
             f"{_num(r['first_loss'], path != 'floor'):>9}",
             f"{_num(r['first_logps_chosen']):>11}",
             f"{r['vision_per_pair']:>11.2f}",
@@ -465,7 +451,7 @@ def print_table(name: str, results: dict, args, rounds: list[tuple[float, float]
               f"(c)/(b) speed {fast['pairs_per_s'] / plain['pairs_per_s']:.2f}x   "
               f"(c1)/(a) speed {results['fast1']['pairs_per_s'] / trl['pairs_per_s']:.2f}x   "
               f"step time (c)/(d) {fast['step_s'] / floor['step_s']:.2f}   "
-              f"RSS (c)/(a) {fast['rss_mib'] / trl['rss_mib']:.2f}")
+              f"peak memory (c)/(a) {fast['peak_mib'] / trl['peak_mib']:.2f}")
         for label, index in (("(c)/(a)", 0), ("(c1)/(a)", 1)):
             ratios = [r[index] for r in rounds]
             if ratios:
@@ -485,10 +471,7 @@ def _num(value, show: bool = True) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="every path's precision: fp32, or bf16 autocast (TRL's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per path, in turn; the fastest is shown")
+    harness.add_run_args(parser)
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 2 measured steps, 1 run: a smoke test")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     for name in ("--model", "--data", "--work"):

@@ -1,26 +1,31 @@
-"""GRPO step speed on CPU, side by side: TRL's GRPOTrainer, our GrpoStep, and a decode-only floor.
+"""GRPO step speed, side by side: TRL's GRPOTrainer, our GrpoStep, and a decode-only floor.
 
     python benchmarks/grpo_speed.py                          # tiny and small, G 8 and 16, best of 3 (~50 min)
     python benchmarks/grpo_speed.py --configs small-g16      # one config
     python benchmarks/grpo_speed.py --quick                  # 1 warm-up + 1 measured step, 1 run: a smoke test
+    python benchmarks/grpo_speed.py --device cuda --precision bf16 --configs 2b-g16   # on a GPU (benchmarks/gpu.sh)
 
 Every path gets the same random-weight Qwen2-VL (``vlmtune.models.tiny.build_tiny``, "tiny" 112 px or
-"small" 224 px images), the same synthetic counting prompts (``vlmtune.data.synth.synth_pairs_file``,
+"small" 224 px images; "2b", Qwen2-VL-2B's real shapes with 448 px images, for a GPU), the same synthetic counting prompts (``vlmtune.data.synth.synth_pairs_file``,
 in file order, no shuffling), LoRA rank 8 / alpha 16 on the language model's linear layers
 (seeded), 8 prompts x G completions per optimizer step in one micro-batch, at most 40 new tokens,
 temperature 1, top-p 1, top-k off, beta 0.04, rewards ``count_exact`` + 0.1 x ``count_format``
 (our defaults, passed to TRL as reward functions with ``reward_weights``), token-level loss
-normalisation (TRL's "dapo", our "token"), group-std advantage scaling, fp32, fused AdamW, gradient
+normalisation (TRL's "dapo", our "token"), group-std advantage scaling, one precision for every path
+(``--precision``: fp32, or bf16 autocast around the update; sampling runs outside autocast on
+every path, as in TRL and our training loop), fused AdamW, gradient
 clipping at 1.0 (the Trainer's default, applied on our side too), one torch thread. Each path runs
-in its own process, so its peak RSS is its own; every path runs ``--repeats`` times, in turn, and
-the run with the least CPU time per step is shown (other load on the machine only ever adds time).
+in its own process, so its peak memory is its own; every path runs ``--repeats`` times, in turn,
+and the run with the least time per step is shown (other load on the machine only ever adds time).
+The worker process, clock (process CPU seconds on CPU, synchronized wall seconds on a GPU),
+precision and device are ``harness.py``'s.
 The run time above is estimated from a smoke run's CPU seconds: on "small" at G 16, TRL's step
 takes ~90 s and its worker ~9 GB of memory.
 
 What each side does per optimizer step:
 
 (a) TRL 1.16 ``GRPOTrainer``, its fastest valid settings on CPU: transformers' ``generate`` (no
-    vLLM, no continuous batching, which refuses multimodal models), ``use_cpu``, bf16 off,
+    vLLM, no continuous batching, which refuses multimodal models), ``use_cpu`` on CPU, bf16 as ``--precision``,
     gradient checkpointing off, logging and saving off, ``steps_per_generation`` = accumulation = 1
     and ``num_iterations`` 1 (so no "old" log-prob pass), LoRA through ``peft_config`` (reference =
     adapters disabled). Its sampler repeats every prompt G times in the batch, so ``generate``
@@ -61,19 +66,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness
 
 CONFIGS = {  # name: (model size, image side, group size G, warm-up steps, measured steps)
     "tiny-g8": ("tiny", 112, 8, 1, 4),
     "tiny-g16": ("tiny", 112, 16, 1, 4),
     "small-g8": ("small", 224, 8, 1, 3),
     "small-g16": ("small", 224, 16, 1, 3),
+    "2b-g8": ("2b", 448, 8, 1, 3),
+    "2b-g16": ("2b", 448, 16, 1, 3),
 }
 PATHS = ("trl", "ours", "floor")
 PROMPTS = 8  # prompts per optimizer step
@@ -99,6 +105,8 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
+    model.to(args.device)
+    args.clock = harness.Clock(args.device)
     records = read_records(args.data)
     counter = WorkCounter(model)
     batches = [records[i : i + PROMPTS] for i in range(0, len(records), PROMPTS)]
@@ -106,11 +114,11 @@ def worker(args) -> dict:
     result = run(args, model, processor, batches, counter)
     completions = PROMPTS * args.group * args.steps
     result.update(
-        step_s=result["cpu_seconds"] / args.steps,
-        sample_s=result["sample_cpu_seconds"] / args.steps,
-        wall_step_s=result["seconds"] / args.steps,
-        completions_per_s=completions / result["cpu_seconds"],
-        rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        step_s=result["seconds"] / args.steps,
+        sample_s=result["sample_seconds"] / args.steps,
+        wall_step_s=result["wall_seconds"] / args.steps,
+        completions_per_s=completions / result["seconds"],
+        peak_mib=harness.peak_mib(args.device),
         **counter.per_completion(completions),
     )
     result["update_s"] = result["step_s"] - result["sample_s"]
@@ -154,16 +162,6 @@ class WorkCounter:
         return result
 
 
-def _now() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def _since(start: tuple[float, float]) -> dict:
-    """Wall seconds and this process's CPU seconds (the figure that other load on the machine leaves alone)."""
-    wall, cpu = _now()
-    return {"seconds": wall - start[0], "cpu_seconds": cpu - start[1]}
-
-
 def run_ours(args, model, processor, batches, counter) -> dict:
     import torch
 
@@ -178,18 +176,21 @@ def run_ours(args, model, processor, batches, counter) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, fused=True)
     model.train()
-    sample_cpu, decode_steps = 0.0, []
+    sample_seconds, decode_steps = 0.0, []
 
     def one(records, measured: bool):
-        nonlocal sample_cpu
+        nonlocal sample_seconds
         counter.phase = "sample"
-        start = _now()
-        batch = step.encode(records)
+        start = args.clock.now()
+        # Sampling outside autocast, as the training loop (and TRL's generation) does: autocast would
+        # cast the frozen weights again at every decoding step.
+        batch = step.encode(records, args.device)
         counter.phase = "update"
         if measured:
-            sample_cpu += _since(start)["cpu_seconds"]
+            sample_seconds += args.clock.since(start)["seconds"]
             decode_steps.append(batch.group.completion_ids.shape[1])
-        loss, _ = step.loss_and_metrics(batch)
+        with harness.autocast(args):
+            loss, _ = step.loss_and_metrics(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         optimizer.step()
@@ -198,10 +199,10 @@ def run_ours(args, model, processor, batches, counter) -> dict:
     for i in range(args.warmup):
         one(batches[i % len(batches)], measured=False)
     counter.start()
-    start = _now()
+    start = args.clock.now()
     for i in range(args.steps):
         one(batches[(args.warmup + i) % len(batches)], measured=True)
-    return {**_since(start), "sample_cpu_seconds": sample_cpu, "decode_steps": statistics.mean(decode_steps)}
+    return {**args.clock.since(start), "sample_seconds": sample_seconds, "decode_steps": statistics.mean(decode_steps)}
 
 
 def run_floor(args, model, processor, batches, counter) -> dict:
@@ -217,12 +218,13 @@ def run_floor(args, model, processor, batches, counter) -> dict:
     model.eval()
     processor.tokenizer.padding_side = "left"  # as every sampler pads prompts
     vision_ids = vision_token_ids(model, processor)
-    decode_cpu = decode_wall = 0.0
+    decode_seconds = decode_wall = 0.0
 
     @torch.no_grad()
     def one(records, measured: bool):
-        nonlocal decode_cpu, decode_wall
+        nonlocal decode_seconds, decode_wall
         prompts = encode_prompts([(r.images, r.prompt) for r in records], processor)
+        prompts = {name: value.to(args.device) for name, value in prompts.items()}
         counter.phase = "sample"  # the prefill is set-up, not decoding: counted apart, never timed
         out = model(**prompts, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
@@ -234,7 +236,7 @@ def run_floor(args, model, processor, batches, counter) -> dict:
         lengths = mask.sum(1, keepdim=True)
         deltas = unwrap(model).model.rope_deltas.repeat_interleave(args.group, dim=0)
         counter.phase = "update"
-        start = _now()
+        start = args.clock.now()
         for t in range(MAX_NEW_TOKENS):
             logits[:, vision_ids] = float("-inf")  # as every sampler here suppresses the vision special tokens
             token = torch.multinomial(torch.softmax(logits / TEMPERATURE, dim=-1), 1)
@@ -245,9 +247,9 @@ def run_floor(args, model, processor, batches, counter) -> dict:
                         use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1].float()
         if measured:
-            spent = _since(start)
-            decode_cpu += spent["cpu_seconds"]
-            decode_wall += spent["seconds"]
+            spent = args.clock.since(start)
+            decode_seconds += spent["seconds"]
+            decode_wall += spent["wall_seconds"]
 
     for i in range(args.warmup):
         one(batches[i % len(batches)], measured=False)
@@ -255,7 +257,7 @@ def run_floor(args, model, processor, batches, counter) -> dict:
     for i in range(args.steps):
         one(batches[(args.warmup + i) % len(batches)], measured=True)
     # The floor is all sampling: its step is its decoding, and prefills are reported under "sample".
-    return {"seconds": decode_wall, "cpu_seconds": decode_cpu, "sample_cpu_seconds": decode_cpu,
+    return {"seconds": decode_seconds, "wall_seconds": decode_wall, "sample_seconds": decode_seconds,
             "decode_steps": MAX_NEW_TOKENS}
 
 
@@ -298,21 +300,21 @@ def run_trl(args, model, processor, batches, counter) -> dict:
         report_to="none",
         save_strategy="no",
         gradient_checkpointing=False,
-        bf16=False,
-        use_cpu=True,
+        bf16=args.precision == "bf16",  # GRPOConfig defaults to True: told the precision explicitly
+        use_cpu=args.device == "cpu",
         dataloader_num_workers=0,
         seed=0,
         disable_tqdm=True,
     )
     peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                              target_modules=LANGUAGE_MODEL_LINEARS, task_type="CAUSAL_LM")
-    clock = _step_clock(args.warmup, counter)
+    clock = _step_clock(args.clock, args.warmup, counter)
     trainer = _timed_trainer_class(GRPOTrainer, clock, counter)(
         model=model, args=config, train_dataset=dataset, processing_class=processor,
         reward_funcs=[count_exact_reward, count_format_reward], peft_config=peft_config, callbacks=[clock],
     )
     trainer.train()
-    return {**clock.times, "sample_cpu_seconds": clock.sample_cpu, "decode_steps": statistics.mean(clock.decode_steps)}
+    return {**clock.times, "sample_seconds": clock.sample_seconds, "decode_steps": statistics.mean(clock.decode_steps)}
 
 
 def _timed_trainer_class(base, clock, counter):
@@ -321,35 +323,36 @@ def _timed_trainer_class(base, clock, counter):
     class TimedGeneration(base):
         def _generate(self, prompts):
             counter.phase = "sample"
-            start = _now()
+            start = clock.timer.now()
             try:
                 out = super()._generate(prompts)
             finally:
                 counter.phase = "update"
             if clock.start is not None:
-                clock.sample_cpu += _since(start)["cpu_seconds"]
+                clock.sample_seconds += clock.timer.since(start)["seconds"]
                 clock.decode_steps.append(max(len(ids) for ids in out[1]))  # out[1]: the completions' ids
             return out
 
     return TimedGeneration
 
 
-def _step_clock(warmup: int, counter: WorkCounter):
+def _step_clock(timer: harness.Clock, warmup: int, counter: WorkCounter):
     """A TrainerCallback timing optimizer steps after the warm-up."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self):
             self.start = self.times = None
-            self.sample_cpu = 0.0  # CPU seconds inside generation, measured steps only
+            self.timer = timer
+            self.sample_seconds = 0.0  # time inside generation, measured steps only
             self.decode_steps = []  # each measured step's longest completion
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
                 counter.start()
-                self.start = _now()
+                self.start = timer.now()
             elif state.global_step > warmup:
-                self.times = _since(self.start)
+                self.times = timer.since(self.start)
 
     return StepClock()
 
@@ -396,19 +399,12 @@ def build(work: Path, size: str, side: int, n_prompts: int) -> tuple[Path, Path]
 
 
 def run_path(path: str, name: str, model: Path, data: Path, work: Path, args) -> dict:
-    import os
-
     _, _, group, warmup, steps = CONFIGS[name]
-    command = [sys.executable, __file__, "--worker", path, "--model", str(model), "--data", str(data),
-               "--work", str(work / f"{name}-{path}"), "--group", str(group), "--warmup", str(args.warmup or warmup),
-               "--steps", str(args.steps or steps), "--threads", str(args.threads)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr[-3000:])
-        return {"error": f"exit {done.returncode}"}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    options = ["--model", str(model), "--data", str(data), "--work", str(work / f"{name}-{path}"),
+               "--group", str(group), "--warmup", str(args.warmup or warmup), "--steps", str(args.steps or steps)]
+    result = harness.run_worker(__file__, path, options, args)
+    if "error" in result:
+        return result
     result["note"] = check_counts(path, result, group)
     return result
 
@@ -435,10 +431,10 @@ def print_table(name: str, results: dict, args, rounds: list[float]) -> None:
     warmup, steps = args.warmup or warmup, args.steps or steps
     names = {"trl": "(a) TRL GRPOTrainer", "ours": "(b) ours, GrpoStep", "floor": "(c) decode floor"}
     print(f"\n{name}: {size} Qwen2-VL, {side} px, {PROMPTS} prompts x G {group}, {MAX_NEW_TOKENS} new tokens, "
-          f"beta {BETA}, {warmup} warm-up + {steps} measured steps, fp32 CPU, best of {args.repeats} runs, "
-          "times in process CPU seconds per step (wall s beside them)")
+          f"beta {BETA}, {warmup} warm-up + {steps} measured steps, best of {args.repeats} runs, "
+          f"{harness.describe(args)}, per step")
     header = (f"{'path':<20} {'sample s':>8} {'update s':>8} {'step s':>8} {'wall s':>7} {'compl/s':>8} "
-              f"{'RSS MiB':>8} {'decode steps':>12} {'vision/compl':>12} {'prefills/compl':>14}")
+              f"{'peak MiB':>8} {'decode steps':>12} {'vision/compl':>12} {'prefills/compl':>14}")
     print(header)
     print("-" * len(header))
     for path in PATHS:
@@ -451,7 +447,7 @@ def print_table(name: str, results: dict, args, rounds: list[float]) -> None:
         if path == "floor":  # its prefill is set-up, outside the timed decoding
             vision = prefills = 0.0
         print(f"{names[path]:<20} {r['sample_s']:>8.3f} {r['update_s']:>8.3f} {r['step_s']:>8.3f} "
-              f"{r['wall_step_s']:>7.3f} {r['completions_per_s']:>8.1f} {r['rss_mib']:>8.0f} "
+              f"{r['wall_step_s']:>7.3f} {r['completions_per_s']:>8.1f} {r['peak_mib']:>8.0f} "
               f"{r['decode_steps']:>12.1f} {vision:>12.3f} {prefills:>14.3f}   {r['note']}")
     if all("error" not in results[p] for p in PATHS):
         trl, ours, floor = (results[p] for p in PATHS)
@@ -460,7 +456,7 @@ def print_table(name: str, results: dict, args, rounds: list[float]) -> None:
               f"sampling ours/floor {ours['sample_s'] / floor['sample_s']:.2f} (target <= {TARGET_SAMPLE_RATIO})   "
               f"sampling TRL/floor {trl['sample_s'] / floor['sample_s']:.2f}   "
               f"update TRL/ours {trl['update_s'] / ours['update_s']:.2f}x   "
-              f"RSS ours/TRL {ours['rss_mib'] / trl['rss_mib']:.2f}")
+              f"peak memory ours/TRL {ours['peak_mib'] / trl['peak_mib']:.2f}")
         if rounds:
             print(f"step time TRL/ours within each round: {'  '.join(f'{r:.2f}x' for r in rounds)}   "
                   f"median {statistics.median(rounds):.2f}x")
@@ -469,8 +465,7 @@ def print_table(name: str, results: dict, args, rounds: list[float]) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per path, in turn; the fastest is shown")
+    harness.add_run_args(parser)
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 measured step, 1 run: a smoke test")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     for name in ("--model", "--data", "--work"):

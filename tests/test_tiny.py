@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.models.tiny import FAMILIES, build_tiny, image_side, mrope_section
+from vlmtune.models.tiny import FAMILIES, build_tiny, image_side, mrope_section, tiny_config
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the cars."}]}]
 
@@ -124,6 +124,26 @@ def test_unknown_family_and_size(tmp_path):
         build_tiny("llava", tmp_path)
     with pytest.raises(VlmtuneError, match="unknown tiny model size"):
         build_tiny("qwen2-vl", tmp_path, size="huge")
+    with pytest.raises(VlmtuneError, match="real dimensions only for qwen2-vl"):
+        build_tiny("qwen3-vl", tmp_path, size="2b")
+
+
+def test_2b_size_has_every_shape_of_qwen2_vl_2b():
+    from transformers import AutoModelForImageTextToText
+
+    config, processor = tiny_config("qwen2-vl", "2b")
+    with torch.device("meta"):  # shapes only: no 9 GB of weights
+        model = AutoModelForImageTextToText.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # Qwen2-VL-2B-Instruct counted by hand from its config: text = embedding 151,936 x 1,536 (tied)
+    # + 28 layers x 46,797,824 + final norm 1,536; vision = patch embedding 1,280 x 1,176
+    # + 32 blocks x 19,677,440 + merger 34,087,936.
+    assert sum(p.numel() for p in model.parameters()) == 2_208_985_600
+    assert shapes["model.language_model.embed_tokens.weight"] == (151936, 1536)
+    assert shapes["model.language_model.layers.27.mlp.down_proj.weight"] == (1536, 8960)
+    assert shapes["model.language_model.layers.0.self_attn.k_proj.weight"] == (256, 1536)  # 2 KV heads of 128
+    assert shapes["model.visual.blocks.31.attn.qkv.weight"] == (3840, 1280)
+    assert processor.image_processor.size["longest_edge"] == 448 * 448 and image_side("qwen2-vl", "2b") == 448
 
 
 def test_cli_model_tiny(tmp_path, capsys):

@@ -19,7 +19,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     tiny.add_argument("--family", choices=FAMILIES, required=True)
     tiny.add_argument("--out", required=True, help="folder to write")
-    tiny.add_argument("--size", choices=("tiny", "small"), default="tiny", help="tiny ~0.3M params, small ~30M")
+    tiny.add_argument("--size", choices=("tiny", "small", "2b"), default="tiny",
+                      help="tiny ~0.3M params, small ~30M, 2b: Qwen2-VL-2B's real shapes (2.2B, ~9 GB in fp32)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny)
 

@@ -7,8 +7,12 @@ downloaded checkpoint. Nothing touches the network: the byte-level BPE tokenizer
 a small corpus of counting sentences made in code, with Qwen2's own pre-tokenizer (which splits
 numbers into single digits) and the family's special tokens and chat template.
 
-Sizes: ``tiny`` (~0.3M parameters, for tests; a 112 px image becomes 8x8 patches, 16 image tokens)
-and ``small`` (~30M parameters, for benchmarks; 224 px images, 64 image tokens).
+Sizes: ``tiny`` (~0.3M parameters, for tests; a 112 px image becomes 8x8 patches, 16 image tokens),
+``small`` (~30M parameters, for benchmarks; 224 px images, 64 image tokens) and, for Qwen2-VL only,
+``2b``: every shape of the released Qwen2-VL-2B (2,208,985,600 parameters: 28 layers of width 1536,
+a 32-block vision tower of width 1280, the 151,936-row embedding, tied), random weights, for timing
+on a GPU without a download; its processor caps images at 448 x 448 px (256 image tokens), and the
+embedding rows past the small local tokenizer's vocabulary are never looked up.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.models.chat_templates import QWEN2_VL_CHAT_TEMPLATE, QWEN3_VL_CHAT_TEMPLATE
 
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-SIZES = ("tiny", "small")
+SIZES = ("tiny", "small", "2b")
 
 # The special tokens every Qwen-VL tokenizer carries, in the order of the real vocabularies.
 SPECIAL_TOKENS = [
@@ -63,11 +67,17 @@ class TinySize:
     vision_intermediate: int
     image_patches: int  # patches per image side at the largest image size (before 2x2 merge)
     vocab_size: int  # target size of the trained BPE vocabulary
+    embedding_rows: int | None = None  # the model's vocabulary when it is wider than the tokenizer's
+    families: tuple[str, ...] = FAMILIES  # the families this size has real dimensions for
 
 
 TINY_SIZES = {
     "tiny": TinySize(64, 2, 4, 2, 128, 64, 2, 4, 128, 8, 400),
     "small": TinySize(512, 8, 8, 4, 1408, 256, 6, 4, 1024, 16, 1000),
+    # Qwen2-VL-2B-Instruct's config.json: text 1536 x 28 layers, 12 heads (2 KV), MLP 8960; vision
+    # 1280 x 32 blocks, 16 heads, MLP ratio 4; vocabulary 151,936.
+    "2b": TinySize(1536, 28, 12, 2, 8960, 1280, 32, 16, 5120, 32, 1000, embedding_rows=151936,
+                   families=("qwen2-vl",)),
 }
 
 
@@ -79,17 +89,10 @@ def build_tiny(family: str, out_dir: str | Path, size: str = "tiny", seed: int =
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    if family not in FAMILIES:
-        raise VlmtuneError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
-    if size not in SIZES:
-        raise VlmtuneError(f"unknown tiny model size {size!r}: choose one of {', '.join(SIZES)}")
+    config, processor = tiny_config(family, size, seed)
+    tokenizer = processor.tokenizer
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dims = TINY_SIZES[size]
-
-    processor = _processor(family, dims, seed)
-    tokenizer = processor.tokenizer
-    config = _config(family, dims, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -103,6 +106,19 @@ def build_tiny(family: str, out_dir: str | Path, size: str = "tiny", seed: int =
     # Real checkpoints also ship the image processor on its own; older loaders look for it there.
     processor.image_processor.save_pretrained(out)
     return out
+
+
+def tiny_config(family: str, size: str = "tiny", seed: int = 0):
+    """The model config and the processor (with its freshly trained tokenizer) that ``build_tiny`` writes."""
+    if family not in FAMILIES:
+        raise VlmtuneError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
+    if size not in SIZES:
+        raise VlmtuneError(f"unknown tiny model size {size!r}: choose one of {', '.join(SIZES)}")
+    dims = TINY_SIZES[size]
+    if family not in dims.families:
+        raise VlmtuneError(f"size {size!r} has real dimensions only for {', '.join(dims.families)}, not {family}")
+    processor = _processor(family, dims, seed)
+    return _config(family, dims, processor.tokenizer), processor
 
 
 def image_side(family: str, size: str = "tiny") -> int:
@@ -214,7 +230,7 @@ def _config(family: str, dims: TinySize, tokenizer):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = _round_up(len(tokenizer), 64)
+    vocab_size = dims.embedding_rows or _round_up(len(tokenizer), 64)
     head_dim = dims.text_hidden // dims.text_heads
     text = dict(
         vocab_size=vocab_size,
