@@ -120,6 +120,30 @@ def test_wandb_offline_receives_the_metrics_and_the_config(tiny_model_dir, synth
     assert tables == [(2, "table-file", 2)]  # the samples of step 2 as a table
 
 
+@needs_wandb
+def test_quiet_silences_wandb_too(tiny_model_dir, synth_pairs_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(_raw(tiny_model_dir, synth_pairs_file, tmp_path / "run", ["wandb"])))
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+
+    def output(*flags):
+        done = subprocess.run([sys.executable, "-m", "vlmtune", *flags, "train", "--config", str(config),
+                               f"train.output_dir={tmp_path / ('run' + ''.join(flags))}"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout + done.stderr
+
+    assert "wandb:" in output()  # wandb's banner and summary, when not quiet
+    assert "wandb:" not in output("-q")
+
+
 @needs_mlflow
 def test_mlflow_file_store_receives_the_metrics_and_the_params(tiny_model_dir, synth_pairs_file, tmp_path,
                                                               monkeypatch):

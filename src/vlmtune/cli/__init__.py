@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet, argv = split_quiet(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(logging.WARNING if quiet else logging.INFO)
+    if quiet:  # wandb (train.report_to) prints its own banner and run summary unless told otherwise
+        os.environ.setdefault("WANDB_SILENT", "true")
     try:
         return int(args.func(args) or 0)
     except VlmtuneError as e:
