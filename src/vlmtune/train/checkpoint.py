@@ -23,12 +23,15 @@ checkpoint in place. Only the last ``keep_last`` checkpoints are kept.
 ``damage(path, num_processes)`` checks a checkpoint before it is used: every file present and
 readable (safetensors header and size, ``torch.load(weights_only=True)`` of each ``.pt``,
 ``state.json`` an object with the step and data position, sharded files as long as their index says).
+``checkpoint_to_resume`` picks the checkpoint a run continues from: the newest, refused when damaged,
+or with ``train.resume=auto`` the newest intact one (the damaged ones set aside).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -41,6 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vlmtune.errors import VlmtuneError
+
+log = logging.getLogger(__name__)
 
 PREFIX = "step-"
 DAMAGED_PREFIX = "damaged-"
@@ -75,6 +80,51 @@ def set_aside(path: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(path, target)
     return target
+
+
+def checkpoint_to_resume(out: Path, accelerator, resume: bool, auto: bool) -> Path | None:
+    """The checkpoint of run folder ``out`` to continue from: the newest, checked; with ``auto`` the newest
+    intact one. None to start from step 0; a run folder that already holds checkpoints is refused unless
+    the run resumes."""
+    latest = latest_checkpoint(out)
+    if latest is not None and not (resume or auto):
+        raise VlmtuneError(
+            f"{out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
+            "that run, or choose another train.output_dir"
+        )
+    if latest is None:
+        if resume or auto:
+            log.info("no checkpoint in %s: starting from step 0", out)
+        return None
+    world = accelerator.num_processes
+    problem = damage(latest, world)
+    if problem is None:
+        return latest
+    older = list_checkpoints(out)[:-1]
+    intact = next((p for p in reversed(older) if damage(p, world) is None), None)
+    if intact is None:
+        raise VlmtuneError(f"cannot resume from {latest.name}: {problem}; no intact checkpoint is left: "
+                           "start again in another train.output_dir")
+    if not auto:
+        raise VlmtuneError(
+            f"cannot resume from {latest.name}: {problem}; the newest intact checkpoint is {intact}: resume "
+            f"from it with train.resume=auto, which sets the damaged ones aside as {DAMAGED_PREFIX}step-N"
+        )
+    return _set_aside_newer_than(out, intact, problem, accelerator)
+
+
+def _set_aside_newer_than(out: Path, intact: Path, problem: str, accelerator) -> Path:
+    """``train.resume=auto`` with damaged checkpoints: rename those newer than ``intact``, resume from it."""
+    accelerator.wait_for_everyone()  # every process has checked before any folder is renamed
+    found = list_checkpoints(out)
+    damaged = found[found.index(intact) + 1 :]
+    if accelerator.is_main_process:
+        for path in damaged:
+            set_aside(path)
+    accelerator.wait_for_everyone()
+    log.warning("resuming from %s, the newest intact checkpoint: %s; set aside %s", intact, problem,
+                ", ".join(DAMAGED_PREFIX + p.name for p in damaged))
+    return intact
 
 
 # ----- writing -----

@@ -17,7 +17,7 @@ warning (once per step object and reason) and runs the plain path. Under Distrib
 the packed forward goes through the wrapper, so gradients are reduced as usual
 (``tests/test_multiprocess.py``).
 
-Config keys (``vlmtune.config``; ``Trainer._make_step`` builds this step from them):
+Config keys (``vlmtune.config``; ``train.step_factory.make_step`` builds this step from them):
 
 - ``train.fast_path`` (default true) — this step instead of ``PreferenceStep`` (exact, so on);
 - ``data.cache_vision`` (default false) — vision outputs on disk, in ``<output_dir>/../vision-cache``

@@ -61,12 +61,8 @@ from vlmtune.train.order import batches_per_epoch, micro_batch_indices
 from vlmtune.train.samples import SampleLog, fixed_items, sample_rows
 from vlmtune.train.precision import Precision
 from vlmtune.train.setup import build_model, build_optimizer, build_scheduler
-from vlmtune.forward.ref_cache import precompute_reference
-from vlmtune.train.fast_step import FastPreferenceStep
-from vlmtune.train.grpo import Generation, GrpoStep, record_task, sampling_seed
-from vlmtune.train.kto_step import KtoStep
-from vlmtune.train.online import OnlineDpoStep, RftStep, build_judge
-from vlmtune.train.steps import PreferenceStep, SftStep, needs_reference
+from vlmtune.train.grpo import Generation, record_task, sampling_seed
+from vlmtune.train.step_factory import make_step
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +95,8 @@ class Trainer:
         self.precision = Precision(config.train.mixed_precision, self.accelerator.device)
         self.world = self.accelerator.num_processes
         set_seed(config.train.seed)
-        self.resume_from = self._checkpoint_to_resume(resume, config.train.resume == "auto")
+        self.resume_from = checkpoint.checkpoint_to_resume(self.out, self.accelerator, resume,
+                                                           auto=config.train.resume == "auto")
         self._setup_data()
         self._setup_model()
         self.state = {"step": 0, "micro_batch": 0, "best_eval_loss": None, "evals_without_improvement": 0}
@@ -115,46 +112,6 @@ class Trainer:
         self.interrupted = False
 
     # ----- setup, in the order it happens -----
-
-    def _checkpoint_to_resume(self, resume: bool, auto: bool) -> Path | None:
-        """The checkpoint to continue from: the newest, checked; with ``auto`` the newest intact one."""
-        latest = checkpoint.latest_checkpoint(self.out)
-        if latest is not None and not (resume or auto):
-            raise VlmtuneError(
-                f"{self.out} already holds checkpoints (latest {latest.name}); pass --resume to continue "
-                "that run, or choose another train.output_dir"
-            )
-        if latest is None:
-            if resume or auto:
-                log.info("no checkpoint in %s: starting from step 0", self.out)
-            return None
-        problem = checkpoint.damage(latest, self.world)
-        if problem is None:
-            return latest
-        older = checkpoint.list_checkpoints(self.out)[:-1]
-        intact = next((p for p in reversed(older) if checkpoint.damage(p, self.world) is None), None)
-        if intact is None:
-            raise VlmtuneError(f"cannot resume from {latest.name}: {problem}; no intact checkpoint is left: "
-                             "start again in another train.output_dir")
-        if not auto:
-            raise VlmtuneError(
-                f"cannot resume from {latest.name}: {problem}; the newest intact checkpoint is {intact}: resume "
-                f"from it with train.resume=auto, which sets the damaged ones aside as {checkpoint.DAMAGED_PREFIX}step-N"
-            )
-        return self._set_aside_newer_than(intact, problem)
-
-    def _set_aside_newer_than(self, intact: Path, problem: str) -> Path:
-        """``train.resume=auto`` with damaged checkpoints: rename those newer than ``intact``, resume from it."""
-        self.accelerator.wait_for_everyone()  # every process has checked before any folder is renamed
-        found = checkpoint.list_checkpoints(self.out)
-        damaged = found[found.index(intact) + 1 :]
-        if self.accelerator.is_main_process:
-            for path in damaged:
-                checkpoint.set_aside(path)
-        self.accelerator.wait_for_everyone()
-        log.warning("resuming from %s, the newest intact checkpoint: %s; set aside %s", intact, problem,
-                    ", ".join(checkpoint.DAMAGED_PREFIX + p.name for p in damaged))
-        return intact
 
     def _setup_data(self) -> None:
         from vlmtune.data.load import load_records
@@ -211,42 +168,9 @@ class Trainer:
         if reference is not None:
             reference = reference.to(self.accelerator.device)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self.step_fn = self._make_step(reference, unwrapped)
-
-    def _make_step(self, reference, unwrapped):
-        """The step object of ``train.algo``: SFT, a DPO-family loss (fast or plain forward), GRPO, online DPO, RFT."""
-        c, t = self.config, self.config.train
-        max_length = c.data.max_length
-        if t.algo == "sft":
-            return SftStep(self.model, self.processor, max_length)
-        if t.algo == "kto":
-            return KtoStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
-        if t.algo == "grpo":
-            return GrpoStep(self.model, self.processor, c.grpo, reference, unwrapped)
-        if t.algo == "online_dpo":
-            judge = build_judge(c.online, self.trust_remote_code)
-            return OnlineDpoStep(self.model, self.processor, c.online, c.loss, judge, reference, unwrapped)
-        if t.algo == "iterative_dpo":
-            raise VlmtuneError("iterative_dpo trains in rounds, each a dpo run: start it with vlmtune.train.loop.train")
-        if t.algo == "rft":
-            return RftStep(self.model, self.processor, c.online, build_judge(c.online, self.trust_remote_code),
-                           unwrapped)
-        if not t.fast_path and not c.data.cache_vision and not t.precompute_ref:
-            return PreferenceStep(self.model, self.processor, max_length, c.loss, reference, unwrapped)
-        caches = self.out.parent
-        reference_logps = None
-        if t.precompute_ref and needs_reference(c):
-            # The main process writes the cache first; the others then read it instead of recomputing.
-            with self.accelerator.main_process_first():
-                reference_logps = precompute_reference(
-                    unwrapped, self.processor, self.train_records, max_length, cache_dir=caches / "ref-cache",
-                    batch_size=t.batch_size, reference=reference,
-                )
-        return FastPreferenceStep(
-            self.model, self.processor, max_length, c.loss, reference=reference, unwrapped=unwrapped,
-            fast_path=t.fast_path, vision_cache_dir=caches / "vision-cache" if c.data.cache_vision else None,
-            reference_logps=reference_logps,
-        )
+        self.step_fn = make_step(self.config, self.model, self.processor, reference, unwrapped,
+                                 train_records=self.train_records, accelerator=self.accelerator,
+                                 caches=self.out.parent, trust_remote_code=self.trust_remote_code)
 
     def _check_geometry(self) -> None:
         t = self.config.train
