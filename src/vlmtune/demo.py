@@ -262,10 +262,7 @@ def train_config(s: DemoSettings, model_dir: Path, data: Path, out: Path, algo: 
         "lora": {"enabled": lora, "rank": s.lora_rank, "alpha": 2 * s.lora_rank,
                  "vision": s.lora_vision if lora else ("full" if s.warmup_vision else "frozen"),
                  "merger": s.lora_merger if lora else s.warmup_vision},
-        # iterative DPO: a sampled answer can be empty (the stop token first), and the loader refuses a
-        # pair with an empty answer; skip_bad drops such pairs from a round's file, logging each one.
-        "data": {"train": str(data), "max_length": 256, "skip_bad": algo == "iterative_dpo",
-                 **({"eval": str(eval_data)} if eval_data else {})},
+        "data": {"train": str(data), "max_length": 256, **({"eval": str(eval_data)} if eval_data else {})},
         "loss": loss or {},
         "grpo": grpo or {},
         "online": online or {},
