@@ -104,6 +104,54 @@ def test_two_rounds_write_each_rounds_files_and_resume_inside_round_two(tiny_mod
     assert all((resumed[k] - second[k]).abs().max() < 1e-6 for k in second)
 
 
+@pytest.fixture(scope="module")
+def stop_or_letter_model(tiny_model_dir, prompt_pool, tmp_path_factory) -> Path:
+    """The tiny model with two output rows (tied: also their embeddings) set along the pool's last prompt
+    states, so an answer's first token is one letter absent from the prompts (about 6 in 7) or
+    ``<|endoftext|>``, a stop token (about 1 in 7): about half the prompts get an empty answer among 4."""
+    import torch
+
+    from vlmtune.eval.run import load_for_eval
+    from vlmtune.generate import stop_token_ids
+    from vlmtune.sampling.sampler import encode_prompts
+
+    model, processor = load_for_eval(str(tiny_model_dir))
+    tokenizer = processor.tokenizer
+    stop = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert stop in stop_token_ids(model, processor)
+    batch = encode_prompts([(r.images, r.prompt) for r in load_records(prompt_pool)], processor)
+    used = set(batch["input_ids"].flatten().tolist())
+    letter = next(i for i in range(len(tokenizer)) if i not in used and tokenizer.decode([i]).strip().isalpha())
+    with torch.no_grad():
+        last = model(**batch, output_hidden_states=True).hidden_states[-1][:, -1]  # after the final norm
+        direction = last.mean(0) / last.mean(0).norm()
+        rows = model.get_output_embeddings().weight
+        rows[letter] = 2.0 * direction  # logit 2 x (direction . state), about 15: far above the others
+        rows[stop] = (2.0 - math.log(6) / (last @ direction).mean()) * direction  # ln 6 below the letter's
+        first = model(**batch).logits[:, -1].softmax(-1)
+    assert ((first[:, stop] > 0.1) & (first[:, stop] < 0.2) & (first[:, letter] > 0.8)).all()
+    out = tmp_path_factory.mktemp("stop-or-letter")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_a_round_drops_and_counts_the_pairs_with_an_empty_answer(stop_or_letter_model, prompt_pool, tmp_path):
+    """Regression: round 0 wrote pairs whose rejected answer was empty, which its own loader then refused."""
+    raw = _raw(stop_or_letter_model, prompt_pool, tmp_path / "run", rounds=1, steps_per_round=1, group_size=4, temperature=1.0)
+    raw["data"]["eval"] = None
+    raw["train"]["batch_size"] = 1  # most pairs go: one left must still fill a batch
+    train(validate_config(raw))  # data.skip_bad is off: a refused record would stop the run
+    folder = tmp_path / "run" / "rounds" / "r0"
+    labels = json.loads((folder / "labels.json").read_text())
+    pairs = load_records(folder / "pairs.jsonl")
+    assert labels["dropped_problems"]["empty-answer"] >= labels["dropped_unloadable"] > 0
+    assert labels["pairs"] == len(pairs) > 0
+    assert labels["pairs"] + labels["dropped_unloadable"] + labels["dropped_ties"] == 8  # best_worst: one a prompt
+    assert all(p.chosen.strip() and p.rejected.strip() for p in pairs)
+    assert not (folder / "pairs.partial.jsonl").exists()
+
+
 def test_round_labels_from_a_file_replace_the_judge_and_previous_reference_merges(
     tiny_model_dir, prompt_pool, tmp_path
 ):

@@ -9,7 +9,10 @@ As in RLAIF-V (Yu et al. 2024, arXiv 2405.17220) and iterative RPO (Pang et al. 
    online DPO; torch seeded with ``train.seed + r``), and ``form_pairs`` builds pairs from the
    judge's rewards (``online.pairs``, ``online.margin``). The pairs are written as ``vlmtune``
    records (chosen and rejected: the sampled texts; ``metadata`` keeps the prompt's and adds
-   ``round``, ``chosen_reward``, ``rejected_reward``). With ``online.round_labels: {r: FILE}`` the
+   ``round``, ``chosen_reward``, ``rejected_reward``). A pair the round's loader would refuse (an
+   empty sampled answer, the same pair twice) is dropped before writing and counted in
+   ``labels.json`` (``dropped_unloadable``, ``dropped_problems`` by the loader's problem kind), as
+   ties are (``dropped_ties``). With ``online.round_labels: {r: FILE}`` the
    round's pairs are that file's records instead (for example the votes ``vlmtune study export``
    wrote): no sampling, no judge.
 2. **Train** (``train/``): ``online.steps_per_round`` steps of the offline preference step
@@ -35,6 +38,7 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -126,21 +130,44 @@ def label_round(config: Config, r: int, folder: Path, trust_remote_code: bool) -
     from vlmtune.data.writers import write_records
 
     given = config.online.round_labels.get(r)
+    partial, path = folder / "pairs.partial.jsonl", folder / "pairs.jsonl"
     if given is not None:
         records = load_records(given, None, skip_bad=config.data.skip_bad)
         if not records:
             raise VlmtuneError(f"online.round_labels[{r}]: {given} holds no pairs")
         stats = {"source": str(given), "pairs": len(records)}
+        write_records(records, partial, "vlmtune")
     else:
         records, stats = judged_pairs(config, r, trust_remote_code)
-        if not records:
-            raise VlmtuneError(f"round {r}: every prompt's answers tied ({stats['dropped_ties']} ties): no pair to "
-                             "train on; raise online.group_size or online.temperature, or lower online.margin")
+        if records:
+            write_records(records, partial, "vlmtune")
+            stats.update(keep_loadable(partial, r))
+        if not stats["pairs"]:
+            raise VlmtuneError(f"round {r}: no pair to train on ({stats['dropped_ties']} prompts' answers tied, "
+                             f"{stats.get('dropped_unloadable', 0)} pairs the loader would refuse); raise "
+                             "online.group_size or online.temperature, or lower online.margin")
     (folder / "labels.json").write_text(json.dumps(stats, indent=2) + "\n")
-    partial, path = folder / "pairs.partial.jsonl", folder / "pairs.jsonl"
-    write_records(records, partial, "vlmtune")
     os.replace(partial, path)  # the pair file exists only whole: a crash before this labels the round again
-    log.info("round %d: %d pairs written to %s", r, len(records), path)
+    log.info("round %d: %d pairs written to %s", r, stats["pairs"], path)
+
+
+def keep_loadable(partial: Path, r: int) -> dict:
+    """Drop from ``partial`` the pairs the round's loader would refuse; their counts, by the loader's problem kind.
+
+    A sampled answer can be empty (the policy's first token was a stop token) or two of a prompt's
+    samples the same text (``online.pairs: all`` then forms the same pair twice); the loader
+    (``vlmtune.data.load.load_records``) refuses such records, so its own checks decide here.
+    The images are the prompt pool's, already checked when the pool was read."""
+    from vlmtune.data.check import DEFAULT_MAX_CHARS, scan
+    from vlmtune.data.writers import write_records
+
+    report, clean, _ = scan(partial, "vlmtune", DEFAULT_MAX_CHARS, check_images=False, workers=1, keep=True)
+    problems = dict(Counter(problem.kind for problem in report.problems))
+    if report.bad_records:
+        write_records(clean, partial, "vlmtune")
+        log.warning("round %d: %d of %d pairs dropped, the loader would refuse them (%s)", r, report.bad_records,
+                    report.records_read, ", ".join(f"{kind}: {n}" for kind, n in sorted(problems.items())))
+    return {"pairs": len(clean), "dropped_unloadable": report.bad_records, "dropped_problems": problems}
 
 
 def judged_pairs(config: Config, r: int, trust_remote_code: bool) -> tuple[list[PreferenceRecord], dict]:
