@@ -62,8 +62,8 @@ tokens (the chat template's system turn, 17 tokens, the same in every row) once 
 cache was tried and made the step ~10% slower: a 17-row matmul costs a fifth of a 250-row one,
 since reading the weights dominates at that size.
 
-TRL's best run varies more between invocations than ours on this shared machine (0.69-0.78 s
-against 0.275-0.29 s on "small"), so each round's own (a)/(c) ratio is printed too.
+Load from other work on a shared machine moves every path's time between invocations, so each
+round's own (c)/(a) and (c1)/(a) ratios are printed too (the paths of a round ran minutes apart).
 Work per pair is counted by forward hooks on the vision tower (images encoded) and the
 token embedding (image tokens = prompt passes through the language model).
 """
