@@ -36,7 +36,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlmtune.demo import (CONTROL, METHODS as DEMO_METHODS, ONLINE, RFT, DemoSettings, Method, evaluate_run, make_data,
-                        make_model, metric, rater_pairs, scored_samples, train_config, train_run)
+                        make_model, metric, scored_samples, train_config, train_run)
+from vlmtune.demo_rater import rater_pairs
 from vlmtune.eval.metrics import paired_bootstrap_diff
 from vlmtune.jsonl import read_jsonl
 from vlmtune.stages import Made, stage_key

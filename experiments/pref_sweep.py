@@ -20,8 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlmtune.demo import (DemoSettings, Method, evaluate_run, make_data, make_model, metric, rater_pairs,
+from vlmtune.demo import (DemoSettings, Method, evaluate_run, make_data, make_model, metric,
                         train_config, train_run)
+from vlmtune.demo_rater import rater_pairs
 from vlmtune.stages import Made, stage_key
 
 WARMUP_KEYS = ("seed", "family", "image_size", "layout", "count_range", "ood_count_range", "n_sft", "n_pref",

@@ -11,7 +11,8 @@ import pytest
 
 from vlmtune.cli import main
 from vlmtune.demo import (CONTROL, DEFAULT_METHOD, METHODS, RFT, DemoSettings, budget_points, control_for, final_dir,
-                        make_data, rater_choice, results_table, scored_samples, total_error, train_config, verdict)
+                        make_data, results_table, scored_samples, train_config, verdict)
+from vlmtune.demo_rater import rater_choice, total_error
 from vlmtune.report.plots import budget_curves
 from vlmtune.errors import VlmtuneError
 from vlmtune.stages import run_stage, stage_key
