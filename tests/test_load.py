@@ -201,6 +201,8 @@ def test_unsloth_loader_says_what_is_missing(tiny_model_dir, synth_pairs_file, p
          "--out", str(tmp_path / "eval")],
         ["compare", "--loader", "unsloth", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir),
          "--data", str(synth_pairs_file), "--out", str(tmp_path / "cmp")],
+        ["study", "create", "--loader", "unsloth", "--db", str(tmp_path / "s.db"), "--name", "s",
+         "--data", str(synth_pairs_file), "--a", str(tiny_model_dir), "--b", str(tiny_model_dir)],
     ]
     for argv in commands:
         assert main(argv) == 2, argv

@@ -111,6 +111,8 @@ def test_a_model_folder_with_its_own_code_is_refused_by_every_command(
          "--out", str(tmp_path / "cmp")],
         ["model", "info", str(folder)],
         ["train", "--config", str(tmp_path / "c.yaml")],
+        ["study", "create", "--db", str(tmp_path / "s.db"), "--name", "s", "--data", str(synth_pairs_file),
+         "--a", str(folder), "--b", str(folder)],
     ]
     for argv in commands:
         assert main(argv) == 2, argv

@@ -15,6 +15,8 @@ import ipaddress
 import json
 import sys
 
+from vlmtune.cli.model import add_loader, add_trust_remote_code
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 
@@ -37,6 +39,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="when generating (default 128)")
     p.add_argument("--batch-size", type=int, default=4, help="when generating (default 4)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records / missing answers and report them")
+    add_loader(p)
+    add_trust_remote_code(p)
     _base_url(p)
     p.set_defaults(func=_create)
 
@@ -90,7 +94,8 @@ def _create(args: argparse.Namespace) -> int:
     from vlmtune.study.create import build_study, generate_with_model
 
     def generate_answers(model, adapter, records):
-        return generate_with_model(model, adapter, records, args.max_new_tokens, args.batch_size)
+        return generate_with_model(model, adapter, records, args.max_new_tokens, args.batch_size,
+                                   loader=args.loader, trust_remote_code=args.trust_remote_code)
 
     admin_token, n_items = build_study(
         args.db, args.name, args.data, args.a, args.b, args.raters_per_item,

@@ -135,13 +135,15 @@ def _describe(source: str, adapter: str | None) -> str:
 
 
 def generate_with_model(model_path: str, adapter: str | None, records: list[PreferenceRecord],
-                        max_new_tokens: int = 128, batch_size: int = 4) -> list[str]:
-    """Greedy answers of a model (with an optional adapter) to each record's prompt."""
+                        max_new_tokens: int = 128, batch_size: int = 4, loader: str = "transformers",
+                        trust_remote_code: bool = False) -> list[str]:
+    """Greedy answers of a model (with an optional adapter) to each record's prompt. ``loader`` and
+    ``trust_remote_code`` as for ``vlmtune.eval.run.load_for_eval`` (the command line's flags)."""
     from vlmtune.eval.run import load_for_eval
     from vlmtune.generate import generate
 
     log.info("generating answers with %s%s for %d records", model_path, f" + {adapter}" if adapter else "",
              len(records))
-    model, processor = load_for_eval(model_path, adapter=adapter)
+    model, processor = load_for_eval(model_path, adapter=adapter, loader=loader, trust_remote_code=trust_remote_code)
     items = [(record.images, record.prompt) for record in records]
     return generate(model, processor, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
