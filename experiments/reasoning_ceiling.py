@@ -61,7 +61,6 @@ def model_for(s: ReasoningSettings, size: str) -> Made:
 def main() -> None:
     from vlmtune.data.formats import read_records
     from vlmtune.eval.run import evaluate, load_for_eval
-    from vlmtune.data.writers import write_records
 
     out, (overrides, extra) = Path(sys.argv[1]), parse(sys.argv[2:])
     s = replace(ReasoningSettings(out=out, eval_split="val", think=False), **overrides)
@@ -76,8 +75,6 @@ def main() -> None:
     families = extra["eval_families"] or s.warmup_families
     val = [r for r in read_records(tasks[0] / "val.jsonl") if r.metadata["task"]["family"] in families]
     train = read_records(tasks[0] / "train.jsonl")
-    val_path = s.out / "data" / "val_eval.jsonl"
-    write_records(val, val_path, "vlmtune")
     loaded, processor = load_for_eval(model.path)
     metrics = evaluate(loaded, processor, val, s.out / "eval" / "val", batch_size=64, max_new_tokens=32,
                        max_length=256, train_records=train, blank_baseline=True)
