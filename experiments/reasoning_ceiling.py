@@ -11,7 +11,8 @@ baselines). Prints per-family accuracy for the three and appends one JSON line t
 
 Keys: every :class:`vlmtune.demo_reasoning.ReasoningSettings` field (``image_size``,
 ``count_range``, ``n_scenes``, ``warmup_*``, ``batch_size``, ``lora_*``, ...), plus ``size`` (the
-tiny model size, default "tiny") and ``eval_families`` (default: ``warmup_families``).
+tiny model size, default "tiny") and ``eval_families`` (default: ``warmup_families``). The model's
+patch grid follows ``image_size`` (``image_size // 14`` patches a side: the image is seen whole).
 """
 
 from __future__ import annotations
