@@ -81,3 +81,29 @@ def test_grid_attributes_fit_their_cells():
         for o in draw_scene_objects(index, cfg)[1]:
             x0, y0, x1, y1 = o["box"]
             assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 112
+
+
+def _width(obj: dict) -> float:
+    return obj["box"][2] - obj["box"][0]
+
+
+def test_object_scale_multiplies_every_box():
+    base = SceneConfig(seed=6, image_size=112, layout="free", count_range=(1, 1), attributes=True)
+    big = SceneConfig(seed=6, image_size=112, layout="free", count_range=(1, 1), attributes=True, object_scale=2.0)
+    for index in range(5):
+        small_objects, big_objects = draw_scene_objects(index, base)[1], draw_scene_objects(index, big)[1]
+        assert len(small_objects) == len(big_objects) == 4
+        for a, b in zip(small_objects, big_objects):  # same classes and scales, drawn twice as large
+            assert (a["class"], a["size"]) == (b["class"], b["size"])
+            assert abs(_width(b) - 2 * _width(a)) < 1e-6
+
+
+def test_object_scale_is_checked(tmp_path):
+    import pytest
+
+    from vlmtune.errors import VlmtuneError
+
+    with pytest.raises(VlmtuneError, match="object scale 5"):
+        generate_scenes(tmp_path / "a", 1, layout="free", object_scale=5)
+    with pytest.raises(VlmtuneError, match="free layout only"):
+        generate_scenes(tmp_path / "b", 1, object_scale=2.0)

@@ -119,6 +119,23 @@ def test_image_side_fills_the_patch_grid():
     assert image_side("qwen2.5-vl", "small") == 224
 
 
+def test_image_patches_widen_the_patch_grid(tmp_path):
+    """A tiny Qwen2-VL with 16 patches a side sees a 224 px image whole: 16x16 patches, 64 tokens."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = build_tiny("qwen2-vl", tmp_path / "m224", seed=0, image_patches=16)
+    processor = AutoProcessor.from_pretrained(folder)
+    text = processor.apply_chat_template(PROMPT, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.new("RGB", (224, 224), (200, 30, 30))], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+    with pytest.raises(VlmtuneError, match="even number"):
+        build_tiny("qwen2-vl", tmp_path / "odd", image_patches=7)
+
+
 def test_unknown_family_and_size(tmp_path):
     with pytest.raises(VlmtuneError, match="unknown model family"):
         build_tiny("llava", tmp_path)

@@ -2,7 +2,7 @@
 
 The pipeline, in the order ``run_reasoning_demo`` runs it:
 
-1. ``make_scenes`` and ``make_tasks``: synthetic scenes with colours and sizes (free layout), then
+1. ``make_scenes`` and ``make_tasks``: synthetic scenes (by default free layout, colours and sizes), then
    questions of the reasoning mix (count, compare, arithmetic, spatial, attribute, multihop) with
    gold answers from programs: train / val / test and the out-of-distribution files of
    ``vlmtune data tasks``, answer-only and (``think``) with a gold reasoning chain.
@@ -58,6 +58,9 @@ class ReasoningSettings:
     image_size: int = 112
     n_scenes: int = 800
     count_range: tuple[int, int] = (0, 3)
+    layout: str = "free"
+    attributes: bool = True  # False: each class its own colour, no sizes (no attribute questions)
+    object_scale: float = 1.0
     families: tuple[str, ...] = FAMILIES
     warmup_families: tuple[str, ...] = ("count", "attribute", "compare")
     per_scene: int = 2
@@ -83,14 +86,17 @@ class ReasoningSettings:
 
 # ----------------------------------------------------------------------------- data
 def make_scenes(s: ReasoningSettings) -> Made:
-    """``out/data/scenes``: free-layout scenes with colours independent of class and two sizes."""
+    """``out/data/scenes``: scenes of ``layout``; with ``attributes`` (the default) colours independent of
+    class and two sizes, without it each class painted its own colour; boxes times ``object_scale``."""
     from vlmtune.data.synth import generate_scenes
 
     path = s.out / "data" / "scenes"
-    settings = {"n": s.n_scenes, "seed": s.seed, "image_size": s.image_size, "count_range": s.count_range}
+    settings = {"n": s.n_scenes, "seed": s.seed, "image_size": s.image_size, "count_range": s.count_range,
+                "layout": s.layout, "object_scale": s.object_scale, "attributes": s.attributes}
     run_stage(s.out / "data" / "scenes.stage.json", settings, [path],
-              lambda: generate_scenes(path, s.n_scenes, seed=s.seed, image_size=s.image_size, layout="free",
-                                      count_range=tuple(s.count_range), workers=1, attributes=True))
+              lambda: generate_scenes(path, s.n_scenes, seed=s.seed, image_size=s.image_size, layout=s.layout,
+                                      count_range=tuple(s.count_range), workers=1, attributes=s.attributes,
+                                      object_scale=s.object_scale))
     return Made(path, stage_key(settings))
 
 
@@ -282,7 +288,8 @@ def run_reasoning_demo(s: ReasoningSettings, methods: tuple[str, ...] = ("grpo",
     s.out.mkdir(parents=True, exist_ok=True)
     settings = {**asdict(s), "out": str(s.out)}
     (s.out / "settings.json").write_text(json.dumps(settings, indent=2))
-    say(f"1/4 {s.n_scenes} synthetic scenes (free layout, colours and sizes)")
+    drawn = "colours and sizes" if s.attributes else "each class its own colour"
+    say(f"1/4 {s.n_scenes} synthetic scenes ({s.layout} layout, {drawn})")
     scenes, data_s = timed(make_scenes, s)
     say("2/4 tiny model and processor")
     base = make_model(s.out, s.family, s.seed)

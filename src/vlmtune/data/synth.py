@@ -11,6 +11,7 @@ Two layouts:
 - ``free``: random positions and sizes, colour jitter, limited overlap (``max_overlap``: the
   largest fraction of an object's box that other boxes may cover). With more objects (e.g.
   ``image_size=224, count_range=(0, 6)``) it is learned gradually, which the demo needs.
+  ``object_scale`` multiplies every box (the reasoning demo draws fewer, larger objects).
 
 With ``attributes=True`` each object also gets a colour drawn independently of its class (from
 :data:`PALETTE`) and a size, small or large, with a clear gap between the two (:data:`SIZE_SCALES`),
@@ -63,6 +64,7 @@ class SceneConfig:
     classes: tuple[str, ...] = DEFAULT_CLASSES
     max_overlap: float = 0.1
     attributes: bool = False
+    object_scale: float = 1.0  # free layout: every box times this (2.0: objects twice as wide and tall)
 
     def check(self) -> None:
         unknown = [c for c in self.classes if c not in SHAPES]
@@ -78,6 +80,10 @@ class SceneConfig:
                 f"the grid layout has {GRID * GRID} cells but up to {high * len(self.classes)} objects; "
                 "lower the count range or use --layout free"
             )
+        if not 0.25 <= self.object_scale <= 3.0:
+            raise VlmtuneError(f"object scale {self.object_scale}: use 0.25 to 3 (1 is the usual size)")
+        if self.object_scale != 1.0 and self.layout != "free":
+            raise VlmtuneError("object scale applies to the free layout only (grid objects fill their cells)")
         if self.image_size < 32:
             raise VlmtuneError(f"image size {self.image_size}: use at least 32 px")
 
@@ -161,7 +167,7 @@ def _layout_boxes(
             cy = (c // GRID + 0.5) * cell + rng.uniform(-1, 1) * (cell - h) / 2
             placed.append((i, (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)))
         return placed
-    unit = size / 7
+    unit = size / 7 * cfg.object_scale
     for i, k in enumerate(objects):
         scale = scales[i] if scales else rng.uniform(0.75, 1.25)
         w, h = (s * unit * scale for s in SHAPES[cfg.classes[k]])
@@ -247,13 +253,15 @@ def generate_scenes(
     workers: int = 2,
     max_overlap: float = 0.1,
     attributes: bool = False,
+    object_scale: float = 1.0,
 ) -> Path:
     """Write ``n`` scenes as ``OUT/images``, ``OUT/labels`` (YOLO), ``OUT/objects`` (one JSON
     object list per scene) and ``OUT/data.yaml``.
 
     Small sets (under 200 images) are drawn in this process: a pool costs more than it saves.
     """
-    cfg = SceneConfig(seed, image_size, layout, tuple(count_range), tuple(classes), max_overlap, attributes)
+    cfg = SceneConfig(seed, image_size, layout, tuple(count_range), tuple(classes), max_overlap, attributes,
+                      object_scale)
     cfg.check()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -270,6 +278,8 @@ def generate_scenes(
     meta = {**asdict(cfg), "count_range": list(cfg.count_range), "classes": list(cfg.classes), "n": n}
     if not attributes:
         del meta["attributes"]  # data.yaml stays byte for byte what earlier versions wrote
+    if object_scale == 1.0:
+        del meta["object_scale"]
     (out / "data.yaml").write_text(
         yaml.safe_dump({"names": list(cfg.classes), "nc": len(cfg.classes), "synth": meta}, sort_keys=False)
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
@@ -81,15 +81,18 @@ TINY_SIZES = {
 }
 
 
-def build_tiny(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+def build_tiny(family: str, out_dir: str | Path, size: str = "tiny", seed: int = 0,
+               image_patches: int | None = None) -> Path:
     """Write a random ``family`` model of ``size`` with a trained tokenizer and processor to ``out_dir``.
 
-    The same ``seed`` gives byte-identical weights and tokenizer files.
+    The same ``seed`` gives byte-identical weights and tokenizer files. ``image_patches`` (even)
+    replaces the size's patches per image side: 16 lets the ``tiny`` size see a 224 px Qwen2-VL
+    image whole (64 image tokens) instead of shrinking it to 112 px (16 tokens).
     """
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    config, processor = tiny_config(family, size, seed)
+    config, processor = tiny_config(family, size, seed, image_patches)
     tokenizer = processor.tokenizer
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,13 +111,15 @@ def build_tiny(family: str, out_dir: str | Path, size: str = "tiny", seed: int =
     return out
 
 
-def tiny_config(family: str, size: str = "tiny", seed: int = 0):
+def tiny_config(family: str, size: str = "tiny", seed: int = 0, image_patches: int | None = None):
     """The model config and the processor (with its freshly trained tokenizer) that ``build_tiny`` writes."""
     if family not in FAMILIES:
         raise VlmtuneError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
     if size not in SIZES:
         raise VlmtuneError(f"unknown tiny model size {size!r}: choose one of {', '.join(SIZES)}")
-    dims = TINY_SIZES[size]
+    if image_patches is not None and (image_patches < 2 or image_patches % 2):
+        raise VlmtuneError(f"image_patches {image_patches}: use an even number of at least 2 (2x2 patches merge)")
+    dims = TINY_SIZES[size] if image_patches is None else replace(TINY_SIZES[size], image_patches=image_patches)
     if family not in dims.families:
         raise VlmtuneError(f"size {size!r} has real dimensions only for {', '.join(dims.families)}, not {family}")
     processor = _processor(family, dims, seed)
