@@ -122,7 +122,9 @@ def _run_on_a_terminal(argv: list[str]) -> str:
     """Run the CLI with stderr on a pseudo-terminal; what it wrote there."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # rows, columns
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    # Without what an earlier in-process main() may have set for a non-terminal stderr.
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
     proc = subprocess.Popen([sys.executable, "-m", "vlmtune", *argv], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=follower, env=env)
     os.close(follower)
@@ -146,6 +148,7 @@ def test_infer_on_a_terminal_shows_the_bar_and_quiet_hides_it(tiny_model_dir, sy
     assert "infer:" in shown and f"{n}/{n}" in shown and "record/s" in shown and "left" in shown
     quiet = _run_on_a_terminal(["--quiet", *_infer_argv(tiny_model_dir, synth_pairs_file, tmp_path / "b.jsonl")])
     assert "infer:" not in quiet and "record/s" not in quiet and "wrote" not in quiet
+    assert "Loading weights" in shown and "Loading weights" not in quiet  # transformers' own bar too
 
 
 # ------------------------------------------------------------------ the call sites, on a terminal
@@ -209,3 +212,23 @@ def test_http_judge_calls_bar(server, tmp_path, info_logging):
         judge.score([record] * 3, ["good: 2 cars", "bad: 5 cars", "good: 2 cars"])
     bar = _final(terminal.getvalue(), "judge judge-x")
     assert len(seen) == 3 and "3/3" in bar and "request/s" in bar
+
+
+def test_the_training_bar_only_on_a_terminal_and_not_when_quiet(tiny_model_dir, synth_pairs_file, tmp_path,
+                                                                info_logging):
+    from vlmtune.config import validate_config
+    from vlmtune.train.loop import Trainer
+
+    def train(name: str, stderr: io.StringIO) -> str:
+        raw = {"model": {"name_or_path": str(tiny_model_dir)}, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+               "data": {"train": str(synth_pairs_file), "max_length": 128},
+               "train": {"output_dir": str(tmp_path / name), "max_steps": 2, "batch_size": 2}}
+        with contextlib.redirect_stderr(stderr):
+            Trainer(validate_config(raw)).train()
+        return stderr.getvalue()
+
+    shown = train("terminal", Terminal())
+    assert "train: 100%" in shown and "2/2" in shown
+    assert "train:" not in train("not-a-terminal", io.StringIO())
+    setup_logging(logging.WARNING)  # what --quiet does
+    assert "train:" not in train("quiet", Terminal())

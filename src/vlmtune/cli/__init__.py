@@ -19,6 +19,7 @@ import sys
 from vlmtune import NAME, __version__
 from vlmtune.errors import VlmtuneError
 from vlmtune.logs import setup_logging
+from vlmtune.progress import bars_shown
 
 
 # The import name of each package that only an optional extra installs (pyproject.toml's
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING if quiet else logging.INFO)
     if quiet:  # wandb (train.report_to) prints its own banner and run summary unless told otherwise
         os.environ.setdefault("WANDB_SILENT", "true")
+    if not bars_shown(sys.stderr):  # transformers' own bars ("Loading weights") follow ours; read at its import
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args.func(args) or 0)
     except VlmtuneError as e:

@@ -32,11 +32,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from vlmtune import NAME
 from vlmtune.errors import VlmtuneError
+from vlmtune.progress import bars_shown
 from vlmtune.train.checkpoint import naming_unwritable
 
 # The trackers accelerate runs for us, and the package each needs (in the ``trackers`` extra).
@@ -107,7 +109,9 @@ class MetricsLog:
                     "mlflow: MLFLOW_TRACKING_URI), or take it out of train.report_to"
                 ) from e
             self.trackers = list(accelerator.trackers)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress)
+        # train.progress, and like every bar of the command line only on a terminal and not with --quiet
+        shown = progress and bars_shown(sys.stderr)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not shown)
 
     def write(self, row: dict) -> None:
         """Append one row (it has a ``step``) to the JSONL file and TensorBoard."""
