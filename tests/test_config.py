@@ -112,3 +112,14 @@ def test_vision_cache_needs_a_frozen_tower():
     for lora in ({"vision": "lora"}, {"merger": True}):
         with pytest.raises(VlmtuneError, match="cache_vision"):
             validate_config({**raw, "lora": lora})
+
+
+def test_each_loss_names_the_keys_it_reads():
+    from vlmtune.config import LossConfig
+
+    assert LossConfig(name="dpop").keys_read() == ("name", "beta", "sft_weight", "dpop_lambda")
+    assert LossConfig(name="simpo").keys_read() == ("name", "beta", "sft_weight", "reference_free", "label_smoothing",
+                                                    "simpo_gamma")
+    assert LossConfig(name="mpo").keys_read() == ("name", "beta", "mpo_weights", "bco_reward_shift")
+    assert LossConfig(name="ipo").keys_read() == ("name", "beta", "sft_weight", "reference_free")
+    assert LossConfig().keys_read("kto") == ("beta", "kto_desirable_weight", "kto_undesirable_weight")

@@ -55,6 +55,9 @@ def test_every_run_writes_a_card_that_huggingface_hub_loads(trained_run, tiny_mo
     assert "| optimizer steps | 2 |" in card.text
     assert "| loss.beta | 0.25 |" in card.text and "| loss.dpop_lambda | 7 |" in card.text
     assert "preference optimisation, loss `dpop`" in card.text
+    # only the keys DPOP reads: not KTO's weights, SimPO's margin, MPO's weights, a reference-free switch
+    for other in ("kto_desirable_weight", "simpo_gamma", "mpo_weights", "reference_free", "bco_reward_shift"):
+        assert f"loss.{other}" not in card.text
 
 
 def test_the_card_shows_the_last_rows_of_metrics_jsonl_and_eval_cis(trained_run):

@@ -122,6 +122,17 @@ class LossConfig(_Section):
         "running: the mean over training of each batch's mean reward, as in the BCO paper and InternVL's MPO "
         "(kept per process and in memory: a resumed run starts it again from 0)")
 
+    def keys_read(self, algo: str = "dpo") -> tuple[str, ...]:
+        """The ``loss.*`` keys that ``algo``'s loss reads (this section holds every loss's keys)."""
+        if algo == "kto":
+            return ("beta", "kto_desirable_weight", "kto_undesirable_weight")
+        common = ("name", "beta") + (() if self.name == "mpo" else ("sft_weight",))
+        common += () if self.name in ("dpop", "bco", "mpo") else ("reference_free",)
+        own = {"dpo": ("label_smoothing",), "robust": ("label_smoothing",),
+               "simpo": ("label_smoothing", "simpo_gamma"), "dpop": ("dpop_lambda",),
+               "bco": ("bco_reward_shift",), "mpo": ("mpo_weights", "bco_reward_shift")}
+        return common + own.get(self.name, ())
+
     @field_validator("name", mode="before")
     @classmethod
     def _kto_is_an_algo(cls, value: Any) -> Any:

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from vlmtune import NAME, __version__
+from vlmtune.config import LossConfig
 from vlmtune.errors import VlmtuneError
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,19 @@ def _method_parameters(config: dict) -> list[list[str]]:
     if algo == "sft":
         return [["loss", "mean next-token negative log-likelihood of the chosen answers"]]
     sections = {"grpo": ("grpo",), "rft": ("online",), "online_dpo": ("online", "loss")}.get(algo, ("loss",))
+    read = _loss_keys_read(config.get("loss") or {}, algo)
     return [[f"{section}.{key}", _value(value)] for section in sections
-            for key, value in (config.get(section) or {}).items()]
+            for key, value in (config.get(section) or {}).items() if section != "loss" or key in read]
+
+
+def _loss_keys_read(loss: dict, algo: str) -> set[str]:
+    """The ``loss.*`` keys the run's loss reads; every key when the section does not validate."""
+    from pydantic import ValidationError
+
+    try:
+        return set(LossConfig.model_validate(loss).keys_read(algo))
+    except (ValidationError, TypeError):
+        return set(loss)
 
 
 def _data_section(fingerprints: dict[str, str | None]) -> str:
