@@ -64,7 +64,6 @@ the decode floor. The ratio lines print them beside the measured ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -463,15 +462,8 @@ def print_table(name: str, results: dict, args, rounds: list[float]) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    harness.add_run_args(parser)
-    parser.add_argument("--quick", action="store_true", help="1 warm-up + 1 measured step, 1 run: a smoke test")
-    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
-    for name in ("--model", "--data", "--work"):
-        parser.add_argument(name, help=argparse.SUPPRESS)
-    for name in ("--group", "--warmup", "--steps"):
-        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    parser = harness.build_parser(__doc__.splitlines()[0], list(CONFIGS), PATHS,
+                                  "1 warm-up + 1 measured step, 1 run: a smoke test", ("--group", "--warmup", "--steps"))
     args = parser.parse_args(argv)
     if args.worker:
         args.path = args.worker

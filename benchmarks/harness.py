@@ -25,6 +25,22 @@ import sys
 import time
 
 
+def build_parser(description: str, configs: list[str], paths: tuple[str, ...], quick_help: str,
+                 worker_numbers: tuple[str, ...]) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``--configs``, the run options, ``--quick``, and the hidden options its
+    worker processes are started with (``--worker PATH --model --data --work`` and ``worker_numbers``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--configs", nargs="+", default=configs, choices=configs)
+    add_run_args(parser)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--worker", choices=paths, help=argparse.SUPPRESS)
+    for name in ("--model", "--data", "--work"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    for name in worker_numbers:
+        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    return parser
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark takes: threads, repeats, device, precision."""
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
